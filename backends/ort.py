@@ -1,0 +1,154 @@
+"""Shared ONNX Runtime plumbing for backends that are an execution-provider list plus options."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any, ClassVar, Literal, Self
+
+import numpy as np
+import onnxruntime as ort
+from pydantic import BaseModel, ConfigDict, Field
+
+from backends.base import Availability, Capabilities
+from pipeline.errors import BackendError
+
+logger = logging.getLogger(__name__)
+
+_OPT_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+class SessionOptionsSpec(BaseModel):
+    """Session options every ONNX Runtime backend accepts.
+
+    Attributes:
+        intra_op_threads: Threads inside one op (0: ONNX Runtime decides).
+        inter_op_threads: Threads across ops (0: ONNX Runtime decides).
+        graph_optimization_level: The level parity is measured at; use the one you deploy.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    intra_op_threads: int = Field(default=0, ge=0)
+    inter_op_threads: int = Field(default=0, ge=0)
+    graph_optimization_level: Literal["disable", "basic", "extended", "all"] = "all"
+
+
+class OrtSession:
+    """An ONNX Runtime InferenceSession behind the `Session` protocol."""
+
+    def __init__(self, session: ort.InferenceSession) -> None:
+        self._session: ort.InferenceSession | None = session
+        self._inputs = [node.name for node in session.get_inputs()]
+        self._outputs = [node.name for node in session.get_outputs()]
+
+    @property
+    def input_names(self) -> list[str]:
+        """The model's input names, in order."""
+        return list(self._inputs)
+
+    @property
+    def output_names(self) -> list[str]:
+        """The model's output names, in order."""
+        return list(self._outputs)
+
+    @property
+    def providers(self) -> list[str]:
+        """The execution providers the session really uses."""
+        return self._live().get_providers()
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run one batch and return every output by name."""
+        values = self._live().run(self._outputs, dict(feeds))
+        return dict(zip(self._outputs, values, strict=True))
+
+    def close(self) -> None:
+        """Release the session."""
+        self._session = None
+
+    def _live(self) -> ort.InferenceSession:
+        if self._session is None:
+            raise RuntimeError("session is closed")
+        return self._session
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class OrtBackend:
+    """Base of backends that run a model on ONNX Runtime with a fixed provider list.
+
+    Subclasses set the class attributes and may override `provider_options` and
+    `availability`.
+    """
+
+    name: ClassVar[str]
+    execution_providers: ClassVar[tuple[str, ...]]
+    capabilities: ClassVar[Capabilities]
+    options_model: ClassVar[type[SessionOptionsSpec]] = SessionOptionsSpec
+    install_hint: ClassVar[str] = ""
+
+    def availability(self) -> Availability:
+        """Available when ONNX Runtime offers the backend's first execution provider."""
+        provider = self.execution_providers[0]
+        present = ort.get_available_providers()
+        if provider in present:
+            return Availability(ok=True)
+        return Availability(
+            ok=False,
+            reason=f"this onnxruntime build ({ort.__version__}) has no {provider}; it offers {', '.join(present)}",
+            hint=self.install_hint,
+        )
+
+    def provider_options(self, options: SessionOptionsSpec) -> list[dict[str, Any]]:
+        """Options per execution provider, in `execution_providers` order."""
+        return [{} for _ in self.execution_providers]
+
+    def open(self, model: Path, options: BaseModel | None = None) -> OrtSession:
+        """Open `model` on this backend's providers.
+
+        Args:
+            model: The ONNX file.
+            options: An instance of `options_model` (defaults when None).
+
+        Returns:
+            The open session.
+
+        Raises:
+            BackendError: Unavailable here, or ONNX Runtime could not load the model.
+        """
+        availability = self.availability()
+        if not availability.ok:
+            raise BackendError(self.name, availability.reason, availability.hint)
+        spec = options if isinstance(options, SessionOptionsSpec) else self.options_model()
+        session_options = ort.SessionOptions()
+        session_options.intra_op_num_threads = spec.intra_op_threads
+        session_options.inter_op_num_threads = spec.inter_op_threads
+        session_options.graph_optimization_level = _OPT_LEVELS[spec.graph_optimization_level]
+        session_options.log_severity_level = 3  # errors only; warnings go through our logging
+        try:
+            session = ort.InferenceSession(
+                str(model),
+                sess_options=session_options,
+                providers=list(self.execution_providers),
+                provider_options=self.provider_options(spec),
+            )
+        except Exception as e:  # noqa: BLE001 - ORT raises several unrelated exception types
+            raise BackendError(self.name, f"ONNX Runtime could not load {model.name}: {e}") from e
+        logger.debug("opened %s on %s", model.name, session.get_providers())
+        return OrtSession(session)

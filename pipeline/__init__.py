@@ -1,0 +1,53 @@
+"""onnxforge's public Python API: convert trained PyTorch models to validated int8 ONNX."""
+
+from pipeline.api import convert
+from pipeline.errors import (
+    BackendError,
+    ExitCode,
+    JobError,
+    OnnxforgeError,
+    ParityError,
+    StageError,
+)
+from pipeline.job import (
+    ConversionJob,
+    DataSource,
+    ExportOptions,
+    Fp32Policy,
+    InputSpec,
+    Int8Policy,
+    ModelSource,
+    ParityPolicy,
+    QuantizeOptions,
+    SimplifyOptions,
+    TargetSpec,
+    load_job,
+)
+from pipeline.parity.report import ParityReport
+from pipeline.result import ConversionResult
+from pipeline.runner import StageEvent
+
+__all__ = [
+    "BackendError",
+    "ConversionJob",
+    "ConversionResult",
+    "DataSource",
+    "ExitCode",
+    "ExportOptions",
+    "Fp32Policy",
+    "InputSpec",
+    "Int8Policy",
+    "JobError",
+    "ModelSource",
+    "OnnxforgeError",
+    "ParityError",
+    "ParityPolicy",
+    "ParityReport",
+    "QuantizeOptions",
+    "SimplifyOptions",
+    "StageError",
+    "StageEvent",
+    "TargetSpec",
+    "convert",
+    "load_job",
+]

@@ -1,0 +1,40 @@
+"""The public entry points: convert a job given as an object or a job file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.job import ConversionJob, load_job
+from pipeline.result import ConversionResult
+from pipeline.runner import ProgressCallback, run_job
+
+
+def convert(
+    job: ConversionJob | str | Path,
+    *,
+    output_dir: str | Path | None = None,
+    on_event: ProgressCallback | None = None,
+) -> ConversionResult:
+    """Convert one model: export, simplify, quantize, validate parity on every target.
+
+    Args:
+        job: A `ConversionJob`, or the path of a job file (TOML).
+        output_dir: Replaces the job's output folder (relative to the current directory).
+        on_event: Called with a `StageEvent` as each stage starts and finishes.
+
+    Returns:
+        The result: artifacts, parity report, timings, manifest path.
+
+    Raises:
+        JobError: Bad job file, model factory or data (exit code 2 in the CLI); nothing written.
+        BackendError: A target is unknown or unavailable here (exit code 2); nothing written.
+        StageError: A stage failed (exit code 3); an earlier output folder is left as it was.
+        ParityError: A parity gate failed (exit code 1); the artifacts and reports are written
+            and the result is in ``error.result``.
+    """
+    if isinstance(job, ConversionJob):
+        resolved = job if output_dir is None else job.model_copy(update={"output_dir": Path(output_dir)})
+    else:
+        overrides = {"output_dir": str(Path(output_dir).resolve())} if output_dir is not None else {}
+        resolved = load_job(job, **overrides)
+    return run_job(resolved, on_event)

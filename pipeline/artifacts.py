@@ -1,0 +1,132 @@
+"""Artifacts: atomic file writes, content hashes, and the job manifest written last."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+_CHUNK = 1 << 20
+# mkstemp/mkdtemp create private (0600/0700) entries; published artifacts get the usual modes.
+FILE_MODE = 0o644
+DIR_MODE = 0o755
+
+
+def sha256_file(path: Path) -> str:
+    """Return the hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fsync_dir(folder: Path) -> None:
+    """Flush a folder's entries (a rename into it) to disk where the OS allows it."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on directories; the rename itself is still atomic
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_path(target: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `target`; on success fsync it and rename it over `target`.
+
+    Whoever writes to the yielded path can be any library that takes a file name. If the block
+    raises, the temporary file is removed and `target` is untouched.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Keep the suffix: some writers pick the file format from it.
+    fd, temp_name = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=f".tmp{target.suffix}", dir=target.parent)
+    os.close(fd)
+    temp = Path(temp_name)
+    try:
+        yield temp
+        with temp.open("rb+") as handle:
+            os.fsync(handle.fileno())
+        temp.chmod(FILE_MODE)
+        os.replace(temp, target)
+        fsync_dir(target.parent)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+def write_atomic(target: Path, data: bytes | str) -> None:
+    """Write bytes or UTF-8 text to `target` atomically."""
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    with atomic_path(target) as temp:
+        temp.write_bytes(payload)
+
+
+def write_with(target: Path, writer: Callable[[Path], None]) -> None:
+    """Let `writer(path)` produce `target` atomically (for libraries that save to a file name)."""
+    with atomic_path(target) as temp:
+        writer(temp)
+
+
+class Artifact(BaseModel):
+    """One file a stage produced.
+
+    Attributes:
+        stage: The stage that wrote it.
+        path: File name relative to the job's output folder.
+        sha256: Hex content hash.
+        parent_sha256: Hash of the artifact it was derived from (None for the first).
+        metadata: Stage-specific facts (node counts, exporter used, ...).
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    stage: str
+    path: str
+    sha256: str
+    parent_sha256: str | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class StageRecord(BaseModel):
+    """What the manifest records of one stage run."""
+
+    name: str
+    seconds: float
+    artifact: Artifact | None = None
+
+
+class Manifest(BaseModel):
+    """The job manifest: written last, so its presence means the output folder is complete.
+
+    Attributes:
+        job: The job name.
+        job_file: The job file, if the job came from one.
+        job_sha256: Hash of the job's validated settings.
+        input_hashes: Hash of each input file (weights, data) by role.
+        tool_versions: Versions of onnxforge and the libraries that shaped the artifacts.
+        stages: Each stage run, in order, with its timing and artifact.
+        exporter: Which exporter produced the fp32 model, and why (fallback cause).
+        parity: Verdict per comparison ("pass" / "fail").
+        verdict: Overall parity verdict.
+    """
+
+    schema_version: int = 1
+    job: str
+    job_file: str | None
+    job_sha256: str
+    input_hashes: dict[str, str]
+    tool_versions: dict[str, str]
+    stages: list[StageRecord]
+    exporter: dict[str, str]
+    parity: dict[str, str]
+    verdict: str

@@ -1,0 +1,162 @@
+"""The `onnxforge` command: parses arguments, calls the Python API, prints with rich."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from backends.registry import list_backends
+from pipeline.api import convert as convert_job
+from pipeline.errors import ExitCode, OnnxforgeError, ParityError
+from pipeline.parity.report import ParityReport, format_value
+from pipeline.runner import StageEvent
+
+app = typer.Typer(
+    name="onnxforge",
+    help="Convert trained PyTorch models to ONNX, simplify, quantize to int8 and prove parity on each backend.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+# Logs and CI captures are not terminals; rich would wrap their tables at 80 columns.
+_PIPE_WIDTH = 120
+stdout = Console(width=None if sys.stdout.isatty() else _PIPE_WIDTH)
+stderr = Console(stderr=True, width=None if sys.stderr.isatty() else _PIPE_WIDTH)
+
+# Library chatter that says nothing about the user's model (e.g. torchvision ops not registered).
+_QUIET_LOGGERS = ("torch.onnx", "onnxscript", "onnx_ir", "root")
+
+
+def _configure_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(message)s",
+        handlers=[RichHandler(console=stderr, show_path=False)],
+        force=True,
+    )
+    if not verbose:
+        for name in _QUIET_LOGGERS:
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+
+@app.command()
+def convert(
+    job_file: Annotated[Path, typer.Argument(help="The job file (TOML).", show_default=False)],
+    output_dir: Annotated[
+        Path | None, typer.Option("--output-dir", "-o", help="Write here instead of the job's output_dir.")
+    ] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every step.")] = False,
+) -> None:
+    """Convert one model: export, simplify, quantize, validate parity; print the parity table.
+
+    Exit codes: 0 every gate passed, 1 a parity gate failed, 2 bad input, 3 internal error.
+    """
+    _configure_logging(verbose)
+    with stderr.status("starting") as status:
+
+        def show(event: StageEvent) -> None:
+            if event.status == "started":
+                status.update(f"[bold]{event.job}[/]: {event.stage}")
+            elif event.status == "finished":
+                stderr.print(f"  {event.stage:<9} done in {event.seconds:.2f}s")
+
+        try:
+            result = convert_job(job_file, output_dir=output_dir, on_event=show)
+        except ParityError as e:
+            status.stop()
+            if e.result is not None:
+                _print_report(e.result.report)  # type: ignore[attr-defined]
+            _fail(e)
+        except OnnxforgeError as e:
+            status.stop()
+            _fail(e)
+    _print_report(result.report)
+    stdout.print(f"[green]wrote[/] {result.output_dir} (manifest: {result.manifest_path.name})")
+
+
+@app.command()
+def backends() -> None:
+    """List every backend: execution providers, availability (with reason and install hint), capabilities."""
+    table = Table(title="onnxforge backends")
+    for column in ("name", "origin", "execution providers", "available", "int8 activations"):
+        table.add_column(column)
+    entries = list_backends()
+    for entry in entries:
+        backend = entry.backend
+        table.add_row(
+            entry.name,
+            entry.origin,
+            ", ".join(backend.execution_providers) if backend else "-",
+            "[green]yes[/]" if entry.availability.ok else "[red]no[/]",
+            _quant_summary(backend),
+        )
+    stdout.print(table)
+    for entry in entries:
+        if not entry.availability.ok:
+            stdout.print(f"[bold]{entry.name}[/] unavailable: {entry.availability.reason}", highlight=False)
+            if entry.availability.hint:
+                stdout.print(f"  to install: {entry.availability.hint}", highlight=False)
+
+
+def _quant_summary(backend: object | None) -> str:
+    capabilities = getattr(backend, "capabilities", None)
+    if capabilities is None:
+        return "-"
+    constraints = capabilities.quantization
+    parts = ["/".join(constraints.activation_types)]
+    if constraints.symmetric_activations:
+        parts.append("symmetric")
+    if constraints.power_of_two_scales:
+        parts.append("pow2 scales")
+    return ", ".join(parts)
+
+
+def _print_report(report: ParityReport) -> None:
+    table = Table(title=f"parity: {report.job} on {report.data}, {report.samples} samples")
+    for column in ("stage", "target", "output", "max abs", "cosine mean", "SNR dB", "top-1 agree", "top-1 acc", "result"):
+        table.add_column(column)
+    for comparison in report.comparisons:
+        accuracy = comparison.accuracy
+        for output in comparison.outputs:
+            metrics = output.metrics
+            shows_accuracy = accuracy is not None and accuracy.output == output.name
+            table.add_row(
+                comparison.stage,
+                comparison.target,
+                output.name,
+                format_value(metrics.max_abs),
+                format_value(metrics.cosine_mean),
+                format_value(metrics.snr_db),
+                format_value(metrics.top1_agreement),
+                f"{100 * accuracy.candidate:.2f}%" if shows_accuracy and accuracy else "-",
+                "[green]pass[/]" if output.passed else "[red]FAIL[/]",
+            )
+    stdout.print(table)
+    verdict = "[green]PASS[/]" if report.verdict == "pass" else "[red]FAIL[/]"
+    stdout.print(f"verdict: {verdict}")
+
+
+def _fail(error: OnnxforgeError) -> None:
+    stderr.print("[red]error:[/]", end=" ")
+    stderr.print(str(error), markup=False, highlight=False)
+    raise typer.Exit(int(error.exit_code))
+
+
+def main() -> None:
+    """Console-script entry point: run the app; unexpected errors exit with code 3."""
+    try:
+        app()
+    except SystemExit:
+        raise
+    except Exception as e:  # noqa: BLE001 - last resort: say what broke, exit "internal error"
+        stderr.print("[red]internal error:[/]", end=" ")
+        stderr.print(f"{type(e).__name__}: {e}", markup=False, highlight=False)
+        logging.getLogger(__name__).debug("internal error", exc_info=True)
+        sys.exit(int(ExitCode.INTERNAL_ERROR))

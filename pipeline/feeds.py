@@ -1,0 +1,172 @@
+"""Sample data for calibration and parity: validated batches from an .npz or a factory."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import JobError
+from pipeline.imports import resolve_import
+from pipeline.job import DataSource, InputSpec
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One batch of model inputs, with class labels when the data has them."""
+
+    feeds: dict[str, np.ndarray]
+    labels: np.ndarray | None = None
+
+    @property
+    def size(self) -> int:
+        """Number of samples in the batch (the first axis)."""
+        first = next(iter(self.feeds.values()))
+        return int(first.shape[0]) if first.ndim else 1
+
+
+class FeedSource:
+    """A re-iterable stream of batches, each checked against the job's input specs.
+
+    Args:
+        source: The job's data source section.
+        inputs: The model's input specs.
+        origin: The job file, for error messages.
+        key: The job section ("calibration" or "evaluation"), for error messages.
+        python_path: Folders searched first when importing a data factory.
+    """
+
+    def __init__(
+        self,
+        source: DataSource,
+        inputs: list[InputSpec],
+        *,
+        origin: str,
+        key: str,
+        python_path: list[Path],
+    ) -> None:
+        self._source = source
+        self._inputs = inputs
+        self._origin = origin
+        self._key = f"{key}.npz" if source.npz is not None else f"{key}.factory"
+        self._python_path = python_path
+
+    def check(self) -> None:
+        """Validate the source up front: reads the whole .npz, or a factory's first batch.
+
+        Raises:
+            JobError: The data cannot be read or does not match the input specs.
+        """
+        for _ in islice(self, 1):
+            return
+        raise JobError(self._origin, self._key, "the data source yielded no batches")
+
+    def __iter__(self) -> Iterator[Batch]:
+        raw_batches = self._npz_batches() if self._source.npz is not None else self._factory_batches()
+        for index, raw in enumerate(islice(raw_batches, self._source.max_batches)):
+            yield self._validated(index, raw)
+
+    def _npz_batches(self) -> Iterator[Mapping[str, np.ndarray]]:
+        path = self._source.npz
+        assert path is not None
+        try:
+            # allow_pickle=False: an .npz from elsewhere must never run code when loaded.
+            with np.load(path, allow_pickle=False) as archive:
+                arrays = {name: archive[name] for name in archive.files}
+        except (OSError, ValueError) as e:
+            raise JobError(self._origin, self._key, f"cannot read {path} as an .npz of arrays: {e}") from e
+        counts = {name: array.shape[0] if array.ndim else -1 for name, array in arrays.items()}
+        if len(set(counts.values())) > 1:
+            raise JobError(
+                self._origin, self._key, f"arrays in {path.name} differ in sample count (first axis): {counts}"
+            )
+        total = next(iter(counts.values()), 0)
+        step = self._source.batch_size
+        for start in range(0, max(total, 0), step):
+            yield {name: array[start : start + step] for name, array in arrays.items()}
+
+    def _factory_batches(self) -> Iterator[Mapping[str, np.ndarray]]:
+        spec = self._source.factory
+        assert spec is not None
+        factory = resolve_import(spec, self._python_path, origin=self._origin, key=self._key)
+        try:
+            produced = factory()
+        except Exception as e:  # noqa: BLE001 - user code; report whatever it raised
+            raise JobError(self._origin, self._key, f"{spec} raised {type(e).__name__}: {e}") from e
+        if not isinstance(produced, Iterable):
+            raise JobError(
+                self._origin,
+                self._key,
+                f"{spec} returned {type(produced).__name__}; expected an iterable of {{input name: array}} dicts",
+            )
+        yield from produced
+
+    def _validated(self, index: int, raw: Mapping[str, np.ndarray]) -> Batch:
+        where = f"batch {index}"
+        if not isinstance(raw, Mapping):
+            raise JobError(self._origin, self._key, f"{where} is a {type(raw).__name__}; expected a dict of arrays")
+        labels_key = self._source.labels
+        expected = {spec.name for spec in self._inputs}
+        given = set(raw) - {labels_key}
+        if given != expected:
+            raise JobError(
+                self._origin,
+                self._key,
+                f"{where} has arrays {sorted(given)}; expected exactly the model inputs {sorted(expected)}"
+                + (f" (plus labels {labels_key!r})" if labels_key else ""),
+            )
+        feeds = {spec.name: self._checked_array(where, spec, raw[spec.name]) for spec in self._inputs}
+        self._check_shared_dims(where, feeds)
+        labels = None
+        if labels_key is not None:
+            labels = self._checked_labels(where, raw.get(labels_key), feeds)
+        return Batch(feeds=feeds, labels=labels)
+
+    def _checked_array(self, where: str, spec: InputSpec, value: object) -> np.ndarray:
+        array = np.asarray(value)
+        if array.dtype != np.dtype(spec.dtype):
+            raise JobError(
+                self._origin,
+                self._key,
+                f"{where}, input {spec.name!r}: dtype {array.dtype}; expected {spec.dtype}",
+            )
+        fixed_ok = all(isinstance(dim, str) or dim == size for dim, size in zip(spec.shape, array.shape))
+        if array.ndim != len(spec.shape) or not fixed_ok:
+            raise JobError(
+                self._origin,
+                self._key,
+                f"{where}, input {spec.name!r}: shape {list(array.shape)}; expected {spec.shape}",
+            )
+        return np.ascontiguousarray(array)
+
+    def _check_shared_dims(self, where: str, feeds: dict[str, np.ndarray]) -> None:
+        seen: dict[str, tuple[str, int]] = {}
+        for spec in self._inputs:
+            for axis, dim in spec.dynamic_axes.items():
+                size = int(feeds[spec.name].shape[axis])
+                first = seen.setdefault(dim, (spec.name, size))
+                if first[1] != size:
+                    raise JobError(
+                        self._origin,
+                        self._key,
+                        f"{where}: dimension {dim!r} is {first[1]} in input {first[0]!r} "
+                        f"but {size} in input {spec.name!r}; named dims must agree",
+                    )
+
+    def _checked_labels(self, where: str, value: object, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        labels = np.asarray(value) if value is not None else None
+        samples = next(iter(feeds.values())).shape[0]
+        if labels is None or labels.shape != (samples,) or not np.issubdtype(labels.dtype, np.integer):
+            got = "nothing" if labels is None else f"{labels.dtype} {list(labels.shape)}"
+            raise JobError(
+                self._origin,
+                self._key,
+                f"{where}: labels {self._source.labels!r} are {got}; expected integers of shape [{samples}]",
+            )
+        return labels

@@ -1,0 +1,375 @@
+"""The typed conversion job: one model, its inputs, data, stage options, targets and parity policy."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import ErrorDetails
+
+from pipeline.errors import JobError
+
+# "package.module:attribute", the form Python entry points use.
+ImportSpec = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")]
+Identifier = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][\w.\-]*$", max_length=128)]
+DimName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_]\w*$", max_length=64)]
+DType = Literal["float32", "float16", "float64", "int64", "int32", "int8", "uint8", "bool"]
+
+
+def _resolve(path: Path, info: ValidationInfo) -> Path:
+    """Resolve a relative path against the job file's folder (or leave it relative to the cwd)."""
+    base_dir = (info.context or {}).get("base_dir")
+    if base_dir is None or path.is_absolute():
+        return path
+    return (Path(base_dir) / path).resolve()
+
+
+class _Spec(BaseModel):
+    """Base of every job section: unknown keys are errors, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSource(_Spec):
+    """Where the trained PyTorch model comes from.
+
+    Attributes:
+        factory: "package.module:function" returning a ``torch.nn.Module``.
+        kwargs: Keyword arguments passed to the factory.
+        output_names: Names given to the model's outputs in the ONNX graph, in order.
+    """
+
+    factory: ImportSpec
+    kwargs: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    output_names: list[Identifier] | None = None
+
+
+class InputSpec(_Spec):
+    """One model input, in the order of the model's ``forward`` arguments.
+
+    Attributes:
+        name: Input name in the ONNX graph and key in the data feeds.
+        shape: One entry per axis: an int for a fixed size, a name for a dynamic one
+            (the same name on several inputs means the same size).
+        dtype: Element type.
+    """
+
+    name: Identifier
+    shape: list[Annotated[int, Field(ge=1)] | DimName]
+    dtype: DType = "float32"
+
+    @property
+    def dynamic_axes(self) -> dict[int, str]:
+        """Axis index to dimension name, for every named (dynamic) axis."""
+        return {axis: dim for axis, dim in enumerate(self.shape) if isinstance(dim, str)}
+
+
+class DataSource(_Spec):
+    """Sample data: an .npz of arrays, or a factory yielding feed dicts.
+
+    An .npz holds one array per input name (first axis = samples), batched by `batch_size`.
+    A factory is "package.module:function" returning an iterable of ``{input name: array}``
+    batches. In both, the key named by `labels` (if any) holds integer class labels.
+
+    Attributes:
+        npz: Path of an .npz file.
+        factory: "package.module:function" yielding feed dicts.
+        labels: Key of the class labels, used for task accuracy.
+        batch_size: Samples per batch when reading an .npz.
+        max_batches: Stop after this many batches (all when unset).
+    """
+
+    npz: Path | None = None
+    factory: ImportSpec | None = None
+    labels: Identifier | None = None
+    batch_size: int = Field(default=32, ge=1)
+    max_batches: int | None = Field(default=None, ge=1)
+
+    @field_validator("npz")
+    @classmethod
+    def _npz_exists(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if value is None:
+            return None
+        path = _resolve(value, info)
+        if not path.is_file():
+            raise ValueError(f"file not found: {path} (expected an .npz of input arrays)")
+        return path
+
+    @model_validator(mode="after")
+    def _exactly_one_source(self) -> DataSource:
+        if (self.npz is None) == (self.factory is None):
+            raise ValueError("give exactly one of 'npz' (a file) or 'factory' ('package.module:function')")
+        return self
+
+
+class ExportOptions(_Spec):
+    """Options of the export stage.
+
+    Attributes:
+        exporter: "dynamo" (torch.export based), "torchscript", or "auto": dynamo first,
+            TorchScript as a recorded fallback.
+        opset: ONNX opset of the exported graph.
+    """
+
+    exporter: Literal["auto", "dynamo", "torchscript"] = "auto"
+    opset: int = Field(default=18, ge=13, le=23)
+
+
+class SimplifyOptions(_Spec):
+    """Options of the simplify stage (constant folding, dead-code removal)."""
+
+    enabled: bool = True
+
+
+class QuantizeOptions(_Spec):
+    """Options of the static int8 quantization stage (QDQ format).
+
+    Attributes:
+        enabled: Run the stage.
+        per_channel: One scale per output channel for weights.
+        activation_type: Activation element type (unset: uint8, or int8 when a target needs it).
+        weight_type: Weight element type.
+        activation_symmetric: Symmetric activation ranges (zero point 0).
+        calibration_method: How activation ranges are computed.
+        op_types: Quantize only these op types (all that ONNX Runtime supports when unset).
+        exclude_nodes: Node names kept in float.
+    """
+
+    enabled: bool = True
+    per_channel: bool = True
+    activation_type: Literal["uint8", "int8"] | None = None
+    weight_type: Literal["int8", "uint8"] = "int8"
+    activation_symmetric: bool = False
+    calibration_method: Literal["minmax"] = "minmax"
+    op_types: list[Identifier] | None = None
+    exclude_nodes: list[str] = Field(default_factory=list)
+
+
+class TargetSpec(_Spec):
+    """A backend to validate the converted models on.
+
+    Attributes:
+        backend: A registered backend name (see ``onnxforge backends``).
+        options: Backend options, validated by that backend's own options model.
+    """
+
+    backend: Identifier
+    options: dict[str, str | int | float | bool | list[str]] = Field(default_factory=dict)
+
+
+class Fp32Policy(_Spec):
+    """Element-wise gate for float stages (export, simplify): ``|c - r| <= atol + rtol * |r|``."""
+
+    atol: float = Field(default=1e-4, ge=0)
+    rtol: float = Field(default=1e-3, ge=0)
+
+
+class Int8Policy(_Spec):
+    """Task-level gate for the int8 model; unset checks are not applied.
+
+    Attributes:
+        min_cosine: Lowest cosine similarity per output (flattened per sample, averaged).
+        min_snr_db: Lowest signal-to-noise ratio in dB.
+        min_top1_agreement: Lowest share of samples whose argmax matches the reference.
+        max_accuracy_drop: Largest top-1 accuracy drop in points vs PyTorch (needs labels).
+    """
+
+    min_cosine: float | None = Field(default=0.99, ge=-1, le=1)
+    min_snr_db: float | None = None
+    min_top1_agreement: float | None = Field(default=None, ge=0, le=1)
+    max_accuracy_drop: float | None = Field(default=None, ge=0)
+
+
+class ParityPolicy(_Spec):
+    """Pass/fail rules per precision."""
+
+    fp32: Fp32Policy = Field(default_factory=Fp32Policy)
+    int8: Int8Policy = Field(default_factory=Int8Policy)
+
+
+class ConversionJob(_Spec):
+    """One conversion: a model, its inputs and data, the stage options, targets and policy.
+
+    Relative paths in a job file are relative to that file; in a job built in Python, to the
+    current directory.
+
+    Attributes:
+        name: Job name, used in messages and reports.
+        model: The model source.
+        inputs: The model inputs, in ``forward`` order.
+        calibration: Data the quantizer calibrates activation ranges on.
+        evaluation: Data parity is measured on (the calibration data when unset).
+        targets: Backends the converted models are validated on.
+        parity: Pass/fail policy.
+        export: Export options.
+        simplify: Simplify options.
+        quantize: Quantize options.
+        output_dir: Folder the artifacts and reports are written to.
+        python_path: Folders searched first when importing the model and data factories.
+        source_file: The job file this job was loaded from, if any.
+    """
+
+    name: Identifier
+    model: ModelSource
+    inputs: list[InputSpec] = Field(min_length=1)
+    calibration: DataSource | None = None
+    evaluation: DataSource | None = None
+    targets: list[TargetSpec] = Field(default_factory=lambda: [TargetSpec(backend="cpu")], min_length=1)
+    parity: ParityPolicy = Field(default_factory=ParityPolicy)
+    export: ExportOptions = Field(default_factory=ExportOptions)
+    simplify: SimplifyOptions = Field(default_factory=SimplifyOptions)
+    quantize: QuantizeOptions = Field(default_factory=QuantizeOptions)
+    output_dir: Path
+    python_path: list[Path] = Field(default_factory=list)
+    source_file: Path | None = Field(default=None, exclude=True)
+
+    @field_validator("output_dir")
+    @classmethod
+    def _resolve_output_dir(cls, value: Path, info: ValidationInfo) -> Path:
+        return _resolve(value, info)
+
+    @field_validator("python_path")
+    @classmethod
+    def _python_path_exists(cls, value: list[Path], info: ValidationInfo) -> list[Path]:
+        resolved = [_resolve(path, info) for path in value]
+        for path in resolved:
+            if not path.is_dir():
+                raise ValueError(f"folder not found: {path}")
+        return resolved
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ConversionJob:
+        names = [spec.name for spec in self.inputs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"input names must be unique, got {names}")
+        if self.quantize.enabled and self.calibration is None:
+            raise ValueError("[quantize] is enabled but the job has no [calibration] data source")
+        return self
+
+    @property
+    def origin(self) -> str:
+        """What to name in error messages: the job file, or the job name for Python-built jobs."""
+        return str(self.source_file) if self.source_file else f"job {self.name!r}"
+
+    @property
+    def parity_data(self) -> DataSource:
+        """The data parity is measured on: evaluation data, else the calibration data."""
+        source = self.evaluation or self.calibration
+        if source is None:
+            raise JobError(self.origin, "evaluation", "no [evaluation] or [calibration] data to measure parity on")
+        return source
+
+
+def load_job(path: str | Path, **overrides: Any) -> ConversionJob:
+    """Load and validate a job file (TOML).
+
+    Args:
+        path: The job file.
+        **overrides: Top-level keys replacing the file's values (e.g. ``output_dir``), given
+            relative to the current directory.
+
+    Returns:
+        The validated job, with every relative path resolved against the file's folder.
+
+    Raises:
+        JobError: The file is missing, not TOML, or does not validate; the message names the
+            file, the key and what was expected.
+    """
+    job_file = Path(path).resolve()
+    try:
+        raw = tomllib.loads(job_file.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise JobError(job_file, "<file>", "job file not found") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise JobError(job_file, "<file>", f"cannot read the job file: {e}") from e
+    except tomllib.TOMLDecodeError as e:
+        raise JobError(job_file, "<file>", f"not valid TOML: {e}") from e
+    raw.update({key: value for key, value in overrides.items() if value is not None})
+    return validate_job(raw, origin=job_file, base_dir=job_file.parent)
+
+
+def validate_job(raw: dict[str, Any], origin: str | Path, base_dir: Path | None = None) -> ConversionJob:
+    """Validate a job given as plain data (a parsed TOML table).
+
+    Args:
+        raw: The job's keys and values.
+        origin: What to name in error messages (the job file).
+        base_dir: Folder that relative paths are resolved against (None: the current directory).
+
+    Returns:
+        The validated job.
+
+    Raises:
+        JobError: The first problem found, naming the key and what was expected.
+    """
+    try:
+        job = ConversionJob.model_validate(raw, context={"base_dir": base_dir})
+    except ValidationError as e:
+        errors = e.errors(include_url=False)
+        key, problem = describe_validation_error(errors[0], raw)
+        more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+        raise JobError(origin, key, problem + more) from e
+    if isinstance(origin, Path):
+        job = job.model_copy(update={"source_file": origin})
+    return job
+
+
+def describe_validation_error(error: ErrorDetails, raw: dict[str, Any]) -> tuple[str, str]:
+    """Turn one pydantic error into (dotted key, what was expected) in the job file's terms."""
+    key = _dotted_key(error["loc"]) or "<job>"
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        allowed = _allowed_keys(error["loc"][:-1])
+        return key, f"unknown key; expected one of: {', '.join(sorted(allowed))}"
+    if kind == "missing":
+        return key, "required key is missing"
+    message = error["msg"].removeprefix("Value error, ")
+    if kind in ("value_error", "assertion_error"):
+        return key, message
+    return key, f"{message} (got {error['input']!r})"
+
+
+def _dotted_key(loc: tuple[int | str, ...]) -> str:
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int):
+            parts[-1] = f"{parts[-1]}[{item}]" if parts else f"[{item}]"
+        elif not item.startswith(("function-", "union[", "literal[", "lax-or-strict", "constrained-")):
+            parts.append(item)
+    return ".".join(parts)
+
+
+def _allowed_keys(parent_loc: tuple[int | str, ...]) -> list[str]:
+    """The keys a section accepts, found by walking the models along `parent_loc`."""
+    model: type[BaseModel] = ConversionJob
+    for item in parent_loc:
+        if isinstance(item, int):
+            continue
+        field = model.model_fields.get(item)
+        annotation = field.annotation if field else None
+        nested = _model_in(annotation)
+        if nested is None:
+            return []
+        model = nested
+    return [name for name, field in model.model_fields.items() if not field.exclude]
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None

@@ -1,0 +1,1 @@
+"""Parity: metrics, policies and reports comparing each converted model with its reference."""

@@ -1,0 +1,188 @@
+"""Streaming parity metrics: compare a candidate's outputs with a reference's, batch by batch."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+# Relative error divides by |reference| floored at this, so near-zero references stay finite.
+_REL_FLOOR = 1e-6
+
+
+class WorstElement(BaseModel):
+    """The element that needs the largest absolute tolerance to pass.
+
+    Attributes:
+        index: Its index in the output, the sample axis counted across all batches.
+        reference: The reference value there.
+        candidate: The candidate value there.
+    """
+
+    model_config = ConfigDict(ser_json_inf_nan="strings")
+
+    index: list[int]
+    reference: float
+    candidate: float
+
+
+class OutputMetrics(BaseModel):
+    """How one output of a candidate compares to the reference over all evaluation samples.
+
+    Attributes:
+        samples: Samples compared (first axis, summed over batches).
+        elements: Elements compared.
+        max_abs: Largest absolute error.
+        max_rel: Largest relative error ``|c - r| / max(|r|, 1e-6)``.
+        mean_abs: Mean absolute error.
+        cosine_mean: Mean over samples of the cosine similarity of each flattened sample.
+        cosine_min: Lowest per-sample cosine similarity.
+        snr_db: Signal-to-noise ratio ``10 log10(sum r^2 / sum (c - r)^2)`` (inf when equal).
+        top1_agreement: Share of samples with the same argmax over the last axis, for outputs
+            shaped [samples, classes]; None otherwise.
+        nan_count: NaN values in the candidate.
+        inf_count: Infinite values in the candidate.
+        min_atol: The smallest atol with which ``|c - r| <= atol + rtol * |r|`` holds everywhere,
+            for the rtol the metrics were computed with.
+        rtol: The rtol `min_atol` refers to.
+        worst: The element that sets `min_atol`.
+    """
+
+    model_config = ConfigDict(ser_json_inf_nan="strings")
+
+    samples: int
+    elements: int
+    max_abs: float
+    max_rel: float
+    mean_abs: float
+    cosine_mean: float
+    cosine_min: float
+    snr_db: float
+    top1_agreement: float | None
+    nan_count: int
+    inf_count: int
+    min_atol: float
+    rtol: float
+    worst: WorstElement | None
+
+
+class OutputComparator:
+    """Accumulates the metrics of one output across batches in constant memory.
+
+    Args:
+        rtol: The relative tolerance `min_atol` is computed for.
+    """
+
+    def __init__(self, rtol: float) -> None:
+        self._rtol = rtol
+        self._samples = 0
+        self._elements = 0
+        self._max_abs = 0.0
+        self._max_rel = 0.0
+        self._sum_abs = 0.0
+        self._sum_sq_ref = 0.0
+        self._sum_sq_err = 0.0
+        self._cosine_sum = 0.0
+        self._cosine_min = math.inf
+        self._top1_matches: int | None = 0
+        self._nan = 0
+        self._inf = 0
+        self._min_atol = 0.0
+        self._worst: WorstElement | None = None
+
+    def update(self, reference: np.ndarray, candidate: np.ndarray) -> None:
+        """Add one batch of outputs (same shape; first axis = samples)."""
+        if reference.shape != candidate.shape:
+            raise ValueError(f"shape mismatch: reference {reference.shape}, candidate {candidate.shape}")
+        ref = reference.astype(np.float64, copy=False)
+        cand = candidate.astype(np.float64, copy=False)
+        self._nan += int(np.isnan(cand).sum())
+        self._inf += int(np.isinf(cand).sum())
+        finite = np.isfinite(ref) & np.isfinite(cand)
+        error = np.where(finite, np.abs(cand - ref), np.where(np.isnan(ref) & np.isnan(cand), 0.0, np.inf))
+        self._track_worst(ref, cand, error)
+        finite_error = np.where(finite, error, 0.0)
+        self._max_abs = max(self._max_abs, float(error.max(initial=0.0)))
+        self._max_rel = max(self._max_rel, float((error / np.maximum(np.abs(ref), _REL_FLOOR)).max(initial=0.0)))
+        self._sum_abs += float(finite_error.sum())
+        self._sum_sq_ref += float(np.square(np.where(finite, ref, 0.0)).sum())
+        self._sum_sq_err += float(np.square(finite_error).sum())
+        self._update_per_sample(ref, cand)
+        self._elements += ref.size
+        self._samples += ref.shape[0] if ref.ndim else 1
+
+    def _track_worst(self, ref: np.ndarray, cand: np.ndarray, error: np.ndarray) -> None:
+        if error.size == 0:
+            return
+        needed = error - self._rtol * np.abs(np.nan_to_num(ref))
+        flat = int(np.argmax(needed))
+        value = float(needed.flat[flat])
+        if self._worst is None or value > self._min_atol:
+            index = list(np.unravel_index(flat, ref.shape)) if ref.ndim else []
+            if index:
+                index[0] += self._samples
+            self._min_atol = max(value, 0.0)
+            self._worst = WorstElement(
+                index=[int(i) for i in index], reference=float(ref.flat[flat]), candidate=float(cand.flat[flat])
+            )
+
+    def _update_per_sample(self, ref: np.ndarray, cand: np.ndarray) -> None:
+        rows_ref = np.nan_to_num(ref.reshape(ref.shape[0], -1) if ref.ndim else ref.reshape(1, -1))
+        rows_cand = np.nan_to_num(cand.reshape(rows_ref.shape))
+        norm_ref = np.linalg.norm(rows_ref, axis=1)
+        norm_cand = np.linalg.norm(rows_cand, axis=1)
+        denominator = norm_ref * norm_cand
+        dots = np.einsum("ij,ij->i", rows_ref, rows_cand)
+        cosine = np.divide(dots, denominator, out=np.zeros_like(dots), where=denominator > 0)
+        cosine[(norm_ref == 0) & (norm_cand == 0)] = 1.0  # two all-zero samples are identical
+        self._cosine_sum += float(cosine.sum())
+        self._cosine_min = min(self._cosine_min, float(cosine.min(initial=math.inf)))
+        if self._top1_matches is not None and ref.ndim == 2 and ref.shape[1] > 1:
+            self._top1_matches += int((ref.argmax(axis=1) == cand.argmax(axis=1)).sum())
+        else:
+            self._top1_matches = None
+
+    def result(self) -> OutputMetrics:
+        """The metrics over everything added so far."""
+        samples = max(self._samples, 1)
+        if self._sum_sq_err == 0:
+            snr = math.inf
+        elif self._sum_sq_ref == 0:
+            snr = -math.inf
+        else:
+            snr = 10.0 * math.log10(self._sum_sq_ref / self._sum_sq_err)
+        return OutputMetrics(
+            samples=self._samples,
+            elements=self._elements,
+            max_abs=self._max_abs,
+            max_rel=self._max_rel,
+            mean_abs=self._sum_abs / max(self._elements, 1),
+            cosine_mean=self._cosine_sum / samples,
+            cosine_min=self._cosine_min if self._samples else 1.0,
+            snr_db=snr,
+            top1_agreement=None if self._top1_matches is None else self._top1_matches / samples,
+            nan_count=self._nan,
+            inf_count=self._inf,
+            min_atol=self._min_atol,
+            rtol=self._rtol,
+            worst=self._worst,
+        )
+
+
+class AccuracyCounter:
+    """Top-1 accuracy of a classifier output against integer labels, across batches."""
+
+    def __init__(self) -> None:
+        self.correct = 0
+        self.total = 0
+
+    def update(self, logits: np.ndarray, labels: np.ndarray) -> None:
+        """Add one batch: logits [samples, classes], labels [samples]."""
+        self.correct += int((logits.argmax(axis=-1) == labels).sum())
+        self.total += int(labels.shape[0])
+
+    @property
+    def accuracy(self) -> float:
+        """Share of samples whose argmax equals the label."""
+        return self.correct / self.total if self.total else math.nan

@@ -1,0 +1,67 @@
+"""Parity policies applied to metrics: which checks run for each precision, and their verdicts."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from pipeline.job import Fp32Policy, Int8Policy
+from pipeline.parity.metrics import OutputMetrics
+
+Precision = Literal["fp32", "int8"]
+
+
+class Check(BaseModel):
+    """One policy rule applied to one measured value.
+
+    Attributes:
+        metric: The metric checked (e.g. ``cosine_mean``).
+        value: The measured value.
+        limit: The policy's limit.
+        passed: Whether the value is within the limit.
+        rule: The rule in words, e.g. ``cosine_mean >= 0.99``.
+    """
+
+    model_config = ConfigDict(ser_json_inf_nan="strings")
+
+    metric: str
+    value: float
+    limit: float
+    passed: bool
+    rule: str
+
+
+def _at_least(metric: str, value: float, limit: float) -> Check:
+    return Check(metric=metric, value=value, limit=limit, passed=value >= limit, rule=f"{metric} >= {limit:g}")
+
+
+def _at_most(metric: str, value: float, limit: float) -> Check:
+    return Check(metric=metric, value=value, limit=limit, passed=value <= limit, rule=f"{metric} <= {limit:g}")
+
+
+def fp32_checks(metrics: OutputMetrics, policy: Fp32Policy) -> list[Check]:
+    """Element-wise closeness for float stages: every element within atol + rtol * |reference|."""
+    return [
+        _at_most("min_atol", metrics.min_atol, policy.atol),
+        _at_most("nan_inf_count", metrics.nan_count + metrics.inf_count, 0),
+    ]
+
+
+def int8_checks(metrics: OutputMetrics, policy: Int8Policy) -> list[Check]:
+    """Task-level closeness for int8: cosine, SNR and top-1 agreement, where the policy sets them."""
+    checks = [_at_most("nan_inf_count", metrics.nan_count + metrics.inf_count, 0)]
+    if policy.min_cosine is not None:
+        checks.append(_at_least("cosine_mean", metrics.cosine_mean, policy.min_cosine))
+    if policy.min_snr_db is not None:
+        checks.append(_at_least("snr_db", metrics.snr_db, policy.min_snr_db))
+    if policy.min_top1_agreement is not None and metrics.top1_agreement is not None:
+        checks.append(_at_least("top1_agreement", metrics.top1_agreement, policy.min_top1_agreement))
+    return checks
+
+
+def accuracy_drop_check(reference: float, candidate: float, policy: Int8Policy) -> Check | None:
+    """Top-1 accuracy drop in points (reference minus candidate), when the policy limits it."""
+    if policy.max_accuracy_drop is None:
+        return None
+    return _at_most("accuracy_drop_points", 100.0 * (reference - candidate), policy.max_accuracy_drop)

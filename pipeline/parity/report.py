@@ -1,0 +1,193 @@
+"""The parity report: its schema, and the report.json / report.md writers."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+from pipeline.artifacts import write_atomic
+from pipeline.parity.metrics import OutputMetrics
+from pipeline.parity.policy import Check, Precision
+
+REPORT_SCHEMA_VERSION = 1
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(ser_json_inf_nan="strings")
+
+
+class OutputParity(_Record):
+    """Metrics and checks of one output in one comparison."""
+
+    name: str
+    metrics: OutputMetrics
+    checks: list[Check]
+
+    @property
+    def passed(self) -> bool:
+        """Every check passed."""
+        return all(check.passed for check in self.checks)
+
+
+class AccuracyParity(_Record):
+    """Top-1 accuracy on labelled evaluation data, reference and candidate.
+
+    Attributes:
+        output: The classifier output used.
+        reference: Reference accuracy (0..1).
+        candidate: Candidate accuracy (0..1).
+        check: The accuracy-drop check, when the policy sets one.
+    """
+
+    output: str
+    reference: float
+    candidate: float
+    check: Check | None = None
+
+
+class Comparison(_Record):
+    """One step of the parity chain on one target.
+
+    Attributes:
+        stage: The stage whose output is the candidate (export, simplify, quantize).
+        target: The backend the candidate ran on.
+        reference: What the candidate is compared to ("pytorch" or a model file).
+        candidate: The candidate model file.
+        precision: Which policy applies.
+        outputs: Per-output metrics and checks.
+        accuracy: Task accuracy, when the data has labels.
+    """
+
+    stage: str
+    target: str
+    reference: str
+    candidate: str
+    precision: Precision
+    outputs: list[OutputParity]
+    accuracy: AccuracyParity | None = None
+
+    def failures(self) -> list[str]:
+        """One line per failed check, naming the stage, target, output and metric."""
+        where = f"stage {self.stage} on {self.target}"
+        lines = [
+            f"{where}, output {output.name!r}: {_describe(check)}{_worst(check, output.metrics)}"
+            for output in self.outputs
+            for check in output.checks
+            if not check.passed
+        ]
+        if self.accuracy and self.accuracy.check and not self.accuracy.check.passed:
+            lines.append(f"{where}, output {self.accuracy.output!r}: {_describe(self.accuracy.check)}")
+        return lines
+
+    @property
+    def passed(self) -> bool:
+        """No check failed."""
+        return not self.failures()
+
+
+class ParityReport(_Record):
+    """Everything parity measured for a job.
+
+    Attributes:
+        schema_version: Version of this schema.
+        job: The job name.
+        data: What the comparisons ran on.
+        samples: Evaluation samples compared.
+        notes: Caveats about the measurement (e.g. no evaluation data given).
+        comparisons: Each comparison, in chain order per target.
+        verdict: "pass" when every check passed, else "fail".
+        failures: One line per failed check.
+    """
+
+    schema_version: int = REPORT_SCHEMA_VERSION
+    job: str
+    data: str
+    samples: int
+    notes: list[str]
+    comparisons: list[Comparison]
+    verdict: str
+    failures: list[str]
+
+    @classmethod
+    def build(cls, job: str, data: str, samples: int, notes: list[str], comparisons: list[Comparison]) -> ParityReport:
+        """Assemble a report and derive its verdict from the comparisons."""
+        failures = [line for comparison in comparisons for line in comparison.failures()]
+        return cls(
+            job=job,
+            data=data,
+            samples=samples,
+            notes=notes,
+            comparisons=comparisons,
+            verdict="fail" if failures else "pass",
+            failures=failures,
+        )
+
+
+def _describe(check: Check) -> str:
+    return f"{check.metric} = {format_value(check.value)}, policy {check.rule}"
+
+
+def _worst(check: Check, metrics: OutputMetrics) -> str:
+    if check.metric != "min_atol" or metrics.worst is None:
+        return ""
+    worst = metrics.worst
+    return (
+        f" (worst element {worst.index}: reference {worst.reference:.6g}, candidate {worst.candidate:.6g},"
+        f" rtol {metrics.rtol:g})"
+    )
+
+
+def format_value(value: float | None) -> str:
+    """A metric for tables: 4 significant digits, small and huge values in exponent form."""
+    if value is None:
+        return "-"
+    if math.isinf(value) or math.isnan(value):
+        return str(value)
+    return f"{value:.4g}" if abs(value) < 1e-3 or abs(value) >= 1e4 else f"{value:.4f}"
+
+
+def render_markdown(report: ParityReport) -> str:
+    """The report as Markdown: a summary, one table row per (comparison, output), the failures."""
+    lines = [
+        f"# Parity report: {report.job}",
+        "",
+        f"**Verdict: {report.verdict.upper()}** on {report.data} ({report.samples} samples).",
+        "",
+    ]
+    lines += [f"> {note}" for note in report.notes] + ([""] if report.notes else [])
+    lines += [
+        "| stage | target | candidate vs reference | output | max abs | cosine (mean/min) | SNR dB | top-1 agree | result |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for comparison in report.comparisons:
+        for output in comparison.outputs:
+            m = output.metrics
+            lines.append(
+                f"| {comparison.stage} | {comparison.target} | {comparison.candidate} vs {comparison.reference} "
+                f"| {output.name} | {format_value(m.max_abs)} | {format_value(m.cosine_mean)} / {format_value(m.cosine_min)} "
+                f"| {format_value(m.snr_db)} | {format_value(m.top1_agreement)} | {'pass' if output.passed else 'FAIL'} |"
+            )
+    accuracies = [c for c in report.comparisons if c.accuracy]
+    if accuracies:
+        lines += ["", "| stage | target | output | reference top-1 | candidate top-1 | drop (points) |", "|---|---|---|---|---|---|"]
+        for comparison in accuracies:
+            accuracy = comparison.accuracy
+            assert accuracy is not None
+            drop = 100.0 * (accuracy.reference - accuracy.candidate)
+            lines.append(
+                f"| {comparison.stage} | {comparison.target} | {accuracy.output} | {100 * accuracy.reference:.2f}% "
+                f"| {100 * accuracy.candidate:.2f}% | {drop:.2f} |"
+            )
+    if report.failures:
+        lines += ["", "## Failed checks", ""] + [f"- {line}" for line in report.failures]
+    return "\n".join(lines) + "\n"
+
+
+def write_reports(report: ParityReport, folder: Path) -> Path:
+    """Write report.json and report.md atomically into `folder`; return the report.json path."""
+    json_path = folder / "report.json"
+    write_atomic(json_path, report.model_dump_json(indent=2))
+    write_atomic(folder / "report.md", render_markdown(report))
+    return json_path

@@ -1,0 +1,236 @@
+"""Run one job: check everything up front, run the stages in a staging folder, publish it whole."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from backends.registry import get_backend
+from pipeline.artifacts import DIR_MODE, Manifest, StageRecord, fsync_dir, sha256_file, write_atomic
+from pipeline.errors import BackendError, JobError, OnnxforgeError, ParityError, StageError
+from pipeline.feeds import FeedSource
+from pipeline.job import ConversionJob, DataSource
+from pipeline.model_source import load_model
+from pipeline.parity.report import ParityReport
+from pipeline.result import ConversionResult
+from pipeline.stages.base import Stage, StageContext, Target
+from pipeline.stages.export import ExportStage
+from pipeline.stages.quantize import QuantizeStage, resolve_activation_type
+from pipeline.stages.simplify import SimplifyStage
+from pipeline.stages.validate import ValidateStage
+from pipeline.versions import tool_versions
+
+logger = logging.getLogger(__name__)
+
+STAGE_ORDER: tuple[Stage, ...] = (ExportStage(), SimplifyStage(), QuantizeStage(), ValidateStage())
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class StageEvent:
+    """Progress of a job, for whoever displays it (the CLI's rich status, a batch log).
+
+    Attributes:
+        job: The job name.
+        stage: The stage name.
+        status: What happened.
+        seconds: How long the stage took (0 until finished).
+    """
+
+    job: str
+    stage: str
+    status: Literal["started", "finished", "skipped"]
+    seconds: float = 0.0
+
+
+ProgressCallback = Callable[[StageEvent], None]
+
+
+def run_job(job: ConversionJob, on_event: ProgressCallback | None = None) -> ConversionResult:
+    """Convert one job end to end and publish its output folder.
+
+    Every input is checked before anything is written. Stages write into a staging folder
+    beside `job.output_dir`, which replaces the output folder only once the manifest is in
+    it, so a failed run leaves an earlier output untouched and nothing half-written.
+
+    Args:
+        job: The validated job.
+        on_event: Called as each stage starts and finishes.
+
+    Returns:
+        The result, when every parity gate passed.
+
+    Raises:
+        JobError: The job's model, data or targets are not usable (nothing written).
+        BackendError: A target backend is unknown or unavailable (nothing written).
+        StageError: A stage failed (the output folder is left as it was).
+        ParityError: A parity gate failed; the artifacts and reports are published first and
+            the result is attached as ``error.result``.
+    """
+    notify = on_event or (lambda event: None)
+    checked = _preflight(job)
+    _check_output_dir(job)
+    job.output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{job.output_dir.name}.staging-", dir=job.output_dir.parent))
+    try:
+        staging.chmod(DIR_MODE)
+        ctx = StageContext(
+            job=job,
+            workdir=staging,
+            model=checked.model,
+            calibration=checked.calibration,
+            evaluation=checked.evaluation,
+            targets=checked.targets,
+        )
+        records = [_run_stage(stage, ctx, notify) for stage in STAGE_ORDER]
+        report = ParityReport.model_validate_json((staging / ctx.artifacts["validate"].path).read_text())
+        manifest = _manifest(job, ctx, records, report)
+        write_atomic(staging / MANIFEST, manifest.model_dump_json(indent=2))
+        _publish(staging, job.output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    result = ConversionResult(
+        job=job.name,
+        output_dir=job.output_dir,
+        artifacts=ctx.artifacts,
+        report=report,
+        manifest_path=job.output_dir / MANIFEST,
+        timings={record.name: record.seconds for record in records},
+    )
+    if report.verdict != "pass":
+        raise ParityError(job.name, report.failures, job.output_dir / ctx.artifacts["validate"].path, result)
+    return result
+
+
+@dataclass(frozen=True)
+class _Checked:
+    """What preflight loaded and checked, handed to the stages."""
+
+    model: torch.nn.Module
+    calibration: FeedSource | None
+    evaluation: FeedSource
+    targets: list[Target]
+
+
+def _preflight(job: ConversionJob) -> _Checked:
+    """Resolve targets, load the model and check the data: every bad-input error, before writing."""
+    targets = [_resolve_target(job, index) for index in range(len(job.targets))]
+    if job.quantize.enabled:
+        resolve_activation_type(job, targets)
+    model = load_model(job)
+    calibration = _feeds(job, job.calibration, "calibration")
+    evaluation = _feeds(job, job.parity_data, "evaluation" if job.evaluation else "calibration")
+    assert evaluation is not None
+    return _Checked(model=model, calibration=calibration, evaluation=evaluation, targets=targets)
+
+
+def _resolve_target(job: ConversionJob, index: int) -> Target:
+    spec = job.targets[index]
+    key = f"targets[{index}]"
+    try:
+        backend = get_backend(spec.backend)
+    except BackendError as e:
+        raise JobError(job.origin, f"{key}.backend", str(e)) from e
+    availability = backend.availability()
+    if not availability.ok:
+        hint = f"; {availability.hint}" if availability.hint else ""
+        raise BackendError(spec.backend, f"{availability.reason} (job {job.origin}, {key})", hint.lstrip("; "))
+    try:
+        options = backend.options_model.model_validate(spec.options)
+    except ValueError as e:
+        raise JobError(job.origin, f"{key}.options", f"not valid for backend {spec.backend!r}: {e}") from e
+    return Target(spec=spec, backend=backend, options=options)
+
+
+def _feeds(job: ConversionJob, source: DataSource | None, key: str) -> FeedSource | None:
+    if source is None:
+        return None
+    feeds = FeedSource(source, job.inputs, origin=job.origin, key=key, python_path=job.python_path)
+    feeds.check()
+    return feeds
+
+
+def _check_output_dir(job: ConversionJob) -> None:
+    """Refuse to replace a folder that is not an earlier onnxforge output."""
+    out = job.output_dir
+    if out.exists() and not out.is_dir():
+        raise JobError(job.origin, "output_dir", f"{out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+        raise JobError(
+            job.origin,
+            "output_dir",
+            f"{out} is not empty and holds no {MANIFEST}: it is not an onnxforge output folder, "
+            "so it is not replaced; choose a new or empty folder",
+        )
+
+
+def _run_stage(stage: Stage, ctx: StageContext, notify: ProgressCallback) -> StageRecord:
+    if not stage.enabled(ctx.job):
+        notify(StageEvent(ctx.job.name, stage.name, "skipped"))
+        return StageRecord(name=stage.name, seconds=0.0, artifact=None)
+    notify(StageEvent(ctx.job.name, stage.name, "started"))
+    start = time.perf_counter()
+    try:
+        artifact = stage.run(ctx)
+    except OnnxforgeError:
+        raise
+    except Exception as e:  # noqa: BLE001 - anything unexpected becomes a StageError naming the stage
+        raise StageError(stage.name, ctx.job.name, f"{type(e).__name__}: {e}") from e
+    seconds = time.perf_counter() - start
+    ctx.artifacts[stage.name] = artifact
+    notify(StageEvent(ctx.job.name, stage.name, "finished", seconds))
+    logger.info("job %s: %s done in %.2fs", ctx.job.name, stage.name, seconds)
+    return StageRecord(name=stage.name, seconds=round(seconds, 4), artifact=artifact)
+
+
+def _manifest(job: ConversionJob, ctx: StageContext, records: list[StageRecord], report: ParityReport) -> Manifest:
+    export = ctx.artifacts["export"].metadata
+    inputs = {"model_state_dict": _state_dict_sha256(ctx.model)}
+    for section, source in (("calibration", job.calibration), ("evaluation", job.evaluation)):
+        if source is not None and source.npz is not None:
+            inputs[f"{section}_npz"] = sha256_file(source.npz)
+    return Manifest(
+        job=job.name,
+        job_file=str(job.source_file) if job.source_file else None,
+        job_sha256=hashlib.sha256(job.model_dump_json().encode()).hexdigest(),
+        input_hashes=inputs,
+        tool_versions=tool_versions(),
+        stages=records,
+        exporter={"used": str(export["exporter"]), "fallback_reason": str(export["fallback_reason"])},
+        parity={f"{c.stage}@{c.target}": "pass" if c.passed else "fail" for c in report.comparisons},
+        verdict=report.verdict,
+    )
+
+
+def _state_dict_sha256(model: torch.nn.Module) -> str:
+    """Hash of the model's parameters and buffers, in name order (the weights the job converted)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+    return digest.hexdigest()
+
+
+def _publish(staging: Path, output_dir: Path) -> None:
+    """Move the complete staging folder into place, replacing an earlier output."""
+    if output_dir.exists():
+        previous = output_dir.with_name(f".{output_dir.name}.previous-{uuid.uuid4().hex[:8]}")
+        os.replace(output_dir, previous)
+        os.replace(staging, output_dir)
+        shutil.rmtree(previous, ignore_errors=True)
+    else:
+        os.replace(staging, output_dir)
+    fsync_dir(output_dir.parent)

@@ -1,0 +1,1 @@
+"""Bundled sample models and their data for onnxforge."""
