@@ -1,0 +1,58 @@
+"""Shared fixtures: the repository's samples, job files written on the fly, the slow-test switch."""
+
+from __future__ import annotations
+
+import copy
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import tomli_w
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DIGITS_DIR = REPO_ROOT / "samples" / "digits_cnn"
+MINILM_DIR = REPO_ROOT / "samples" / "minilm"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--run-slow", action="store_true", help="also run tests marked slow (MiniLM end to end)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--run-slow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --run-slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+def sample_job(sample_dir: Path) -> dict[str, Any]:
+    """A sample's job file as a dict, with every path made absolute (so it can be written anywhere)."""
+    raw = tomllib.loads((sample_dir / "job.toml").read_text())
+    raw["python_path"] = [str((sample_dir / p).resolve()) for p in raw.get("python_path", [])]
+    for section in ("calibration", "evaluation"):
+        if section in raw and "npz" in raw[section]:
+            raw[section]["npz"] = str((sample_dir / raw[section]["npz"]).resolve())
+    return raw
+
+
+@pytest.fixture
+def digits_job() -> dict[str, Any]:
+    """The digits sample job as a dict with absolute paths; edit it freely, then write it."""
+    return copy.deepcopy(sample_job(DIGITS_DIR))
+
+
+@pytest.fixture
+def write_job(tmp_path: Path):
+    """Write a job dict as TOML into tmp_path (output_dir defaults to tmp_path/out); return its path."""
+
+    def write(raw: dict[str, Any], name: str = "job.toml") -> Path:
+        raw = {**raw}
+        raw.setdefault("output_dir", "out")
+        path = tmp_path / name
+        path.write_text(tomli_w.dumps(raw))
+        return path
+
+    return write
