@@ -48,11 +48,15 @@ class ModelSource(_Spec):
         factory: "package.module:function" returning a ``torch.nn.Module``.
         kwargs: Keyword arguments passed to the factory.
         output_names: Names given to the model's outputs in the ONNX graph, in order.
+        task: What the outputs are: "classification" turns on top-1 agreement and accuracy
+            (also implied by labels in the data); "embedding" and "other" are judged by
+            cosine / SNR / element-wise error only.
     """
 
     factory: ImportSpec
     kwargs: dict[str, str | int | float | bool] = Field(default_factory=dict)
     output_names: list[Identifier] | None = None
+    task: Literal["classification", "embedding", "other"] = "other"
 
 
 class InputSpec(_Spec):
@@ -261,6 +265,11 @@ class ConversionJob(_Spec):
     def origin(self) -> str:
         """What to name in error messages: the job file, or the job name for Python-built jobs."""
         return str(self.source_file) if self.source_file else f"job {self.name!r}"
+
+    @property
+    def is_classifier(self) -> bool:
+        """The model's outputs are class scores: the job says so, or its parity data has labels."""
+        return self.model.task == "classification" or self.parity_data.labels is not None
 
     @property
     def parity_data(self) -> DataSource:

@@ -39,8 +39,8 @@ class OutputMetrics(BaseModel):
         cosine_mean: Mean over samples of the cosine similarity of each flattened sample.
         cosine_min: Lowest per-sample cosine similarity.
         snr_db: Signal-to-noise ratio ``10 log10(sum r^2 / sum (c - r)^2)`` (inf when equal).
-        top1_agreement: Share of samples with the same argmax over the last axis, for outputs
-            shaped [samples, classes]; None otherwise.
+        top1_agreement: Share of samples with the same argmax over the last axis, for classifier
+            outputs shaped [samples, classes]; None otherwise.
         nan_count: NaN values in the candidate.
         inf_count: Infinite values in the candidate.
         min_atol: The smallest atol with which ``|c - r| <= atol + rtol * |r|`` holds everywhere,
@@ -72,9 +72,10 @@ class OutputComparator:
 
     Args:
         rtol: The relative tolerance `min_atol` is computed for.
+        classifier: The output holds class scores, so top-1 agreement means something.
     """
 
-    def __init__(self, rtol: float) -> None:
+    def __init__(self, rtol: float, classifier: bool = True) -> None:
         self._rtol = rtol
         self._samples = 0
         self._elements = 0
@@ -85,7 +86,7 @@ class OutputComparator:
         self._sum_sq_err = 0.0
         self._cosine_sum = 0.0
         self._cosine_min = math.inf
-        self._top1_matches: int | None = 0
+        self._top1_matches: int | None = 0 if classifier else None
         self._nan = 0
         self._inf = 0
         self._min_atol = 0.0

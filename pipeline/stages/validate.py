@@ -67,9 +67,11 @@ class ValidateStage:
             for batch, torch_outputs in iter_torch_outputs(ctx.model, ctx.evaluation):
                 if not output_names:
                     output_names = next(iter(sessions.values())).output_names
-                    classifier = _classifier_output(torch_outputs)
+                    classifier = _classifier_output(torch_outputs) if ctx.job.is_classifier else None
                     for step in steps:
-                        step.comparators = [OutputComparator(rtol) for _ in output_names]
+                        step.comparators = [
+                            OutputComparator(rtol, classifier=index == classifier) for index in range(len(output_names))
+                        ]
                 runs = {PYTORCH: torch_outputs}
                 for (target_name, path), session in sessions.items():
                     produced = session.run(batch.feeds)
@@ -165,6 +167,6 @@ def _notes(job: ConversionJob, classifier: int | None, pytorch_accuracy: Accurac
     if job.evaluation is None:
         notes.append("The job has no [evaluation] data: parity was measured on the calibration data.")
     if job.parity.int8.max_accuracy_drop is not None and not pytorch_accuracy.total:
-        reason = "no classifier output" if classifier is None else "no labels in the data"
+        reason = "no [samples, classes] classifier output" if classifier is None else "no labels in the data"
         notes.append(f"parity.int8.max_accuracy_drop was not checked: {reason}.")
     return notes
