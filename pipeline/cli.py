@@ -31,19 +31,19 @@ stdout = Console(width=None if sys.stdout.isatty() else _PIPE_WIDTH)
 stderr = Console(stderr=True, width=None if sys.stderr.isatty() else _PIPE_WIDTH)
 
 # Library chatter that says nothing about the user's model (e.g. torchvision ops not registered).
-_QUIET_LOGGERS = ("torch.onnx", "onnxscript", "onnx_ir", "root")
+_QUIET_LOGGERS = ("torch.onnx", "onnxscript", "onnx_ir")
 
 
 def _configure_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(message)s",
-        handlers=[RichHandler(console=stderr, show_path=False)],
-        force=True,
-    )
+    handler = RichHandler(console=stderr, show_path=False)
     if not verbose:
+        # Some libraries log straight on the root logger (ONNX Runtime's quantizer advice): -v shows it.
+        handler.addFilter(lambda record: record.name != "root")
         for name in _QUIET_LOGGERS:
             logging.getLogger(name).setLevel(logging.ERROR)
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(message)s", handlers=[handler], force=True
+    )
 
 
 @app.command()
@@ -120,7 +120,8 @@ def _quant_summary(backend: object | None) -> str:
 
 def _print_report(report: ParityReport) -> None:
     table = Table(title=f"parity: {report.job} on {report.data}, {report.samples} samples")
-    for column in ("stage", "target", "output", "max abs", "cosine mean", "SNR dB", "top-1 agree", "top-1 acc", "result"):
+    columns = ("stage", "target", "output", "max abs", "cosine mean", "SNR dB", "top-1 agree", "top-1 acc", "result")
+    for column in columns:
         table.add_column(column)
     for comparison in report.comparisons:
         accuracy = comparison.accuracy

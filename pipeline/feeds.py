@@ -136,7 +136,7 @@ class FeedSource:
                 self._key,
                 f"{where}, input {spec.name!r}: dtype {array.dtype}; expected {spec.dtype}",
             )
-        fixed_ok = all(isinstance(dim, str) or dim == size for dim, size in zip(spec.shape, array.shape))
+        fixed_ok = all(isinstance(dim, str) or dim == size for dim, size in zip(spec.shape, array.shape, strict=False))
         if array.ndim != len(spec.shape) or not fixed_ok:
             raise JobError(
                 self._origin,

@@ -30,7 +30,9 @@ def load_model(job: ConversionJob) -> torch.nn.Module:
     key = "model.factory"
     factory = resolve_import(job.model.factory, job.python_path, origin=job.origin, key=key)
     if not callable(factory):
-        raise JobError(job.origin, key, f"{job.model.factory!r} is not callable; expected a function returning an nn.Module")
+        raise JobError(
+            job.origin, key, f"{job.model.factory!r} is not callable; expected a function returning an nn.Module"
+        )
     try:
         model = factory(**job.model.kwargs)
     except Exception as e:  # noqa: BLE001 - the factory is user code; report whatever it raised

@@ -157,32 +157,49 @@ def render_markdown(report: ParityReport) -> str:
         "",
     ]
     lines += [f"> {note}" for note in report.notes] + ([""] if report.notes else [])
-    lines += [
-        "| stage | target | candidate vs reference | output | max abs | cosine (mean/min) | SNR dB | top-1 agree | result |",
-        "|---|---|---|---|---|---|---|---|---|",
+    header = ["stage", "target", "candidate vs reference", "output", "max abs", "cosine (mean/min)", "SNR dB"]
+    rows = [
+        [
+            comparison.stage,
+            comparison.target,
+            f"{comparison.candidate} vs {comparison.reference}",
+            output.name,
+            format_value(output.metrics.max_abs),
+            f"{format_value(output.metrics.cosine_mean)} / {format_value(output.metrics.cosine_min)}",
+            format_value(output.metrics.snr_db),
+            format_value(output.metrics.top1_agreement),
+            "pass" if output.passed else "FAIL",
+        ]
+        for comparison in report.comparisons
+        for output in comparison.outputs
     ]
-    for comparison in report.comparisons:
-        for output in comparison.outputs:
-            m = output.metrics
-            lines.append(
-                f"| {comparison.stage} | {comparison.target} | {comparison.candidate} vs {comparison.reference} "
-                f"| {output.name} | {format_value(m.max_abs)} | {format_value(m.cosine_mean)} / {format_value(m.cosine_min)} "
-                f"| {format_value(m.snr_db)} | {format_value(m.top1_agreement)} | {'pass' if output.passed else 'FAIL'} |"
-            )
-    accuracies = [c for c in report.comparisons if c.accuracy]
-    if accuracies:
-        lines += ["", "| stage | target | output | reference top-1 | candidate top-1 | drop (points) |", "|---|---|---|---|---|---|"]
-        for comparison in accuracies:
-            accuracy = comparison.accuracy
-            assert accuracy is not None
-            drop = 100.0 * (accuracy.reference - accuracy.candidate)
-            lines.append(
-                f"| {comparison.stage} | {comparison.target} | {accuracy.output} | {100 * accuracy.reference:.2f}% "
-                f"| {100 * accuracy.candidate:.2f}% | {drop:.2f} |"
-            )
+    lines += _markdown_table([*header, "top-1 agree", "result"], rows)
+    accuracy_rows = [
+        [
+            comparison.stage,
+            comparison.target,
+            accuracy.output,
+            f"{100 * accuracy.reference:.2f}%",
+            f"{100 * accuracy.candidate:.2f}%",
+            f"{100 * (accuracy.reference - accuracy.candidate):.2f}",
+        ]
+        for comparison in report.comparisons
+        if (accuracy := comparison.accuracy) is not None
+    ]
+    if accuracy_rows:
+        accuracy_header = ["stage", "target", "output", "PyTorch top-1", "candidate top-1", "drop (points)"]
+        lines += ["", *_markdown_table(accuracy_header, accuracy_rows)]
     if report.failures:
         lines += ["", "## Failed checks", ""] + [f"- {line}" for line in report.failures]
     return "\n".join(lines) + "\n"
+
+
+def _markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return [
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        *("| " + " | ".join(row) + " |" for row in rows),
+    ]
 
 
 def write_reports(report: ParityReport, folder: Path) -> Path:

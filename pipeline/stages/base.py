@@ -9,12 +9,12 @@ from typing import Protocol
 
 import numpy as np
 import torch
+from pydantic import BaseModel
 
 from backends.base import Backend
 from pipeline.artifacts import Artifact
 from pipeline.feeds import Batch, FeedSource
 from pipeline.job import ConversionJob, TargetSpec
-from pydantic import BaseModel
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from functools import partial
 from pathlib import Path
 
 import onnx
@@ -38,7 +39,7 @@ class ExportStage:
         failures: dict[str, str] = {}
         for exporter in order:
             try:
-                write_with(target, lambda path: _EXPORTERS[exporter](ctx.model, example, output_names, job, path))
+                write_with(target, partial(_EXPORTERS[exporter], ctx.model, example, output_names, job))
             except Exception as e:  # noqa: BLE001 - exporters fail in many ways; all are recorded
                 failures[exporter] = f"{type(e).__name__}: {_first_line(e)}"
                 logger.warning("%s exporter failed on %s: %s", exporter, job.name, failures[exporter])

@@ -52,7 +52,7 @@ class ValidateStage:
         steps = [
             _Step(stage, target.name, reference, candidate, [])
             for target in ctx.targets
-            for (stage, candidate), reference in zip(models, [PYTORCH] + [path for _, path in models])
+            for (stage, candidate), reference in zip(models, [PYTORCH] + [path for _, path in models][:-1], strict=True)
         ]
         output_names: list[str] = []
         classifier: int | None = None
