@@ -56,14 +56,13 @@ def _targets() -> dict[str, tuple[str, str]]:
 def _load(name: str, target: str) -> Backend:
     module_name, _, class_name = target.partition(":")
     try:
-        backend_class = getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError) as e:
+        backend = getattr(importlib.import_module(module_name), class_name)()
+    except Exception as e:  # noqa: BLE001 - a plugin may fail to import or construct in any way
         raise BackendError(
             name,
             f"cannot load {target} ({type(e).__name__}: {e})",
             "install the package that provides this backend, or fix its entry point",
         ) from e
-    backend = backend_class()
     if not isinstance(backend, Backend):
         raise BackendError(name, f"{target} does not implement the Backend protocol")
     return backend
@@ -85,10 +84,13 @@ def list_backends() -> list[BackendEntry]:
     """Every registered backend with its availability; never raises for a broken plugin."""
     entries = []
     for name, (target, origin) in sorted(_targets().items()):
+        backend: Backend | None = None
         try:
-            backend: Backend | None = _load(name, target)
-            availability = backend.availability() if backend else Availability(ok=False)
+            backend = _load(name, target)
+            availability = backend.availability()
         except BackendError as e:
-            backend, availability = None, Availability(ok=False, reason=e.reason, hint=e.hint)
+            availability = Availability(ok=False, reason=e.reason, hint=e.hint)
+        except Exception as e:  # noqa: BLE001 - a plugin's availability() must not break the listing
+            availability = Availability(ok=False, reason=f"availability() raised {type(e).__name__}: {e}")
         entries.append(BackendEntry(name, origin, target, backend, availability))
     return entries

@@ -16,7 +16,9 @@ from typing import Literal
 
 import torch
 
-from backends.registry import get_backend
+# The module, not the function: backends.registry imports pipeline.errors, which runs this package's
+# __init__; binding get_backend at import time would make `import backends` first a circular import.
+from backends import registry as backend_registry
 from pipeline.artifacts import DIR_MODE, Manifest, StageRecord, fsync_dir, sha256_file, write_atomic
 from pipeline.errors import BackendError, JobError, OnnxforgeError, ParityError, StageError
 from pipeline.feeds import FeedSource
@@ -140,7 +142,7 @@ def _resolve_target(job: ConversionJob, index: int) -> Target:
     spec = job.targets[index]
     key = f"targets[{index}]"
     try:
-        backend = get_backend(spec.backend)
+        backend = backend_registry.get_backend(spec.backend)
     except BackendError as e:
         raise JobError(job.origin, f"{key}.backend", str(e)) from e
     availability = backend.availability()

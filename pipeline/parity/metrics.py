@@ -89,7 +89,7 @@ class OutputComparator:
         self._top1_matches: int | None = 0 if classifier else None
         self._nan = 0
         self._inf = 0
-        self._min_atol = 0.0
+        self._worst_needed = -math.inf
         self._worst: WorstElement | None = None
 
     def update(self, reference: np.ndarray, candidate: np.ndarray) -> None:
@@ -101,7 +101,10 @@ class OutputComparator:
         self._nan += int(np.isnan(cand).sum())
         self._inf += int(np.isinf(cand).sum())
         finite = np.isfinite(ref) & np.isfinite(cand)
-        error = np.where(finite, np.abs(cand - ref), np.where(np.isnan(ref) & np.isnan(cand), 0.0, np.inf))
+        # Like np.allclose: equal infinities and NaN against NaN are no error (e.g. -inf mask values).
+        same_special = (ref == cand) | (np.isnan(ref) & np.isnan(cand))
+        with np.errstate(invalid="ignore", over="ignore"):
+            error = np.where(finite, np.abs(cand - ref), np.where(same_special, 0.0, np.inf))
         self._track_worst(ref, cand, error)
         finite_error = np.where(finite, error, 0.0)
         self._max_abs = max(self._max_abs, float(error.max(initial=0.0)))
@@ -109,34 +112,37 @@ class OutputComparator:
         self._sum_abs += float(finite_error.sum())
         self._sum_sq_ref += float(np.square(np.where(finite, ref, 0.0)).sum())
         self._sum_sq_err += float(np.square(finite_error).sum())
-        self._update_per_sample(ref, cand)
+        self._update_per_sample(np.where(finite, ref, 0.0), np.where(finite, cand, 0.0))
         self._elements += ref.size
         self._samples += ref.shape[0] if ref.ndim else 1
 
     def _track_worst(self, ref: np.ndarray, cand: np.ndarray, error: np.ndarray) -> None:
         if error.size == 0:
             return
-        needed = error - self._rtol * np.abs(np.nan_to_num(ref))
+        with np.errstate(invalid="ignore"):
+            needed = np.nan_to_num(error - self._rtol * np.abs(np.where(np.isfinite(ref), ref, 0.0)), nan=np.inf, posinf=np.inf)
         flat = int(np.argmax(needed))
         value = float(needed.flat[flat])
-        if self._worst is None or value > self._min_atol:
+        # Strictly greater: the first of equal candidates wins, in one batch or streamed.
+        if value > self._worst_needed:
             index = list(np.unravel_index(flat, ref.shape)) if ref.ndim else []
             if index:
                 index[0] += self._samples
-            self._min_atol = max(value, 0.0)
+            self._worst_needed = value
             self._worst = WorstElement(
                 index=[int(i) for i in index], reference=float(ref.flat[flat]), candidate=float(cand.flat[flat])
             )
 
     def _update_per_sample(self, ref: np.ndarray, cand: np.ndarray) -> None:
-        rows_ref = np.nan_to_num(ref.reshape(ref.shape[0], -1) if ref.ndim else ref.reshape(1, -1))
-        rows_cand = np.nan_to_num(cand.reshape(rows_ref.shape))
+        rows_ref = ref.reshape(ref.shape[0], -1) if ref.ndim else ref.reshape(1, -1)
+        rows_cand = cand.reshape(rows_ref.shape)
         norm_ref = np.linalg.norm(rows_ref, axis=1)
         norm_cand = np.linalg.norm(rows_cand, axis=1)
         denominator = norm_ref * norm_cand
         dots = np.einsum("ij,ij->i", rows_ref, rows_cand)
         cosine = np.divide(dots, denominator, out=np.zeros_like(dots), where=denominator > 0)
         cosine[(norm_ref == 0) & (norm_cand == 0)] = 1.0  # two all-zero samples are identical
+        cosine = np.clip(cosine, -1.0, 1.0)  # rounding can step just past 1
         self._cosine_sum += float(cosine.sum())
         self._cosine_min = min(self._cosine_min, float(cosine.min(initial=math.inf)))
         if self._top1_matches is not None and ref.ndim == 2 and ref.shape[1] > 1:
@@ -165,7 +171,7 @@ class OutputComparator:
             top1_agreement=None if self._top1_matches is None else self._top1_matches / samples,
             nan_count=self._nan,
             inf_count=self._inf,
-            min_atol=self._min_atol,
+            min_atol=max(self._worst_needed, 0.0),
             rtol=self._rtol,
             worst=self._worst,
         )

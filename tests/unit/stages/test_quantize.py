@@ -1,0 +1,256 @@
+"""Unit tests of `QuantizeStage` and `resolve_activation_type` on a small hand-built Conv + MatMul model.
+
+Calibration data comes from an .npz read through a real `FeedSource`; the int8 model is run in
+ONNX Runtime and compared with the fp32 model it came from.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+import pipeline
+from backends.registry import get_backend
+from pipeline.artifacts import Artifact, sha256_file
+from pipeline.feeds import FeedSource
+from pipeline.job import ConversionJob, TargetSpec
+from pipeline.stages.base import StageContext, Target
+from pipeline.stages.quantize import INT8_MODEL, QuantizeStage, resolve_activation_type
+
+CONV_OUT = 4
+CLASSES = 5
+
+
+def write_conv_model(path: Path) -> Path:
+    """logits = Flatten(Relu(Conv(x))) @ W2 + b2; x: [batch, 3, 8, 8], logits: [batch, 5]."""
+    rng = np.random.default_rng(0)
+    # Very different magnitudes per output channel, so per-channel scales must differ.
+    conv_w = (rng.normal(size=(CONV_OUT, 3, 3, 3)) * np.array([0.05, 0.3, 1.0, 2.0])[:, None, None, None]).astype(
+        np.float32
+    )
+    conv_b = rng.normal(scale=0.1, size=CONV_OUT).astype(np.float32)
+    fc_w = (rng.normal(size=(CONV_OUT * 8 * 8, CLASSES)) * 0.1).astype(np.float32)
+    fc_b = rng.normal(scale=0.1, size=CLASSES).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "conv_w", "conv_b"], ["conv"], pads=[1, 1, 1, 1], name="conv"),
+            helper.make_node("Relu", ["conv"], ["relu"], name="relu"),
+            helper.make_node("Flatten", ["relu"], ["flat"], axis=1, name="flatten"),
+            helper.make_node("MatMul", ["flat", "fc_w"], ["mm"], name="fc"),
+            helper.make_node("Add", ["mm", "fc_b"], ["logits"], name="fc_bias"),
+        ],
+        "conv_net",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", CLASSES])],
+        initializer=[
+            numpy_helper.from_array(conv_w, "conv_w"),
+            numpy_helper.from_array(conv_b, "conv_b"),
+            numpy_helper.from_array(fc_w, "fc_w"),
+            numpy_helper.from_array(fc_b, "fc_b"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, path)
+    return path
+
+
+def make_target(name: str) -> Target:
+    """A resolved target (the backend is only described, never opened)."""
+    backend = get_backend(name)
+    return Target(spec=TargetSpec(backend=name), backend=backend, options=backend.options_model())
+
+
+def make_job(tmp_path: Path, quantize: dict[str, Any] | None = None, targets: list[str] | None = None) -> ConversionJob:
+    """A job over input x with .npz calibration data (written once per tmp_path)."""
+    npz = tmp_path / "calibration.npz"
+    if not npz.exists():
+        np.savez(npz, x=np.random.default_rng(1).normal(size=(48, 3, 8, 8)).astype(np.float32))
+    return ConversionJob.model_validate(
+        {
+            "name": "tiny_quantize",
+            "model": {"factory": "torch.nn:Identity"},
+            "inputs": [{"name": "x", "shape": ["batch", 3, 8, 8]}],
+            "calibration": {"npz": npz, "batch_size": 16},
+            "quantize": quantize or {},
+            "targets": [{"backend": name} for name in targets or ["cpu"]],
+            "output_dir": tmp_path / "out",
+        }
+    )
+
+
+def make_context(tmp_path: Path, job: ConversionJob, targets: list[Target]) -> StageContext:
+    """A context whose newest model is the fp32 Conv model, as after the simplify stage."""
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    path = write_conv_model(workdir / "model.simplified.onnx")
+    assert job.calibration is not None
+    calibration = FeedSource(job.calibration, job.inputs, origin=job.origin, key="calibration", python_path=[])
+    return StageContext(
+        job=job,
+        workdir=workdir,
+        model=torch.nn.Identity(),
+        calibration=calibration,
+        evaluation=calibration,
+        targets=targets,
+        artifacts={"simplify": Artifact(stage="simplify", path=path.name, sha256=sha256_file(path))},
+    )
+
+
+def initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {tensor.name: numpy_helper.to_array(tensor) for tensor in model.graph.initializer}
+
+
+def weight_dequantizers(model: onnx.ModelProto, weight: str) -> onnx.NodeProto:
+    """The DequantizeLinear node feeding the (quantized) weight `weight` to its consumer."""
+    found = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0].startswith(weight)]
+    assert len(found) == 1, [n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    return found[0]
+
+
+def run(path: Path, x: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(["logits"], {"x": x})[0]
+
+
+@pytest.fixture
+def quantized(tmp_path: Path) -> tuple[StageContext, Artifact]:
+    """The stage run once with the job defaults on a cpu target."""
+    ctx = make_context(tmp_path, make_job(tmp_path), [make_target("cpu")])
+    return ctx, QuantizeStage().run(ctx)
+
+
+def test_produces_a_qdq_model(quantized: tuple[StageContext, Artifact]) -> None:
+    ctx, artifact = quantized
+
+    assert artifact.stage == "quantize"
+    assert artifact.path == INT8_MODEL
+    path = ctx.workdir / INT8_MODEL
+    assert artifact.sha256 == sha256_file(path)
+    assert artifact.parent_sha256 == ctx.artifacts["simplify"].sha256
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model)
+    ops = [node.op_type for node in model.graph.node]
+    assert ops.count("QuantizeLinear") >= 2
+    assert ops.count("DequantizeLinear") >= 4  # activations plus both weights
+    assert {"Conv", "MatMul"} <= set(ops)  # QDQ keeps the float ops between Q/DQ pairs
+    metadata = artifact.metadata
+    assert metadata["format"] == "QDQ"
+    assert metadata["quantize_linear"] == ops.count("QuantizeLinear")
+    assert metadata["dequantize_linear"] == ops.count("DequantizeLinear")
+    assert metadata["nodes"] == len(ops)
+    assert metadata["calibration_batches"] == 3  # 48 samples in batches of 16
+    assert metadata["activation_type"] == "uint8"
+    assert metadata["activation_symmetric"] is False
+    assert metadata["weight_type"] == "int8"
+    assert metadata["per_channel"] is True
+    assert sorted(p.name for p in ctx.workdir.iterdir()) == [INT8_MODEL, "model.simplified.onnx"]
+
+
+def test_weights_are_int8_with_one_scale_per_output_channel(quantized: tuple[StageContext, Artifact]) -> None:
+    ctx, _ = quantized
+    model = onnx.load(str(ctx.workdir / INT8_MODEL))
+    values = initializers(model)
+
+    conv = weight_dequantizers(model, "conv_w")
+    assert values[conv.input[0]].dtype == np.int8
+    assert values[conv.input[0]].shape == (CONV_OUT, 3, 3, 3)
+    conv_scale = values[conv.input[1]]
+    assert conv_scale.shape == (CONV_OUT,)
+    assert len(np.unique(conv_scale)) == CONV_OUT
+    assert not np.any(values[conv.input[2]])  # symmetric weights: zero points 0
+
+    fc = weight_dequantizers(model, "fc_w")
+    assert values[fc.input[0]].dtype == np.int8
+    assert values[fc.input[1]].shape == (CLASSES,)
+
+
+def test_activations_are_uint8_for_cpu(quantized: tuple[StageContext, Artifact]) -> None:
+    ctx, _ = quantized
+    model = onnx.load(str(ctx.workdir / INT8_MODEL))
+    values = initializers(model)
+
+    zero_points = [values[n.input[2]] for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    assert zero_points
+    assert all(zp.dtype == np.uint8 for zp in zero_points)
+
+
+def test_int8_model_matches_fp32(quantized: tuple[StageContext, Artifact]) -> None:
+    ctx, _ = quantized
+    x = np.random.default_rng(7).normal(size=(16, 3, 8, 8)).astype(np.float32)
+
+    reference = run(ctx.path_of("simplify"), x)
+    candidate = run(ctx.workdir / INT8_MODEL, x)
+
+    assert candidate.shape == reference.shape == (16, CLASSES)
+    assert np.all(np.isfinite(candidate))
+    assert not np.array_equal(candidate, reference)  # it really is quantized
+    cosine = np.sum(reference * candidate, axis=1) / (
+        np.linalg.norm(reference, axis=1) * np.linalg.norm(candidate, axis=1)
+    )
+    assert cosine.min() > 0.99
+
+
+def test_cuda_target_gets_symmetric_int8_activations(tmp_path: Path) -> None:
+    # Quantizing for cuda only reads the backend's capabilities; it never opens it.
+    ctx = make_context(tmp_path, make_job(tmp_path, targets=["cuda"]), [make_target("cuda")])
+
+    artifact = QuantizeStage().run(ctx)
+
+    assert artifact.metadata["activation_type"] == "int8"
+    assert artifact.metadata["activation_symmetric"] is True
+    model = onnx.load(str(ctx.workdir / INT8_MODEL))
+    values = initializers(model)
+    zero_points = [values[n.input[2]] for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    assert zero_points
+    assert all(zp.dtype == np.int8 and not np.any(zp) for zp in zero_points)
+
+
+def test_resolve_activation_type_uint8_for_cpu(tmp_path: Path) -> None:
+    assert resolve_activation_type(make_job(tmp_path), [make_target("cpu")]) == "uint8"
+
+
+def test_resolve_activation_type_int8_when_a_target_requires_it(tmp_path: Path) -> None:
+    job = make_job(tmp_path, targets=["cpu", "cuda"])
+
+    assert resolve_activation_type(job, [make_target("cpu"), make_target("cuda")]) == "int8"
+    assert resolve_activation_type(job, [make_target("cuda")]) == "int8"
+
+
+def test_resolve_activation_type_honours_a_supported_request(tmp_path: Path) -> None:
+    job = make_job(tmp_path, quantize={"activation_type": "int8"})
+
+    assert resolve_activation_type(job, [make_target("cpu"), make_target("cuda")]) == "int8"
+
+
+def test_resolve_activation_type_rejects_uint8_for_an_int8_only_target(tmp_path: Path) -> None:
+    job = make_job(tmp_path, quantize={"activation_type": "uint8"}, targets=["cpu", "cuda"])
+
+    with pytest.raises(pipeline.JobError) as caught:
+        resolve_activation_type(job, [make_target("cpu"), make_target("cuda")])
+
+    assert caught.value.key == "quantize.activation_type"
+    assert "'cuda'" in caught.value.problem
+    assert "uint8" in caught.value.problem
+
+
+def test_stage_raises_job_error_before_writing_anything(tmp_path: Path) -> None:
+    job = make_job(tmp_path, quantize={"activation_type": "uint8"}, targets=["cuda"])
+    ctx = make_context(tmp_path, job, [make_target("cuda")])
+
+    with pytest.raises(pipeline.JobError):
+        QuantizeStage().run(ctx)
+
+    assert not (ctx.workdir / INT8_MODEL).exists()
+
+
+def test_enabled_follows_the_job(tmp_path: Path) -> None:
+    assert QuantizeStage().enabled(make_job(tmp_path))
+    assert not QuantizeStage().enabled(make_job(tmp_path, quantize={"enabled": False}))

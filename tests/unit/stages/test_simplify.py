@@ -1,0 +1,170 @@
+"""Unit tests of `SimplifyStage`: constant folding and dead-node removal on a hand-built ONNX model.
+
+The model has a foldable constant (``Add`` of two initializers feeding a ``MatMul``) and a dead
+``Relu`` whose output nothing uses. The stage runs on a `StageContext` built directly, as the
+runner would after the export stage.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+import pipeline
+from backends.registry import get_backend
+from pipeline.artifacts import Artifact, sha256_file
+from pipeline.feeds import FeedSource
+from pipeline.job import ConversionJob, TargetSpec
+from pipeline.stages.base import StageContext, Target
+from pipeline.stages.simplify import SIMPLIFIED_MODEL, SimplifyStage
+
+A = np.arange(12, dtype=np.float32).reshape(4, 3) / 10
+B = np.full((4, 3), -0.25, dtype=np.float32)
+
+
+def write_foldable_model(path: Path) -> Path:
+    """y = x @ (A + B) with a dead Relu(x); x: [batch, 4], y: [batch, 3]."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("Add", ["A", "B"], ["AB"], name="fold_me"),
+            helper.make_node("MatMul", ["x", "AB"], ["y"], name="matmul"),
+            helper.make_node("Relu", ["x"], ["unused"], name="dead_relu"),
+        ],
+        "foldable",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])],
+        initializer=[numpy_helper.from_array(A, "A"), numpy_helper.from_array(B, "B")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, path)
+    return path
+
+
+def make_context(tmp_path: Path, model_file: str = "model.onnx") -> StageContext:
+    """A context whose "export" artifact is the foldable model, with npz evaluation data."""
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    npz = tmp_path / "eval.npz"
+    np.savez(npz, x=np.random.default_rng(0).normal(size=(6, 4)).astype(np.float32))
+    job = ConversionJob.model_validate(
+        {
+            "name": "tiny_simplify",
+            "model": {"factory": "torch.nn:Identity"},
+            "inputs": [{"name": "x", "shape": ["batch", 4]}],
+            "evaluation": {"npz": npz, "batch_size": 4},
+            "quantize": {"enabled": False},  # so the job needs no calibration data
+            "output_dir": tmp_path / "out",
+        }
+    )
+    assert job.evaluation is not None
+    evaluation = FeedSource(job.evaluation, job.inputs, origin=job.origin, key="evaluation", python_path=[])
+    cpu = get_backend("cpu")
+    path = write_foldable_model(workdir / model_file)
+    return StageContext(
+        job=job,
+        workdir=workdir,
+        model=torch.nn.Identity(),
+        calibration=None,
+        evaluation=evaluation,
+        targets=[Target(spec=TargetSpec(backend="cpu"), backend=cpu, options=cpu.options_model())],
+        artifacts={"export": Artifact(stage="export", path=model_file, sha256=sha256_file(path))},
+    )
+
+
+def run_model(path: Path, x: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(["y"], {"x": x})[0]
+
+
+def test_simplify_folds_constants_and_drops_dead_nodes(tmp_path: Path) -> None:
+    ctx = make_context(tmp_path)
+    original = ctx.path_of("export")
+
+    artifact = SimplifyStage().run(ctx)
+
+    assert artifact.stage == "simplify"
+    assert artifact.path == SIMPLIFIED_MODEL
+    simplified = ctx.workdir / SIMPLIFIED_MODEL
+    assert artifact.sha256 == sha256_file(simplified)
+    assert artifact.parent_sha256 == ctx.artifacts["export"].sha256
+
+    model = onnx.load(str(simplified))
+    onnx.checker.check_model(model, full_check=True)
+    ops = [node.op_type for node in model.graph.node]
+    assert ops == ["MatMul"]
+    assert "Relu" not in ops and "Add" not in ops
+    assert all("unused" not in node.output for node in model.graph.node)
+    assert [output.name for output in model.graph.output] == ["y"]
+    # A and B are replaced by their folded sum; neither survives as an unused initializer.
+    assert len(model.graph.initializer) == 1
+    np.testing.assert_allclose(numpy_helper.to_array(model.graph.initializer[0]), A + B)
+
+    x = next(iter(ctx.evaluation)).feeds["x"]
+    np.testing.assert_array_equal(run_model(simplified, x), run_model(original, x))
+    np.testing.assert_allclose(run_model(simplified, x), x @ (A + B), rtol=1e-6)
+
+
+def test_simplify_records_counts_before_and_after(tmp_path: Path) -> None:
+    ctx = make_context(tmp_path)
+
+    artifact = SimplifyStage().run(ctx)
+
+    assert artifact.metadata["before"] == {"nodes": 3, "initializers": 2, "parameters": 24}
+    assert artifact.metadata["after"] == {"nodes": 1, "initializers": 1, "parameters": 12}
+
+
+def test_simplify_leaves_input_file_and_no_temp_files(tmp_path: Path) -> None:
+    ctx = make_context(tmp_path)
+    before = ctx.path_of("export").read_bytes()
+
+    SimplifyStage().run(ctx)
+
+    assert ctx.path_of("export").read_bytes() == before
+    assert sorted(p.name for p in ctx.workdir.iterdir()) == ["model.onnx", SIMPLIFIED_MODEL]
+
+
+def test_simplify_uses_the_newest_model(tmp_path: Path) -> None:
+    ctx = make_context(tmp_path)
+    # A later .onnx artifact is what the stage must transform; a non-model artifact is ignored.
+    newer = write_foldable_model(ctx.workdir / "model.newer.onnx")
+    ctx.artifacts["other"] = Artifact(stage="other", path="model.newer.onnx", sha256=sha256_file(newer))
+    ctx.artifacts["notes"] = Artifact(stage="notes", path="notes.txt", sha256="0" * 64)
+
+    artifact = SimplifyStage().run(ctx)
+
+    assert artifact.parent_sha256 == ctx.artifacts["other"].sha256
+
+
+def test_simplify_is_enabled_by_default(tmp_path: Path) -> None:
+    ctx = make_context(tmp_path)
+
+    assert SimplifyStage().enabled(ctx.job)
+    assert not SimplifyStage().enabled(ctx.job.model_copy(update={"simplify": pipeline.SimplifyOptions(enabled=False)}))
+
+
+def test_simplify_failure_raises_stage_error(tmp_path: Path) -> None:
+    ctx = make_context(tmp_path)
+    graph = helper.make_graph(
+        [helper.make_node("NoSuchOp", ["x"], ["y"])],
+        "invalid",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
+    onnx.save(model, ctx.path_of("export"))
+
+    with pytest.raises(pipeline.StageError) as caught:
+        SimplifyStage().run(ctx)
+
+    assert caught.value.stage == "simplify"
+    assert caught.value.job == "tiny_simplify"
+    assert "NoSuchOp" in caught.value.detail
+    assert not (ctx.workdir / SIMPLIFIED_MODEL).exists()
+    assert sorted(p.name for p in ctx.workdir.iterdir()) == ["model.onnx"]
