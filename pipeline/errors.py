@@ -55,7 +55,7 @@ class BackendError(OnnxforgeError):
         self.reason = reason
         self.hint = hint
         message = f"backend {backend!r}: {reason}"
-        super().__init__(f"{message} ({hint})" if hint else message)
+        super().__init__(f"{message}; to fix: {hint}" if hint else message)
 
 
 class StageError(OnnxforgeError):

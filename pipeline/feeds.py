@@ -80,7 +80,12 @@ class FeedSource:
             with np.load(path, allow_pickle=False) as archive:
                 arrays = {name: archive[name] for name in archive.files}
         except (OSError, ValueError) as e:
-            raise JobError(self._origin, self._key, f"cannot read {path} as an .npz of arrays: {e}") from e
+            # numpy reports a non-archive file as "pickled data": say what we really refuse.
+            raise JobError(
+                self._origin,
+                self._key,
+                f"cannot read {path} as an .npz of arrays (np.savez output; pickled objects are refused): {e}",
+            ) from e
         counts = {name: array.shape[0] if array.ndim else -1 for name, array in arrays.items()}
         if len(set(counts.values())) > 1:
             raise JobError(

@@ -42,15 +42,19 @@ def resolve_import(spec: str, folders: Sequence[Path], *, origin: str, key: str)
     with search_path(folders):
         try:
             module = importlib.import_module(module_name)
-        except Exception as e:  # noqa: BLE001 - any import-time failure is the user's module's
+        except ModuleNotFoundError as e:
+            if e.name is None or not module_name.startswith(e.name):
+                raise JobError(origin, key, f"importing {module_name!r} failed: {e}") from e
             searched = ", ".join(str(folder) for folder in folders) or "sys.path only"
             raise JobError(
                 origin,
                 key,
-                f"cannot import module {module_name!r} ({type(e).__name__}: {e}); "
-                f"expected an importable 'package.module:function' (searched first: {searched}; "
-                "set python_path in the job)",
+                f"no module named {e.name!r}; expected an importable 'package.module:function' "
+                f"(searched first: {searched}; set python_path in the job)",
             ) from e
+        except Exception as e:  # noqa: BLE001 - any import-time failure is the user's module's
+            problem = f"module {module_name!r} raised while importing: {type(e).__name__}: {e}"
+            raise JobError(origin, key, problem) from e
     target: Any = module
     for part in attribute_path.split("."):
         try:

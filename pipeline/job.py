@@ -24,6 +24,8 @@ from pipeline.errors import JobError
 ImportSpec = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")]
 Identifier = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][\w.\-]*$", max_length=128)]
 DimName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_]\w*$", max_length=64)]
+# TOML gives paths as strings: accept those even though every other value is strict.
+FilePath = Annotated[Path, Field(strict=False)]
 DType = Literal["float32", "float16", "float64", "int64", "int32", "int8", "uint8", "bool"]
 
 
@@ -36,9 +38,10 @@ def _resolve(path: Path, info: ValidationInfo) -> Path:
 
 
 class _Spec(BaseModel):
-    """Base of every job section: unknown keys are errors, values are immutable."""
+    """Base of every job section: unknown keys are errors, no type coercion ("yes" is no bool),
+    values are immutable."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class ModelSource(_Spec):
@@ -94,7 +97,7 @@ class DataSource(_Spec):
         max_batches: Stop after this many batches (all when unset).
     """
 
-    npz: Path | None = None
+    npz: FilePath | None = None
     factory: ImportSpec | None = None
     labels: Identifier | None = None
     batch_size: int = Field(default=32, ge=1)
@@ -233,10 +236,10 @@ class ConversionJob(_Spec):
     parity: ParityPolicy = Field(default_factory=ParityPolicy)
     export: ExportOptions = Field(default_factory=ExportOptions)
     simplify: SimplifyOptions = Field(default_factory=SimplifyOptions)
-    quantize: QuantizeOptions = Field(default_factory=QuantizeOptions)
-    output_dir: Path
-    python_path: list[Path] = Field(default_factory=list)
-    source_file: Path | None = Field(default=None, exclude=True)
+    quantize: QuantizeOptions = Field(default_factory=QuantizeOptions, validate_default=True)
+    output_dir: FilePath
+    python_path: list[FilePath] = Field(default_factory=list)
+    source_file: FilePath | None = Field(default=None, exclude=True)
 
     @field_validator("output_dir")
     @classmethod
@@ -252,14 +255,21 @@ class ConversionJob(_Spec):
                 raise ValueError(f"folder not found: {path}")
         return resolved
 
-    @model_validator(mode="after")
-    def _consistent(self) -> ConversionJob:
-        names = [spec.name for spec in self.inputs]
+    @field_validator("inputs")
+    @classmethod
+    def _unique_input_names(cls, value: list[InputSpec]) -> list[InputSpec]:
+        names = [spec.name for spec in value]
         if len(set(names)) != len(names):
             raise ValueError(f"input names must be unique, got {names}")
-        if self.quantize.enabled and self.calibration is None:
-            raise ValueError("[quantize] is enabled but the job has no [calibration] data source")
-        return self
+        return value
+
+    @field_validator("quantize")
+    @classmethod
+    def _calibration_for_quantize(cls, value: QuantizeOptions, info: ValidationInfo) -> QuantizeOptions:
+        # `calibration` is declared before `quantize`, so it is already in info.data when valid.
+        if value.enabled and info.data.get("calibration") is None and "calibration" in info.data:
+            raise ValueError("enabled, but the job has no [calibration] data source; add one or set enabled = false")
+        return value
 
     @property
     def origin(self) -> str:
@@ -327,19 +337,27 @@ def validate_job(raw: dict[str, Any], origin: str | Path, base_dir: Path | None 
     except ValidationError as e:
         errors = e.errors(include_url=False)
         key, problem = describe_validation_error(errors[0], raw)
-        more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+        # A value failing a union (int or dim name) yields one error per branch: count keys, not errors.
+        others = {describe_validation_error(error, raw)[0] for error in errors[1:]} - {key}
+        more = f" (and problems at {', '.join(sorted(others))})" if others else ""
         raise JobError(origin, key, problem + more) from e
     if isinstance(origin, Path):
         job = job.model_copy(update={"source_file": origin})
     return job
 
 
-def describe_validation_error(error: ErrorDetails, raw: dict[str, Any]) -> tuple[str, str]:
-    """Turn one pydantic error into (dotted key, what was expected) in the job file's terms."""
-    key = _dotted_key(error["loc"]) or "<job>"
+def describe_validation_error(error: ErrorDetails, raw: Any) -> tuple[str, str]:
+    """Turn one pydantic error into (dotted key, what was expected) in the job file's terms.
+
+    Args:
+        error: One error from a `ValidationError`.
+        raw: The data that was validated, to tell real keys from pydantic's internal labels.
+    """
     kind = error["type"]
+    loc = error["loc"]
+    key = _dotted_key(loc, raw, missing_ok=kind in ("missing", "extra_forbidden")) or "<job>"
     if kind == "extra_forbidden":
-        allowed = _allowed_keys(error["loc"][:-1])
+        allowed = _allowed_keys(loc[:-1])
         return key, f"unknown key; expected one of: {', '.join(sorted(allowed))}"
     if kind == "missing":
         return key, "required key is missing"
@@ -349,12 +367,22 @@ def describe_validation_error(error: ErrorDetails, raw: dict[str, Any]) -> tuple
     return key, f"{message} (got {error['input']!r})"
 
 
-def _dotted_key(loc: tuple[int | str, ...]) -> str:
+def _dotted_key(loc: tuple[int | str, ...], raw: Any, missing_ok: bool) -> str:
+    """Follow `loc` through the raw data; pydantic's union labels ("str", "int", ...) are not in it."""
     parts: list[str] = []
-    for item in loc:
+    current = raw
+    for position, item in enumerate(loc):
+        if isinstance(current, dict) and item in current:
+            current = current[item]
+        elif isinstance(current, list) and isinstance(item, int) and 0 <= item < len(current):
+            current = current[item]
+        elif missing_ok and position == len(loc) - 1:
+            current = None
+        else:
+            break
         if isinstance(item, int):
             parts[-1] = f"{parts[-1]}[{item}]" if parts else f"[{item}]"
-        elif not item.startswith(("function-", "union[", "literal[", "lax-or-strict", "constrained-")):
+        else:
             parts.append(item)
     return ".".join(parts)
 

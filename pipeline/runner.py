@@ -15,14 +15,16 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from pydantic import ValidationError
 
 # The module, not the function: backends.registry imports pipeline.errors, which runs this package's
 # __init__; binding get_backend at import time would make `import backends` first a circular import.
 from backends import registry as backend_registry
+from backends.base import Backend
 from pipeline.artifacts import DIR_MODE, Manifest, StageRecord, fsync_dir, sha256_file, write_atomic
 from pipeline.errors import BackendError, JobError, OnnxforgeError, ParityError, StageError
 from pipeline.feeds import FeedSource
-from pipeline.job import ConversionJob, DataSource
+from pipeline.job import ConversionJob, DataSource, describe_validation_error
 from pipeline.model_source import load_model
 from pipeline.parity.report import ParityReport
 from pipeline.result import ConversionResult
@@ -151,9 +153,17 @@ def _resolve_target(job: ConversionJob, index: int) -> Target:
         raise BackendError(spec.backend, f"{availability.reason} (job {job.origin}, {key})", hint.lstrip("; "))
     try:
         options = backend.options_model.model_validate(spec.options)
-    except ValueError as e:
-        raise JobError(job.origin, f"{key}.options", f"not valid for backend {spec.backend!r}: {e}") from e
+    except ValidationError as e:
+        option, problem = describe_validation_error(e.errors(include_url=False)[0], spec.options)
+        raise JobError(
+            job.origin, f"{key}.options.{option}", f"{problem} (backend {spec.backend!r}, {options_help(backend)})"
+        ) from e
     return Target(spec=spec, backend=backend, options=options)
+
+
+def options_help(backend: Backend) -> str:
+    """The options a backend accepts, for error messages: ``options: a, b, c``."""
+    return "options: " + ", ".join(sorted(backend.options_model.model_fields))
 
 
 def _feeds(job: ConversionJob, source: DataSource | None, key: str) -> FeedSource | None:

@@ -120,7 +120,8 @@ class OutputComparator:
         if error.size == 0:
             return
         with np.errstate(invalid="ignore"):
-            needed = np.nan_to_num(error - self._rtol * np.abs(np.where(np.isfinite(ref), ref, 0.0)), nan=np.inf, posinf=np.inf)
+            needed = error - self._rtol * np.abs(np.where(np.isfinite(ref), ref, 0.0))
+            needed = np.nan_to_num(needed, nan=np.inf, posinf=np.inf)
         flat = int(np.argmax(needed))
         value = float(needed.flat[flat])
         # Strictly greater: the first of equal candidates wins, in one batch or streamed.

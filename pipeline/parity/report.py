@@ -126,7 +126,8 @@ class ParityReport(_Record):
 
 
 def _describe(check: Check) -> str:
-    return f"{check.metric} = {format_value(check.value)}, policy {check.rule}"
+    # Full precision: a table's 4 digits can round a failing 0.99996 up to a passing-looking 1.0000.
+    return f"{check.metric} = {check.value:.6g}, policy {check.rule}"
 
 
 def _worst(check: Check, metrics: OutputMetrics) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -20,9 +21,8 @@ def digits_result(tmp_path_factory: pytest.TempPathFactory) -> pipeline.Conversi
     events: list[pipeline.StageEvent] = []
     out = tmp_path_factory.mktemp("digits") / "out"
     result = pipeline.convert(DIGITS_DIR / "job.toml", output_dir=out, on_event=events.append)
-    assert [(e.stage, e.status) for e in events] == [
-        (stage, status) for stage in ("export", "simplify", "quantize", "validate") for status in ("started", "finished")
-    ]
+    stages = ("export", "simplify", "quantize", "validate")
+    assert [(e.stage, e.status) for e in events] == [(s, status) for s in stages for status in ("started", "finished")]
     return result
 
 
@@ -74,8 +74,6 @@ def test_manifest_records_hashes_versions_exporter_and_verdicts(digits_result: p
         artifact = record["artifact"]
         assert artifact is not None
         data = (digits_result.output_dir / artifact["path"]).read_bytes()
-        import hashlib
-
         assert hashlib.sha256(data).hexdigest() == artifact["sha256"], artifact["path"]
 
 
