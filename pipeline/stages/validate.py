@@ -32,8 +32,18 @@ class _Step:
     target: str
     reference: str
     candidate: str
-    comparators: list[OutputComparator]
+    comparators: list[OutputComparator] = field(default_factory=list)
     accuracy: AccuracyCounter = field(default_factory=AccuracyCounter)
+
+
+@dataclass
+class _Stream:
+    """What one pass over the evaluation data measured, besides the steps' own accumulators."""
+
+    output_names: list[str] = field(default_factory=list)
+    classifier: int | None = None
+    pytorch_accuracy: AccuracyCounter = field(default_factory=AccuracyCounter)
+    samples: int = 0
 
 
 class ValidateStage:
@@ -47,54 +57,21 @@ class ValidateStage:
 
     def run(self, ctx: StageContext) -> Artifact:
         """Stream the evaluation data through PyTorch and every model on every target."""
-        models = [(stage, ctx.artifacts[stage].path) for stage in _PRECISION if stage in ctx.artifacts]
-        rtol = ctx.job.parity.fp32.rtol
+        models = [ctx.artifacts[stage].path for stage in _PRECISION if stage in ctx.artifacts]
+        stages = [stage for stage in _PRECISION if stage in ctx.artifacts]
+        references = [PYTORCH, *models[:-1]]  # each model is judged against the one before it
         steps = [
-            _Step(stage, target.name, reference, candidate, [])
+            _Step(stage, target.name, reference, candidate)
             for target in ctx.targets
-            for (stage, candidate), reference in zip(models, [PYTORCH] + [path for _, path in models][:-1], strict=True)
+            for stage, reference, candidate in zip(stages, references, models, strict=True)
         ]
-        output_names: list[str] = []
-        classifier: int | None = None
-        pytorch_accuracy = AccuracyCounter()
-        samples = 0
-        with ExitStack() as stack:
-            sessions = {
-                (target.name, path): stack.enter_context(self._open(ctx, target, path))
-                for target in ctx.targets
-                for _, path in models
-            }
-            for batch, torch_outputs in iter_torch_outputs(ctx.model, ctx.evaluation):
-                if not output_names:
-                    output_names = next(iter(sessions.values())).output_names
-                    classifier = _classifier_output(torch_outputs) if ctx.job.is_classifier else None
-                    for step in steps:
-                        step.comparators = [
-                            OutputComparator(rtol, classifier=index == classifier) for index in range(len(output_names))
-                        ]
-                runs = {PYTORCH: torch_outputs}
-                for (target_name, path), session in sessions.items():
-                    produced = session.run(batch.feeds)
-                    runs[f"{target_name}:{path}"] = [produced[name] for name in output_names]
-                for step in steps:
-                    reference = runs[step.reference if step.reference == PYTORCH else f"{step.target}:{step.reference}"]
-                    candidate = runs[f"{step.target}:{step.candidate}"]
-                    for comparator, ref, cand in zip(step.comparators, reference, candidate, strict=True):
-                        comparator.update(ref, cand)
-                    if batch.labels is not None and classifier is not None:
-                        step.accuracy.update(candidate[classifier], batch.labels)
-                if batch.labels is not None and classifier is not None:
-                    pytorch_accuracy.update(torch_outputs[classifier], batch.labels)
-                samples += batch.size
-        comparisons = [
-            self._comparison(ctx.job, step, output_names, classifier, pytorch_accuracy) for step in steps
-        ]
+        stream = self._stream(ctx, models, steps)
         report = ParityReport.build(
             job=ctx.job.name,
             data=_describe_data(ctx.job.parity_data, "evaluation" if ctx.job.evaluation else "calibration"),
-            samples=samples,
-            notes=_notes(ctx.job, classifier, pytorch_accuracy),
-            comparisons=comparisons,
+            samples=stream.samples,
+            notes=_notes(ctx.job, stream),
+            comparisons=[self._comparison(ctx.job, step, stream) for step in steps],
         )
         report_path = write_reports(report, ctx.workdir)
         logger.info("parity %s: %s", ctx.job.name, report.verdict)
@@ -105,36 +82,66 @@ class ValidateStage:
             metadata={"verdict": report.verdict},
         )
 
+    def _stream(self, ctx: StageContext, models: list[str], steps: list[_Step]) -> _Stream:
+        """One pass over the data: every model on every target sees each batch once."""
+        stream = _Stream()
+        rtol = ctx.job.parity.fp32.rtol
+        with ExitStack() as stack:
+            sessions = {
+                (target.name, path): stack.enter_context(self._open(ctx, target, path))
+                for target in ctx.targets
+                for path in models
+            }
+            for batch, torch_outputs in iter_torch_outputs(ctx.model, ctx.evaluation):
+                if not stream.output_names:
+                    stream.output_names = next(iter(sessions.values())).output_names
+                    stream.classifier = _classifier_output(torch_outputs) if ctx.job.is_classifier else None
+                    for step in steps:
+                        step.comparators = [
+                            OutputComparator(rtol, classifier=index == stream.classifier)
+                            for index in range(len(stream.output_names))
+                        ]
+                runs = {(target.name, PYTORCH): torch_outputs for target in ctx.targets}
+                for key, session in sessions.items():
+                    produced = session.run(batch.feeds)
+                    runs[key] = [produced[name] for name in stream.output_names]
+                classifier, labels = stream.classifier, batch.labels
+                for step in steps:
+                    candidate = runs[(step.target, step.candidate)]
+                    reference = runs[(step.target, step.reference)]
+                    for comparator, ref, cand in zip(step.comparators, reference, candidate, strict=True):
+                        comparator.update(ref, cand)
+                    if classifier is not None and labels is not None:
+                        step.accuracy.update(candidate[classifier], labels)
+                if classifier is not None and labels is not None:
+                    stream.pytorch_accuracy.update(torch_outputs[classifier], labels)
+                stream.samples += batch.size
+        return stream
+
     def _open(self, ctx: StageContext, target: Target, path: str) -> Session:
         try:
             return target.backend.open(ctx.workdir / path, target.options)
         except BackendError as e:
             raise StageError(self.name, ctx.job.name, f"cannot open {path} on {target.name}: {e}") from e
 
-    def _comparison(
-        self,
-        job: ConversionJob,
-        step: _Step,
-        output_names: list[str],
-        classifier: int | None,
-        pytorch_accuracy: AccuracyCounter,
-    ) -> Comparison:
+    def _comparison(self, job: ConversionJob, step: _Step, stream: _Stream) -> Comparison:
         precision = _PRECISION[step.stage]
         outputs = []
-        for name, comparator in zip(output_names, step.comparators, strict=True):
+        for name, comparator in zip(stream.output_names, step.comparators, strict=True):
             metrics = comparator.result()
             checks = (
                 fp32_checks(metrics, job.parity.fp32) if precision == "fp32" else int8_checks(metrics, job.parity.int8)
             )
             outputs.append(OutputParity(name=name, metrics=metrics, checks=checks))
         accuracy = None
-        if classifier is not None and step.accuracy.total:
+        if stream.classifier is not None and step.accuracy.total:
+            reference_accuracy = stream.pytorch_accuracy.accuracy
             check = None
             if precision == "int8":
-                check = accuracy_drop_check(pytorch_accuracy.accuracy, step.accuracy.accuracy, job.parity.int8)
+                check = accuracy_drop_check(reference_accuracy, step.accuracy.accuracy, job.parity.int8)
             accuracy = AccuracyParity(
-                output=output_names[classifier],
-                reference=pytorch_accuracy.accuracy,
+                output=stream.output_names[stream.classifier],
+                reference=reference_accuracy,
                 candidate=step.accuracy.accuracy,
                 check=check,
             )
@@ -162,11 +169,11 @@ def _describe_data(source: DataSource, section: str) -> str:
     return f"{section} data ({where})"
 
 
-def _notes(job: ConversionJob, classifier: int | None, pytorch_accuracy: AccuracyCounter) -> list[str]:
+def _notes(job: ConversionJob, stream: _Stream) -> list[str]:
     notes = []
     if job.evaluation is None:
         notes.append("The job has no [evaluation] data: parity was measured on the calibration data.")
-    if job.parity.int8.max_accuracy_drop is not None and not pytorch_accuracy.total:
-        reason = "no [samples, classes] classifier output" if classifier is None else "no labels in the data"
+    if job.parity.int8.max_accuracy_drop is not None and not stream.pytorch_accuracy.total:
+        reason = "no [samples, classes] classifier output" if stream.classifier is None else "no labels in the data"
         notes.append(f"parity.int8.max_accuracy_drop was not checked: {reason}.")
     return notes
