@@ -355,7 +355,7 @@ def describe_validation_error(error: ErrorDetails, raw: Any) -> tuple[str, str]:
     """
     kind = error["type"]
     loc = error["loc"]
-    key = _dotted_key(loc, raw, missing_ok=kind in ("missing", "extra_forbidden")) or "<job>"
+    key = _dotted_key(loc, raw) or "<job>"
     if kind == "extra_forbidden":
         allowed = _allowed_keys(loc[:-1])
         return key, f"unknown key; expected one of: {', '.join(sorted(allowed))}"
@@ -367,23 +367,20 @@ def describe_validation_error(error: ErrorDetails, raw: Any) -> tuple[str, str]:
     return key, f"{message} (got {error['input']!r})"
 
 
-def _dotted_key(loc: tuple[int | str, ...], raw: Any, missing_ok: bool) -> str:
-    """Follow `loc` through the raw data; pydantic's union labels ("str", "int", ...) are not in it."""
+def _dotted_key(loc: tuple[int | str, ...], raw: Any) -> str:
+    """Follow `loc` through the raw data: a name inside a table is a key (given or defaulted), while
+    pydantic's union labels ("str", "int", ...) appear where the data is a value, not a table."""
     parts: list[str] = []
     current = raw
-    for position, item in enumerate(loc):
-        if isinstance(current, dict) and item in current:
-            current = current[item]
-        elif isinstance(current, list) and isinstance(item, int) and 0 <= item < len(current):
-            current = current[item]
-        elif missing_ok and position == len(loc) - 1:
-            current = None
+    for item in loc:
+        if isinstance(current, dict) and isinstance(item, str):
+            parts.append(item)
+            current = current.get(item)
+        elif isinstance(current, list) and isinstance(item, int):
+            parts[-1] = f"{parts[-1]}[{item}]" if parts else f"[{item}]"
+            current = current[item] if 0 <= item < len(current) else None
         else:
             break
-        if isinstance(item, int):
-            parts[-1] = f"{parts[-1]}[{item}]" if parts else f"[{item}]"
-        else:
-            parts.append(item)
     return ".".join(parts)
 
 

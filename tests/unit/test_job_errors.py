@@ -646,3 +646,11 @@ def test_duplicate_input_names_name_the_inputs_key(digits_job: Raw, write_job: W
     error = convert_fails(write_job(digits_job), tmp_path)
     assert error.key == "inputs"
     assert "unique" in error.problem
+
+
+def test_several_problems_are_all_named(write_job: WriteJob, tmp_path: Path) -> None:
+    error = convert_fails(write_job({"name": "x", "bogus": 1}), tmp_path)
+    assert error.key == "model"
+    assert "required key is missing" in error.problem
+    assert "problems at bogus, inputs" in error.problem
+    assert "<job>" not in str(error)
