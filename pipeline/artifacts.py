@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -64,6 +65,30 @@ def atomic_path(target: Path) -> Iterator[Path]:
         temp.unlink(missing_ok=True)
 
 
+@contextmanager
+def staged_files(target: Path) -> Iterator[Path]:
+    """Yield `target`'s path inside a private folder beside it; on success move every file written
+    there (the target and its sidecars, e.g. external data) into place, the target last.
+
+    For writers that name companion files after their output (ONNX external data): the names
+    inside the files stay right because the files keep their final names. If the block raises,
+    the folder is removed and nothing beside `target` changes.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        yield folder / target.name
+        written = sorted(folder.iterdir(), key=lambda path: path.name == target.name)
+        for path in written:
+            with path.open("rb+") as handle:
+                os.fsync(handle.fileno())
+            path.chmod(FILE_MODE)
+            os.replace(path, target.parent / path.name)
+        fsync_dir(target.parent)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def write_atomic(target: Path, data: bytes | str) -> None:
     """Write bytes or UTF-8 text to `target` atomically."""
     payload = data.encode("utf-8") if isinstance(data, str) else data
@@ -85,6 +110,7 @@ class Artifact(BaseModel):
         path: File name relative to the job's output folder.
         sha256: Hex content hash.
         parent_sha256: Hash of the artifact it was derived from (None for the first).
+        external_data: External data files beside `path` (name to sha256), for big models.
         metadata: Stage-specific facts (node counts, exporter used, ...).
     """
 
@@ -94,6 +120,7 @@ class Artifact(BaseModel):
     path: str
     sha256: str
     parent_sha256: str | None = None
+    external_data: dict[str, str] = Field(default_factory=dict)
     metadata: dict[str, Any] = Field(default_factory=dict)
 
 

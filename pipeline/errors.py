@@ -95,3 +95,9 @@ class ParityError(OnnxforgeError):
         self.result = result
         lines = "\n  ".join(failures)
         super().__init__(f"job {job!r}: parity gate failed ({report_path}):\n  {lines}")
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (or its type name), for one-line error reports."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -44,22 +44,69 @@ class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
+def _existing_file(value: Path | None, info: ValidationInfo, expected: str) -> Path | None:
+    """Resolve a file path against the job file's folder and check the file is there."""
+    if value is None:
+        return None
+    path = _resolve(value, info)
+    if not path.is_file():
+        raise ValueError(f"file not found: {path} (expected {expected})")
+    return path
+
+
 class ModelSource(_Spec):
-    """Where the trained PyTorch model comes from.
+    """Where the trained model comes from: exactly one of `factory`, `exported_program`, `onnx`.
 
     Attributes:
         factory: "package.module:function" returning a ``torch.nn.Module``.
+        weights: A state dict applied to the factory's model (strict): a .safetensors file, or a
+            PyTorch checkpoint loaded with ``torch.load(weights_only=True)`` (never unsafely).
+        exported_program: A ``torch.export`` ExportedProgram file (.pt2), exported as it is.
+        onnx: An existing ONNX file: export is skipped and the chain starts from it.
         kwargs: Keyword arguments passed to the factory.
-        output_names: Names given to the model's outputs in the ONNX graph, in order.
+        output_names: Names given to the model's outputs in the ONNX graph, in order (default:
+            derived from the output structure, see `pipeline.outputs.output_names`).
         task: What the outputs are: "classification" turns on top-1 agreement and accuracy
             (also implied by labels in the data); "embedding" and "other" are judged by
             cosine / SNR / element-wise error only.
     """
 
-    factory: ImportSpec
+    factory: ImportSpec | None = None
+    weights: FilePath | None = None
+    exported_program: FilePath | None = None
+    onnx: FilePath | None = None
     kwargs: dict[str, str | int | float | bool] = Field(default_factory=dict)
     output_names: list[Identifier] | None = None
     task: Literal["classification", "embedding", "other"] = "other"
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_exist(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        return _existing_file(value, info, "a .safetensors state dict or a PyTorch checkpoint")
+
+    @field_validator("exported_program")
+    @classmethod
+    def _program_exists(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        return _existing_file(value, info, "a torch.export .pt2 file")
+
+    @field_validator("onnx")
+    @classmethod
+    def _onnx_exists(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        return _existing_file(value, info, "an .onnx model file")
+
+    @model_validator(mode="after")
+    def _exactly_one_source(self) -> ModelSource:
+        given = [name for name in ("factory", "exported_program", "onnx") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one of 'factory' ('package.module:function'), 'exported_program' (.pt2) "
+                f"or 'onnx' (.onnx file); got {given or 'none'}"
+            )
+        if self.weights is not None and self.factory is None:
+            raise ValueError(f"'weights' applies to the model a 'factory' builds, not to {given[0]!r}")
+        if self.kwargs and self.factory is None:
+            raise ValueError("'kwargs' are passed to a 'factory'; this source has none")
+        return self
 
 
 class InputSpec(_Spec):
@@ -106,12 +153,7 @@ class DataSource(_Spec):
     @field_validator("npz")
     @classmethod
     def _npz_exists(cls, value: Path | None, info: ValidationInfo) -> Path | None:
-        if value is None:
-            return None
-        path = _resolve(value, info)
-        if not path.is_file():
-            raise ValueError(f"file not found: {path} (expected an .npz of input arrays)")
-        return path
+        return _existing_file(value, info, "an .npz of input arrays")
 
     @model_validator(mode="after")
     def _exactly_one_source(self) -> DataSource:
@@ -127,10 +169,25 @@ class ExportOptions(_Spec):
         exporter: "dynamo" (torch.export based), "torchscript", or "auto": dynamo first,
             TorchScript as a recorded fallback.
         opset: ONNX opset of the exported graph.
+        ir_version: ONNX IR version written into the file (the exporter's when unset), for
+            runtimes that read only older files.
+        external_data_threshold_mb: Weights above this size are saved beside the model as
+            ``<model>.onnx.data`` (always above the 2 GiB protobuf limit).
+        check_shapes: Extra shapes export parity is checked at, each a table of dynamic dim
+            sizes (e.g. ``{batch = 1, sequence = 8}``); inputs for them are cut or tiled from
+            the first evaluation batch.
     """
 
     exporter: Literal["auto", "dynamo", "torchscript"] = "auto"
     opset: int = Field(default=18, ge=13, le=23)
+    ir_version: int | None = Field(default=None, ge=7, le=12)
+    external_data_threshold_mb: float = Field(default=1024.0, gt=0, lt=2048)
+    check_shapes: list[dict[DimName, Annotated[int, Field(ge=1)]]] = Field(default_factory=list)
+
+    @property
+    def external_data_threshold_bytes(self) -> int:
+        """The threshold in bytes."""
+        return int(self.external_data_threshold_mb * 2**20)
 
 
 class SimplifyOptions(_Spec):
@@ -261,6 +318,18 @@ class ConversionJob(_Spec):
         names = [spec.name for spec in value]
         if len(set(names)) != len(names):
             raise ValueError(f"input names must be unique, got {names}")
+        return value
+
+    @field_validator("export")
+    @classmethod
+    def _shape_dims_are_inputs_dims(cls, value: ExportOptions, info: ValidationInfo) -> ExportOptions:
+        known = {dim for spec in info.data.get("inputs", []) for dim in spec.dynamic_axes.values()}
+        for index, shape in enumerate(value.check_shapes):
+            unknown = sorted(set(shape) - known)
+            if unknown and "inputs" in info.data:
+                raise ValueError(
+                    f"check_shapes[{index}] names {unknown}, which no input's shape uses; dynamic dims: {sorted(known)}"
+                )
         return value
 
     @field_validator("quantize")

@@ -1,49 +1,180 @@
-"""Load the job's trained PyTorch model from its factory and check it fits the job's inputs."""
+"""Load the job's model from its source (factory, weights, .pt2 or ONNX file), never unsafely."""
 
 from __future__ import annotations
 
 import inspect
 import logging
+import os
+import pickle
+import zipfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 
+import safetensors.torch
 import torch
 
-from pipeline.errors import JobError
+from pipeline.errors import JobError, first_line
 from pipeline.imports import resolve_import
 from pipeline.job import ConversionJob
 
 logger = logging.getLogger(__name__)
 
+# Entries of a .pt2 archive that torch.export.load unpickles with plain pickle (code can run).
+_UNSAFE_PT2_PREFIXES = ("custom_obj_", "opaque_obj_")
+_SAFETENSORS_SUFFIXES = (".safetensors",)
+_TO_SAFETENSORS = (
+    "if you trust the file, convert it once to safetensors in a trusted environment: "
+    "python -c \"import torch, safetensors.torch as st; "
+    "st.save_file(torch.load('IN.pt', weights_only=False), 'OUT.safetensors')\" "
+    "and set model.weights to the .safetensors file"
+)
 
-def load_model(job: ConversionJob) -> torch.nn.Module:
-    """Call the job's model factory and return the model in eval mode.
+
+@dataclass(frozen=True)
+class SourceModel:
+    """The job's model as loaded.
+
+    Attributes:
+        module: What runs as the PyTorch reference (None when the source is an ONNX file).
+        program: A loaded ExportedProgram, exported as it is (None otherwise).
+        onnx_file: An existing ONNX file the chain starts from (None otherwise).
+    """
+
+    module: torch.nn.Module | None
+    program: torch.export.ExportedProgram | None = None
+    onnx_file: Path | None = None
+
+
+def load_model(job: ConversionJob) -> SourceModel:
+    """Load the job's model source.
 
     Args:
         job: The conversion job.
 
     Returns:
-        The model, in eval mode.
+        The loaded model, in eval mode where it is a module.
 
     Raises:
-        JobError: The factory does not import, fails, returns something other than an
-            ``nn.Module``, or its ``forward`` cannot take the job's inputs.
+        JobError: The source cannot be loaded, would need unsafe unpickling, or does not fit
+            the job's inputs.
     """
+    source = job.model
+    if source.onnx is not None:
+        return SourceModel(module=None, onnx_file=source.onnx)
+    if source.exported_program is not None:
+        program = _load_exported_program(job, source.exported_program)
+        return SourceModel(module=program.module(), program=program)
+    module = _build_from_factory(job)
+    if source.weights is not None:
+        _apply_weights(job, module, source.weights)
+    _check_forward_arity(module, job)
+    return SourceModel(module=module.eval())
+
+
+def _build_from_factory(job: ConversionJob) -> torch.nn.Module:
     key = "model.factory"
-    factory = resolve_import(job.model.factory, job.python_path, origin=job.origin, key=key)
+    spec = job.model.factory
+    assert spec is not None
+    factory = resolve_import(spec, job.python_path, origin=job.origin, key=key)
     if not callable(factory):
-        raise JobError(
-            job.origin, key, f"{job.model.factory!r} is not callable; expected a function returning an nn.Module"
-        )
+        raise JobError(job.origin, key, f"{spec!r} is not callable; expected a function returning an nn.Module")
     try:
         model = factory(**job.model.kwargs)
     except Exception as e:  # noqa: BLE001 - the factory is user code; report whatever it raised
         raise JobError(job.origin, key, f"the factory raised {type(e).__name__}: {e}") from e
     if not isinstance(model, torch.nn.Module):
+        raise JobError(job.origin, key, f"the factory returned {type(model).__name__}; expected a torch.nn.Module")
+    logger.info("built %s from %s", type(model).__name__, spec)
+    return model
+
+
+def _apply_weights(job: ConversionJob, model: torch.nn.Module, path: Path) -> None:
+    key = "model.weights"
+    state_dict = _read_state_dict(job, path)
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as e:
         raise JobError(
-            job.origin, key, f"the factory returned {type(model).__name__}; expected a torch.nn.Module"
+            job.origin, key, f"{path.name} does not fit {type(model).__name__}: {str(e).strip().splitlines()[0]}"
+        ) from e
+    logger.info("loaded %d tensors from %s", len(state_dict), path.name)
+
+
+def _read_state_dict(job: ConversionJob, path: Path) -> Mapping[str, torch.Tensor]:
+    key = "model.weights"
+    if path.suffix in _SAFETENSORS_SUFFIXES:
+        try:
+            return safetensors.torch.load_file(str(path), device="cpu")
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+            raise JobError(job.origin, key, f"cannot read {path.name} as safetensors: {e}") from e
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise JobError(
+            job.origin,
+            key,
+            f"{path.name} needs code to unpickle ({first_line(e)}); onnxforge loads checkpoints only with "
+            f"torch.load(weights_only=True) and never falls back to unsafe loading; {_TO_SAFETENSORS}",
+        ) from e
+    except Exception as e:  # noqa: BLE001 - torch.load raises many types for corrupt files
+        raise JobError(job.origin, key, f"cannot read {path.name} as a PyTorch checkpoint: {e}") from e
+    state_dict = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else loaded
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise JobError(
+            job.origin,
+            key,
+            f"{path.name} holds a {type(loaded).__name__}, not a state dict; expected {{name: tensor}} "
+            "(or {'state_dict': {name: tensor}})",
         )
-    _check_forward_arity(model, job)
-    logger.info("loaded model %s from %s", type(model).__name__, job.model.factory)
-    return model.eval()
+    return state_dict
+
+
+def _load_exported_program(job: ConversionJob, path: Path) -> torch.export.ExportedProgram:
+    key = "model.exported_program"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (OSError, zipfile.BadZipFile) as e:
+        raise JobError(job.origin, key, f"{path.name} is not a torch.export .pt2 archive: {e}") from e
+    unsafe = [name for name in names if Path(name).name.startswith(_UNSAFE_PT2_PREFIXES)]
+    if unsafe:
+        raise JobError(
+            job.origin,
+            key,
+            f"{path.name} holds pickled Python objects ({', '.join(unsafe[:3])}) that torch.export.load would "
+            "unpickle with plain pickle; onnxforge refuses them. Re-export the model without custom objects",
+        )
+    try:
+        with _weights_only_torch_load():
+            program = torch.export.load(path)
+    except pickle.UnpicklingError as e:
+        raise JobError(
+            job.origin,
+            key,
+            f"{path.name} needs code to unpickle ({first_line(e)}); onnxforge never loads it unsafely",
+        ) from e
+    except Exception as e:  # noqa: BLE001 - torch.export.load raises many types for bad archives
+        raise JobError(job.origin, key, f"cannot load {path.name}: {type(e).__name__}: {first_line(e)}") from e
+    logger.info("loaded ExportedProgram from %s", path.name)
+    return program
+
+
+@contextmanager
+def _weights_only_torch_load() -> Iterator[None]:
+    """Force every torch.load inside the block to weights_only=True (torch.export.load would
+    otherwise retry a refused payload with weights_only=False)."""
+    name = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+    saved = os.environ.get(name)
+    os.environ[name] = "1"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = saved
 
 
 def _check_forward_arity(model: torch.nn.Module, job: ConversionJob) -> None:

@@ -25,7 +25,7 @@ from pipeline.artifacts import DIR_MODE, Manifest, StageRecord, fsync_dir, sha25
 from pipeline.errors import BackendError, JobError, OnnxforgeError, ParityError, StageError
 from pipeline.feeds import FeedSource
 from pipeline.job import ConversionJob, DataSource, describe_validation_error
-from pipeline.model_source import load_model
+from pipeline.model_source import SourceModel, load_model
 from pipeline.parity.report import ParityReport
 from pipeline.result import ConversionResult
 from pipeline.stages.base import Stage, StageContext, Target
@@ -92,7 +92,7 @@ def run_job(job: ConversionJob, on_event: ProgressCallback | None = None) -> Con
         ctx = StageContext(
             job=job,
             workdir=staging,
-            model=checked.model,
+            source=checked.source,
             calibration=checked.calibration,
             evaluation=checked.evaluation,
             targets=checked.targets,
@@ -122,7 +122,7 @@ def run_job(job: ConversionJob, on_event: ProgressCallback | None = None) -> Con
 class _Checked:
     """What preflight loaded and checked, handed to the stages."""
 
-    model: torch.nn.Module
+    source: SourceModel
     calibration: FeedSource | None
     evaluation: FeedSource
     targets: list[Target]
@@ -133,11 +133,11 @@ def _preflight(job: ConversionJob) -> _Checked:
     targets = [_resolve_target(job, index) for index in range(len(job.targets))]
     if job.quantize.enabled:
         resolve_activation_type(job, targets)
-    model = load_model(job)
+    source = load_model(job)
     calibration = _feeds(job, job.calibration, "calibration")
     evaluation = _feeds(job, job.parity_data, "evaluation" if job.evaluation else "calibration")
     assert evaluation is not None
-    return _Checked(model=model, calibration=calibration, evaluation=evaluation, targets=targets)
+    return _Checked(source=source, calibration=calibration, evaluation=evaluation, targets=targets)
 
 
 def _resolve_target(job: ConversionJob, index: int) -> Target:
@@ -209,21 +209,32 @@ def _run_stage(stage: Stage, ctx: StageContext, notify: ProgressCallback) -> Sta
 
 def _manifest(job: ConversionJob, ctx: StageContext, records: list[StageRecord], report: ParityReport) -> Manifest:
     export = ctx.artifacts["export"].metadata
-    inputs = {"model_state_dict": _state_dict_sha256(ctx.model)}
-    for section, source in (("calibration", job.calibration), ("evaluation", job.evaluation)):
-        if source is not None and source.npz is not None:
-            inputs[f"{section}_npz"] = sha256_file(source.npz)
     return Manifest(
         job=job.name,
         job_file=str(job.source_file) if job.source_file else None,
         job_sha256=hashlib.sha256(job.model_dump_json().encode()).hexdigest(),
-        input_hashes=inputs,
+        input_hashes=_input_hashes(job, ctx.source),
         tool_versions=tool_versions(),
         stages=records,
         exporter={"used": str(export["exporter"]), "fallback_reason": str(export["fallback_reason"])},
-        parity={f"{c.stage}@{c.target}": "pass" if c.passed else "fail" for c in report.comparisons},
+        parity={f"{c.label}@{c.target}": "pass" if c.passed else "fail" for c in report.comparisons},
         verdict=report.verdict,
     )
+
+
+def _input_hashes(job: ConversionJob, source: SourceModel) -> dict[str, str]:
+    """Hashes of everything the conversion read: model files, the weights it ran, data files."""
+    hashes = {}
+    for role in ("weights", "exported_program", "onnx"):
+        path = getattr(job.model, role)
+        if path is not None:
+            hashes[f"model_{role}"] = sha256_file(path)
+    if source.module is not None:
+        hashes["model_state_dict"] = _state_dict_sha256(source.module)
+    for section, data in (("calibration", job.calibration), ("evaluation", job.evaluation)):
+        if data is not None and data.npz is not None:
+            hashes[f"{section}_npz"] = sha256_file(data.npz)
+    return hashes
 
 
 def _state_dict_sha256(model: torch.nn.Module) -> str:

@@ -36,7 +36,7 @@ class AccuracyParity(_Record):
 
     Attributes:
         output: The classifier output used.
-        reference: Reference accuracy (0..1).
+        reference: Accuracy of the chain's root (PyTorch, or the given ONNX file) (0..1).
         candidate: Candidate accuracy (0..1).
         check: The accuracy-drop check, when the policy sets one.
     """
@@ -52,6 +52,7 @@ class Comparison(_Record):
 
     Attributes:
         stage: The stage whose output is the candidate (export, simplify, quantize).
+        shape: The dynamic dim sizes of an extra shape check (None: the evaluation data).
         target: The backend the candidate ran on.
         reference: What the candidate is compared to ("pytorch" or a model file).
         candidate: The candidate model file.
@@ -61,6 +62,7 @@ class Comparison(_Record):
     """
 
     stage: str
+    shape: dict[str, int] | None = None
     target: str
     reference: str
     candidate: str
@@ -68,9 +70,16 @@ class Comparison(_Record):
     outputs: list[OutputParity]
     accuracy: AccuracyParity | None = None
 
+    @property
+    def label(self) -> str:
+        """The stage, with the shape for an extra shape check: ``export[batch=1,sequence=8]``."""
+        if self.shape is None:
+            return self.stage
+        return f"{self.stage}[{','.join(f'{dim}={size}' for dim, size in self.shape.items())}]"
+
     def failures(self) -> list[str]:
         """One line per failed check, naming the stage, target, output and metric."""
-        where = f"stage {self.stage} on {self.target}"
+        where = f"stage {self.label} on {self.target}"
         lines = [
             f"{where}, output {output.name!r}: {_describe(check)}{_worst(check, output.metrics)}"
             for output in self.outputs
@@ -161,7 +170,7 @@ def render_markdown(report: ParityReport) -> str:
     header = ["stage", "target", "candidate vs reference", "output", "max abs", "cosine (mean/min)", "SNR dB"]
     rows = [
         [
-            comparison.stage,
+            comparison.label,
             comparison.target,
             f"{comparison.candidate} vs {comparison.reference}",
             output.name,
@@ -177,7 +186,7 @@ def render_markdown(report: ParityReport) -> str:
     lines += _markdown_table([*header, "top-1 agree", "result"], rows)
     accuracy_rows = [
         [
-            comparison.stage,
+            comparison.label,
             comparison.target,
             accuracy.output,
             f"{100 * accuracy.reference:.2f}%",
@@ -188,7 +197,7 @@ def render_markdown(report: ParityReport) -> str:
         if (accuracy := comparison.accuracy) is not None
     ]
     if accuracy_rows:
-        accuracy_header = ["stage", "target", "output", "PyTorch top-1", "candidate top-1", "drop (points)"]
+        accuracy_header = ["stage", "target", "output", "reference top-1", "candidate top-1", "drop (points)"]
         lines += ["", *_markdown_table(accuracy_header, accuracy_rows)]
     if report.failures:
         lines += ["", "## Failed checks", ""] + [f"- {line}" for line in report.failures]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -14,7 +13,9 @@ from pydantic import BaseModel
 from backends.base import Backend
 from pipeline.artifacts import Artifact
 from pipeline.feeds import Batch, FeedSource
-from pipeline.job import ConversionJob, TargetSpec
+from pipeline.job import ConversionJob, InputSpec, TargetSpec
+from pipeline.model_source import SourceModel
+from pipeline.outputs import flatten_outputs
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,7 @@ class StageContext:
     Attributes:
         job: The conversion job.
         workdir: The folder stages write into (the staging copy of the output folder).
-        model: The trained PyTorch model, in eval mode.
+        source: The job's model as loaded (a module, an ExportedProgram or an ONNX file).
         calibration: Calibration batches (None when the job has none).
         evaluation: Batches parity is measured on.
         targets: The job's targets, resolved.
@@ -47,7 +48,7 @@ class StageContext:
 
     job: ConversionJob
     workdir: Path
-    model: torch.nn.Module
+    source: SourceModel
     calibration: FeedSource | None
     evaluation: FeedSource
     targets: list[Target]
@@ -90,20 +91,23 @@ def torch_inputs(feeds: dict[str, np.ndarray]) -> tuple[torch.Tensor, ...]:
     return tuple(torch.from_numpy(array) for array in feeds.values())
 
 
-def flatten_outputs(value: object) -> list[torch.Tensor]:
-    """A model's outputs as a flat list of tensors, in a stable order."""
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, dict):
-        return [t for item in value.values() for t in flatten_outputs(item)]
-    if isinstance(value, (list, tuple)):
-        return [t for item in value for t in flatten_outputs(item)]
-    raise TypeError(f"model output of type {type(value).__name__} is not a tensor, tuple, list or dict")
-
-
-def iter_torch_outputs(model: torch.nn.Module, batches: FeedSource) -> Iterator[tuple[Batch, list[np.ndarray]]]:
-    """Run the PyTorch model over batches; yield each batch with its outputs as arrays."""
+def run_torch(model: torch.nn.Module, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Run the PyTorch model on one batch; its outputs as arrays, in export order."""
     with torch.inference_mode():
-        for batch in batches:
-            outputs = flatten_outputs(model(*torch_inputs(batch.feeds)))
-            yield batch, [tensor.detach().cpu().numpy() for tensor in outputs]
+        outputs = flatten_outputs(model(*torch_inputs(feeds)))
+    return [tensor.detach().cpu().numpy() for tensor in outputs]
+
+
+def resize_feeds(feeds: dict[str, np.ndarray], inputs: list[InputSpec], sizes: dict[str, int]) -> dict[str, np.ndarray]:
+    """Feeds cut or tiled along named dims to the given sizes (real values, new shape).
+
+    Tiling repeats the data cyclically, so token ids stay valid ids and masks stay masks.
+    """
+    resized = {}
+    for spec in inputs:
+        array = feeds[spec.name]
+        for axis, dim in spec.dynamic_axes.items():
+            if dim in sizes:
+                array = np.take(array, np.arange(sizes[dim]) % array.shape[axis], axis=axis)
+        resized[spec.name] = np.ascontiguousarray(array)
+    return resized

@@ -1,105 +1,175 @@
-"""Export stage: the PyTorch model to an fp32 ONNX file, dynamo first, TorchScript as a fallback."""
+"""Export stage: the model to an fp32 ONNX file, checked against PyTorch before anything else runs."""
 
 from __future__ import annotations
 
 import logging
+import re
+import shutil
+import time
 import warnings
-from functools import partial
 from pathlib import Path
 
+import numpy as np
 import onnx
+import onnx_ir as ir
+import onnxruntime as ort
 import torch
 
-from pipeline.artifacts import Artifact, sha256_file, write_with
-from pipeline.errors import StageError
+from pipeline.artifacts import Artifact
+from pipeline.errors import StageError, first_line
 from pipeline.job import ConversionJob, InputSpec
-from pipeline.stages.base import StageContext, flatten_outputs, torch_inputs
+from pipeline.onnx_io import check_model, load_graph_only, model_artifact, save_model
+from pipeline.outputs import named_outputs
+from pipeline.stages.base import StageContext, torch_inputs
 
 logger = logging.getLogger(__name__)
 
 FP32_MODEL = "model.fp32.onnx"
+# Op names as torch's exporters print them: aten::upsample_bicubic2d, aten.foo.default, ...
+_OP_PATTERN = re.compile(r"\baten(?:::|\.)[A-Za-z_]\w*(?:\.\w+)?")
 
 
 class ExportStage:
-    """Export the job's model with the exporter the job asks for, keeping named dims dynamic."""
+    """Export the job's model (or adopt its ONNX file), keep named dims dynamic, check the result."""
 
     name = "export"
 
     def enabled(self, job: ConversionJob) -> bool:
-        """Export always runs."""
+        """Export always runs (for an ONNX-file source it adopts and checks the file)."""
         return True
 
     def run(self, ctx: StageContext) -> Artifact:
-        """Export, check the saved file and its dynamic axes, and describe the artifact."""
+        """Export, save (external data for big models), check, and describe the artifact."""
         job = ctx.job
-        example = torch_inputs(ctx.example_batch().feeds)
-        output_names = self._output_names(ctx, example)
         target = ctx.workdir / FP32_MODEL
+        scratch = ctx.workdir / ".export-scratch"
+        seconds: dict[str, float] = {}
+        clock = time.perf_counter()
+        try:
+            failures: dict[str, str] = {}
+            reference: list[tuple[str, torch.Tensor]] = []
+            if ctx.source.onnx_file is not None:
+                model, exporter = ir.load(ctx.source.onnx_file), "none (ONNX file given)"
+            else:
+                example = torch_inputs(ctx.example_batch().feeds)
+                reference = self._reference_outputs(ctx, example)
+                model, exporter, failures = self._export(ctx, example, [name for name, _ in reference], scratch)
+            if job.export.ir_version is not None:
+                model.ir_version = job.export.ir_version
+            seconds["export"], clock = time.perf_counter() - clock, time.perf_counter()
+            external = save_model(
+                model, target, job.export.external_data_threshold_bytes, verify=lambda path: self._check_file(path, job)
+            )
+            seconds["save_and_check"], clock = time.perf_counter() - clock, time.perf_counter()
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        if reference:
+            self._check_against_pytorch(target, ctx, reference)
+        seconds["pytorch_check"] = time.perf_counter() - clock
+        proto = load_graph_only(target)
+        return model_artifact(
+            self.name,
+            target,
+            None,
+            {
+                "exporter": exporter,
+                "fallback_reason": failures.get("dynamo", ""),
+                "opset": _default_opset(proto),
+                "ir_version": proto.ir_version,
+                "external_data": external,
+                "nodes": len(proto.graph.node),
+                "inputs": [value.name for value in proto.graph.input],
+                "outputs": [value.name for value in proto.graph.output],
+                "seconds": {phase: round(value, 4) for phase, value in seconds.items()},
+            },
+        )
+
+    def _reference_outputs(
+        self, ctx: StageContext, example: tuple[torch.Tensor, ...]
+    ) -> list[tuple[str, torch.Tensor]]:
+        """PyTorch's outputs on the example, named by the job or by their structure."""
+        assert ctx.source.module is not None
+        with torch.inference_mode():
+            try:
+                outputs = named_outputs(ctx.source.module(*example))
+            except Exception as e:  # noqa: BLE001 - the model is user code
+                raise StageError(self.name, ctx.job.name, f"the model failed on the example inputs: {e}") from e
+        names = ctx.job.model.output_names or [name for name, _ in outputs]
+        if len(names) != len(outputs):
+            raise StageError(
+                self.name,
+                ctx.job.name,
+                f"model.output_names lists {len(names)} name(s) {names} but the model returns "
+                f"{len(outputs)} output(s) {[name for name, _ in outputs]}",
+            )
+        return [(name, tensor) for name, (_, tensor) in zip(names, outputs, strict=True)]
+
+    def _export(
+        self, ctx: StageContext, example: tuple[torch.Tensor, ...], output_names: list[str], scratch: Path
+    ) -> tuple[ir.Model, str, dict[str, str]]:
+        """Run the exporters in the job's order; return the model, who made it and who failed why."""
+        job = ctx.job
         order = ["dynamo", "torchscript"] if job.export.exporter == "auto" else [job.export.exporter]
         failures: dict[str, str] = {}
         for exporter in order:
             try:
-                write_with(target, partial(_EXPORTERS[exporter], ctx.model, example, output_names, job))
+                return _EXPORTERS[exporter](ctx, example, output_names, scratch), exporter, failures
             except Exception as e:  # noqa: BLE001 - exporters fail in many ways; all are recorded
-                failures[exporter] = f"{type(e).__name__}: {_first_line(e)}"
+                failures[exporter] = _describe_failure(e)
                 logger.warning("%s exporter failed on %s: %s", exporter, job.name, failures[exporter])
                 if exporter == order[-1]:
                     causes = "; ".join(f"{name}: {cause}" for name, cause in failures.items())
                     raise StageError(self.name, job.name, f"every exporter failed ({causes})") from e
-                continue
-            break
-        proto = self._checked(target, job)
-        return Artifact(
-            stage=self.name,
-            path=FP32_MODEL,
-            sha256=sha256_file(target),
-            metadata={
-                "exporter": exporter,
-                "fallback_reason": failures.get("dynamo", ""),
-                "opset": job.export.opset,
-                "nodes": len(proto.graph.node),
-                "inputs": [i.name for i in proto.graph.input],
-                "outputs": [o.name for o in proto.graph.output],
-            },
-        )
+        raise AssertionError("unreachable: the loop returns or raises")
 
-    def _output_names(self, ctx: StageContext, example: tuple[torch.Tensor, ...]) -> list[str]:
-        """The job's output names, or output_0..n; their count must match the model's outputs."""
-        with torch.inference_mode():
-            count = len(flatten_outputs(ctx.model(*example)))
-        names = ctx.job.model.output_names or [f"output_{i}" for i in range(count)]
-        if len(names) != count:
-            raise StageError(
-                self.name,
-                ctx.job.name,
-                f"model.output_names lists {len(names)} name(s) {names} but the model returns {count} output(s)",
-            )
-        return names
-
-    def _checked(self, path: Path, job: ConversionJob) -> onnx.ModelProto:
-        """Run the ONNX checker on the saved file and verify every named dim stayed symbolic."""
+    def _check_file(self, path: Path, job: ConversionJob) -> None:
+        """The ONNX checker on the saved file, then every named dim must still be symbolic."""
         try:
-            onnx.checker.check_model(str(path), full_check=True)
-        except onnx.checker.ValidationError as e:
-            raise StageError(self.name, job.name, f"the exported model fails the ONNX checker: {_first_line(e)}") from e
-        proto = onnx.load(str(path), load_external_data=False)
-        graph_inputs = {value.name: value for value in proto.graph.input}
+            check_model(path)
+        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+            raise StageError(self.name, job.name, f"the model fails the ONNX checker: {first_line(e)}") from e
+        graph_inputs = {value.name: value for value in load_graph_only(path).graph.input}
         for spec in job.inputs:
             _check_dynamic_axes(spec, graph_inputs.get(spec.name), job.name, self.name)
-        return proto
+
+    def _check_against_pytorch(
+        self, path: Path, ctx: StageContext, reference: list[tuple[str, torch.Tensor]]
+    ) -> None:
+        """Output names, order and shapes of the saved model against PyTorch on the example."""
+        job = ctx.job
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        names = [output.name for output in session.get_outputs()]
+        expected = [name for name, _ in reference]
+        if names != expected:
+            raise StageError(self.name, job.name, f"the ONNX outputs are {names}; PyTorch's are {expected}")
+        produced = session.run(None, ctx.example_batch().feeds)
+        for (name, tensor), array in zip(reference, produced, strict=True):
+            if tuple(tensor.shape) != np.shape(array):
+                raise StageError(
+                    self.name,
+                    job.name,
+                    f"output {name!r} has shape {list(np.shape(array))} in ONNX but {list(tensor.shape)} in PyTorch",
+                )
 
 
 def _check_dynamic_axes(spec: InputSpec, value: onnx.ValueInfoProto | None, job: str, stage: str) -> None:
     if value is None:
-        raise StageError(stage, job, f"input {spec.name!r} is missing from the exported graph")
+        raise StageError(stage, job, f"input {spec.name!r} is missing from the ONNX graph")
     dims = value.type.tensor_type.shape.dim
+    if len(dims) != len(spec.shape):
+        raise StageError(
+            stage, job, f"input {spec.name!r} has rank {len(dims)} in the graph; the job says {spec.shape}"
+        )
     for axis, name in spec.dynamic_axes.items():
-        if axis >= len(dims) or not dims[axis].HasField("dim_param"):
-            fixed = dims[axis].dim_value if axis < len(dims) else "absent"
+        if not dims[axis].HasField("dim_param"):
             raise StageError(
                 stage,
                 job,
-                f"input {spec.name!r} axis {axis} ({name!r}) should be dynamic but the exporter fixed it to {fixed}",
+                f"input {spec.name!r} axis {axis} ({name!r}) should be dynamic but the graph fixes it to "
+                f"{dims[axis].dim_value}; the model specialises on that size (e.g. a constant-shaped tensor "
+                "combined with the input), so it cannot run at other sizes",
             )
 
 
@@ -113,33 +183,41 @@ def _dynamic_shapes(inputs: list[InputSpec]) -> tuple[dict[int, torch.export.Dim
 
 
 def _export_dynamo(
-    model: torch.nn.Module, example: tuple[torch.Tensor, ...], output_names: list[str], job: ConversionJob, path: Path
-) -> None:
+    ctx: StageContext, example: tuple[torch.Tensor, ...], output_names: list[str], scratch: Path
+) -> ir.Model:
+    job = ctx.job
+    program = ctx.source.program
+    exported: torch.nn.Module | torch.export.ExportedProgram | None = program or ctx.source.module
+    assert exported is not None
     # optimize=False: simplification is the simplify stage's job, so each step stays measurable.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            model,
+        onnx_program = torch.onnx.export(
+            exported,
             example,
             dynamo=True,
             input_names=[spec.name for spec in job.inputs],
             output_names=output_names,
-            dynamic_shapes=_dynamic_shapes(job.inputs),
+            dynamic_shapes=None if program is not None else _dynamic_shapes(job.inputs),
             opset_version=job.export.opset,
             optimize=False,
             verbose=False,
         )
-    assert program is not None
-    program.save(str(path), external_data=False)
+    assert onnx_program is not None
+    return onnx_program.model
 
 
 def _export_torchscript(
-    model: torch.nn.Module, example: tuple[torch.Tensor, ...], output_names: list[str], job: ConversionJob, path: Path
-) -> None:
+    ctx: StageContext, example: tuple[torch.Tensor, ...], output_names: list[str], scratch: Path
+) -> ir.Model:
+    job = ctx.job
+    assert ctx.source.module is not None
+    scratch.mkdir(parents=True, exist_ok=True)
+    path = scratch / FP32_MODEL
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            model,
+            ctx.source.module,
             example,
             str(path),
             dynamo=False,
@@ -148,11 +226,23 @@ def _export_torchscript(
             dynamic_axes={spec.name: spec.dynamic_axes for spec in job.inputs if spec.dynamic_axes},
             opset_version=job.export.opset,
         )
+    return ir.load(path)  # lazy: weights are read from scratch when saved, before scratch goes
 
 
 _EXPORTERS = {"dynamo": _export_dynamo, "torchscript": _export_torchscript}
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+def _describe_failure(error: BaseException) -> str:
+    """One line: the exception, plus the first aten op named anywhere in its chain."""
+    texts = []
+    current: BaseException | None = error
+    while current is not None:
+        texts.append(str(current))
+        current = current.__cause__ or current.__context__
+    match = _OP_PATTERN.search("\n".join(texts))
+    op = f" (failing op: {match.group(0)})" if match else ""
+    return f"{type(error).__name__}: {first_line(error)}{op}"
+
+
+def _default_opset(proto: onnx.ModelProto) -> int:
+    return next((entry.version for entry in proto.opset_import if entry.domain in ("", "ai.onnx")), 0)

@@ -6,7 +6,6 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 
-import onnx
 from onnxruntime.quantization import (
     CalibrationDataReader,
     CalibrationMethod,
@@ -15,10 +14,11 @@ from onnxruntime.quantization import (
     quantize_static,
 )
 
-from pipeline.artifacts import Artifact, sha256_file, write_with
+from pipeline.artifacts import Artifact, staged_files
 from pipeline.errors import JobError, StageError
 from pipeline.feeds import FeedSource
 from pipeline.job import ConversionJob, QuantizeOptions
+from pipeline.onnx_io import load_graph_only, model_artifact
 from pipeline.stages.base import StageContext, Target
 
 logger = logging.getLogger(__name__)
@@ -71,20 +71,22 @@ class QuantizeStage:
         source = ctx.workdir / parent.path
         reader = FeedReader(ctx.calibration)
         target = ctx.workdir / INT8_MODEL
+        # ORT names external data after its output file: write under the final name, move in whole.
+        external = bool(parent.external_data)
         try:
-            write_with(target, lambda path: _quantize(source, path, reader, options, activation_type, symmetric))
+            with staged_files(target) as path:
+                _quantize(source, path, reader, options, activation_type, symmetric, external)
         except JobError:
             raise
         except Exception as e:  # noqa: BLE001 - ORT's quantizer raises many types
             raise StageError(self.name, job.name, f"ONNX Runtime's quantizer failed: {type(e).__name__}: {e}") from e
         counts = _qdq_counts(target)
         logger.info("quantize %s: %s", job.name, counts)
-        return Artifact(
-            stage=self.name,
-            path=INT8_MODEL,
-            sha256=sha256_file(target),
-            parent_sha256=parent.sha256,
-            metadata={
+        return model_artifact(
+            self.name,
+            target,
+            parent,
+            {
                 "format": "QDQ",
                 "calibration_method": options.calibration_method,
                 "calibration_batches": reader.batches_read,
@@ -126,6 +128,7 @@ def _quantize(
     options: QuantizeOptions,
     activation_type: str,
     symmetric: bool,
+    external_data: bool,
 ) -> None:
     quantize_static(
         model_input=source,
@@ -138,12 +141,13 @@ def _quantize(
         weight_type=_QUANT_TYPES[options.weight_type],
         nodes_to_exclude=options.exclude_nodes or None,
         calibrate_method=_CALIBRATION_METHODS[options.calibration_method],
+        use_external_data_format=external_data,
         extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True},
     )
 
 
 def _qdq_counts(path: Path) -> dict[str, int]:
-    graph = onnx.load(str(path), load_external_data=False).graph
+    graph = load_graph_only(path).graph
     ops = [node.op_type for node in graph.node]
     return {
         "nodes": len(ops),

@@ -5,14 +5,14 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 import onnxscript.optimizer
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from pipeline.artifacts import Artifact, sha256_file, write_with
-from pipeline.errors import StageError
+from pipeline.artifacts import Artifact
+from pipeline.errors import StageError, first_line
 from pipeline.job import ConversionJob
+from pipeline.onnx_io import check_model, model_artifact, save_model
 from pipeline.stages.base import StageContext
 
 logger = logging.getLogger(__name__)
@@ -34,23 +34,17 @@ class SimplifyStage:
         parent = ctx.latest_model()
         model = ir.load(ctx.workdir / parent.path)
         before = graph_counts(model)
+        target = ctx.workdir / SIMPLIFIED_MODEL
         try:
             onnxscript.optimizer.optimize(model)
             RemoveUnusedNodesPass()(model)
-            onnx.checker.check_model(ir.to_proto(model), full_check=True)
+            after = graph_counts(model)
+            # Checked by path (works past the 2 GiB protobuf limit) before it is moved into place.
+            save_model(model, target, ctx.job.export.external_data_threshold_bytes, verify=check_model)
         except Exception as e:  # noqa: BLE001 - optimizer and checker raise many types
-            raise StageError(self.name, ctx.job.name, f"{type(e).__name__}: {e}") from e
-        after = graph_counts(model)
-        target = ctx.workdir / SIMPLIFIED_MODEL
-        write_with(target, lambda path: ir.save(model, path))
+            raise StageError(self.name, ctx.job.name, f"{type(e).__name__}: {first_line(e)}") from e
         logger.info("simplify %s: nodes %d -> %d", ctx.job.name, before["nodes"], after["nodes"])
-        return Artifact(
-            stage=self.name,
-            path=SIMPLIFIED_MODEL,
-            sha256=sha256_file(target),
-            parent_sha256=parent.sha256,
-            metadata={"before": before, "after": after},
-        )
+        return model_artifact(self.name, target, parent, {"before": before, "after": after})
 
 
 def graph_counts(model: ir.Model) -> dict[str, int]:

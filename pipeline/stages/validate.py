@@ -15,13 +15,16 @@ from pipeline.job import ConversionJob, DataSource
 from pipeline.parity.metrics import AccuracyCounter, OutputComparator
 from pipeline.parity.policy import Precision, accuracy_drop_check, fp32_checks, int8_checks
 from pipeline.parity.report import AccuracyParity, Comparison, OutputParity, ParityReport, write_reports
-from pipeline.stages.base import StageContext, Target, iter_torch_outputs
+from pipeline.stages.base import StageContext, Target, resize_feeds, run_torch
 
 logger = logging.getLogger(__name__)
 
 PYTORCH = "pytorch"
 # Which policy judges each stage's output against the model before it.
 _PRECISION: dict[str, Precision] = {"export": "fp32", "simplify": "fp32", "quantize": "int8"}
+
+Sessions = dict[tuple[str, str], Session]
+Runs = dict[tuple[str, str], list[np.ndarray]]
 
 
 @dataclass
@@ -35,6 +38,15 @@ class _Step:
     comparators: list[OutputComparator] = field(default_factory=list)
     accuracy: AccuracyCounter = field(default_factory=AccuracyCounter)
 
+    def update(self, runs: Runs, labels: np.ndarray | None, classifier: int | None) -> None:
+        """Compare the candidate's outputs on one batch with the reference's."""
+        reference = runs[(self.target, self.reference)]
+        candidate = runs[(self.target, self.candidate)]
+        for comparator, ref, cand in zip(self.comparators, reference, candidate, strict=True):
+            comparator.update(ref, cand)
+        if classifier is not None and labels is not None:
+            self.accuracy.update(candidate[classifier], labels)
+
 
 @dataclass
 class _Stream:
@@ -42,8 +54,9 @@ class _Stream:
 
     output_names: list[str] = field(default_factory=list)
     classifier: int | None = None
-    pytorch_accuracy: AccuracyCounter = field(default_factory=AccuracyCounter)
+    root_accuracy: dict[str, AccuracyCounter] = field(default_factory=dict)
     samples: int = 0
+    comparators_ready: bool = False
 
 
 class ValidateStage:
@@ -57,21 +70,32 @@ class ValidateStage:
 
     def run(self, ctx: StageContext) -> Artifact:
         """Stream the evaluation data through PyTorch and every model on every target."""
-        models = [ctx.artifacts[stage].path for stage in _PRECISION if stage in ctx.artifacts]
         stages = [stage for stage in _PRECISION if stage in ctx.artifacts]
-        references = [PYTORCH, *models[:-1]]  # each model is judged against the one before it
+        models = [ctx.artifacts[stage].path for stage in stages]
+        # Each model is judged against the one before it; the root is PyTorch, or the ONNX file given.
+        chain = [PYTORCH, *models] if ctx.source.module is not None else models
+        if ctx.source.module is None:
+            stages = stages[1:]
         steps = [
             _Step(stage, target.name, reference, candidate)
             for target in ctx.targets
-            for stage, reference, candidate in zip(stages, references, models, strict=True)
+            for stage, reference, candidate in zip(stages, chain[:-1], chain[1:], strict=True)
         ]
-        stream = self._stream(ctx, models, steps)
+        with ExitStack() as stack:
+            sessions: Sessions = {
+                (target.name, path): stack.enter_context(self._open(ctx, target, path))
+                for target in ctx.targets
+                for path in models
+            }
+            stream = self._stream(ctx, sessions, steps, root=chain[0])
+            comparisons = [self._comparison(ctx.job, step, stream) for step in steps]
+            comparisons += self._shape_checks(ctx, sessions, stream)
         report = ParityReport.build(
             job=ctx.job.name,
             data=_describe_data(ctx.job.parity_data, "evaluation" if ctx.job.evaluation else "calibration"),
             samples=stream.samples,
-            notes=_notes(ctx.job, stream),
-            comparisons=[self._comparison(ctx.job, step, stream) for step in steps],
+            notes=_notes(ctx, stream),
+            comparisons=comparisons,
         )
         report_path = write_reports(report, ctx.workdir)
         logger.info("parity %s: %s", ctx.job.name, report.verdict)
@@ -82,41 +106,56 @@ class ValidateStage:
             metadata={"verdict": report.verdict},
         )
 
-    def _stream(self, ctx: StageContext, models: list[str], steps: list[_Step]) -> _Stream:
+    def _stream(self, ctx: StageContext, sessions: Sessions, steps: list[_Step], root: str) -> _Stream:
         """One pass over the data: every model on every target sees each batch once."""
-        stream = _Stream()
+        stream = _Stream(root_accuracy={target.name: AccuracyCounter() for target in ctx.targets})
         rtol = ctx.job.parity.fp32.rtol
-        with ExitStack() as stack:
-            sessions = {
-                (target.name, path): stack.enter_context(self._open(ctx, target, path))
-                for target in ctx.targets
-                for path in models
-            }
-            for batch, torch_outputs in iter_torch_outputs(ctx.model, ctx.evaluation):
-                if not stream.output_names:
-                    stream.output_names = next(iter(sessions.values())).output_names
-                    stream.classifier = _classifier_output(torch_outputs) if ctx.job.is_classifier else None
-                    for step in steps:
-                        step.comparators = [
-                            OutputComparator(rtol, classifier=index == stream.classifier)
-                            for index in range(len(stream.output_names))
-                        ]
-                runs = {(target.name, PYTORCH): torch_outputs for target in ctx.targets}
-                for key, session in sessions.items():
-                    produced = session.run(batch.feeds)
-                    runs[key] = [produced[name] for name in stream.output_names]
-                classifier, labels = stream.classifier, batch.labels
+        for batch in ctx.evaluation:
+            runs = self._run_all(ctx, sessions, batch.feeds, stream)
+            if not stream.comparators_ready:
+                stream.classifier = _classifier_output(runs[next(iter(runs))]) if ctx.job.is_classifier else None
                 for step in steps:
-                    candidate = runs[(step.target, step.candidate)]
-                    reference = runs[(step.target, step.reference)]
-                    for comparator, ref, cand in zip(step.comparators, reference, candidate, strict=True):
-                        comparator.update(ref, cand)
-                    if classifier is not None and labels is not None:
-                        step.accuracy.update(candidate[classifier], labels)
-                if classifier is not None and labels is not None:
-                    stream.pytorch_accuracy.update(torch_outputs[classifier], labels)
-                stream.samples += batch.size
+                    step.comparators = _comparators(len(stream.output_names), rtol, stream.classifier)
+                stream.comparators_ready = True
+            for step in steps:
+                step.update(runs, batch.labels, stream.classifier)
+            if stream.classifier is not None and batch.labels is not None:
+                for target, counter in stream.root_accuracy.items():
+                    counter.update(runs[(target, root)][stream.classifier], batch.labels)
+            stream.samples += batch.size
         return stream
+
+    def _run_all(
+        self, ctx: StageContext, sessions: Sessions, feeds: dict[str, np.ndarray], stream: _Stream
+    ) -> Runs:
+        """Outputs of PyTorch (when there is a module) and of every session, on one batch."""
+        if not stream.output_names:
+            stream.output_names = next(iter(sessions.values())).output_names
+        runs: Runs = {}
+        if ctx.source.module is not None:
+            torch_outputs = run_torch(ctx.source.module, feeds)
+            runs.update({(target.name, PYTORCH): torch_outputs for target in ctx.targets})
+        for key, session in sessions.items():
+            produced = session.run(feeds)
+            runs[key] = [produced[name] for name in stream.output_names]
+        return runs
+
+    def _shape_checks(self, ctx: StageContext, sessions: Sessions, stream: _Stream) -> list[Comparison]:
+        """Export parity (PyTorch vs fp32) at each extra shape the job lists."""
+        if ctx.source.module is None or not ctx.job.export.check_shapes:
+            return []
+        fp32 = ctx.artifacts["export"].path
+        example = ctx.example_batch().feeds
+        comparisons = []
+        for sizes in ctx.job.export.check_shapes:
+            feeds = resize_feeds(example, ctx.job.inputs, sizes)
+            runs = self._run_all(ctx, {key: s for key, s in sessions.items() if key[1] == fp32}, feeds, stream)
+            for target in ctx.targets:
+                step = _Step("export", target.name, PYTORCH, fp32)
+                step.comparators = _comparators(len(stream.output_names), ctx.job.parity.fp32.rtol, stream.classifier)
+                step.update(runs, None, None)
+                comparisons.append(self._comparison(ctx.job, step, stream).model_copy(update={"shape": dict(sizes)}))
+        return comparisons
 
     def _open(self, ctx: StageContext, target: Target, path: str) -> Session:
         try:
@@ -134,14 +173,14 @@ class ValidateStage:
             )
             outputs.append(OutputParity(name=name, metrics=metrics, checks=checks))
         accuracy = None
-        if stream.classifier is not None and step.accuracy.total:
-            reference_accuracy = stream.pytorch_accuracy.accuracy
+        root = stream.root_accuracy.get(step.target)
+        if stream.classifier is not None and step.accuracy.total and root is not None:
             check = None
             if precision == "int8":
-                check = accuracy_drop_check(reference_accuracy, step.accuracy.accuracy, job.parity.int8)
+                check = accuracy_drop_check(root.accuracy, step.accuracy.accuracy, job.parity.int8)
             accuracy = AccuracyParity(
                 output=stream.output_names[stream.classifier],
-                reference=reference_accuracy,
+                reference=root.accuracy,
                 candidate=step.accuracy.accuracy,
                 check=check,
             )
@@ -154,6 +193,10 @@ class ValidateStage:
             outputs=outputs,
             accuracy=accuracy,
         )
+
+
+def _comparators(count: int, rtol: float, classifier: int | None) -> list[OutputComparator]:
+    return [OutputComparator(rtol, classifier=index == classifier) for index in range(count)]
 
 
 def _classifier_output(outputs: list[np.ndarray]) -> int | None:
@@ -169,11 +212,16 @@ def _describe_data(source: DataSource, section: str) -> str:
     return f"{section} data ({where})"
 
 
-def _notes(job: ConversionJob, stream: _Stream) -> list[str]:
+def _notes(ctx: StageContext, stream: _Stream) -> list[str]:
+    job = ctx.job
     notes = []
     if job.evaluation is None:
         notes.append("The job has no [evaluation] data: parity was measured on the calibration data.")
-    if job.parity.int8.max_accuracy_drop is not None and not stream.pytorch_accuracy.total:
+    if ctx.source.module is None:
+        notes.append("The model came as an ONNX file: the chain starts at it; there is no PyTorch reference.")
+        if job.export.check_shapes:
+            notes.append("export.check_shapes needs a PyTorch reference and was not checked.")
+    if job.parity.int8.max_accuracy_drop is not None and not any(c.total for c in stream.root_accuracy.values()):
         reason = "no [samples, classes] classifier output" if stream.classifier is None else "no labels in the data"
         notes.append(f"parity.int8.max_accuracy_drop was not checked: {reason}.")
     return notes

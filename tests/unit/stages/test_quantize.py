@@ -21,6 +21,7 @@ from backends.registry import get_backend
 from pipeline.artifacts import Artifact, sha256_file
 from pipeline.feeds import FeedSource
 from pipeline.job import ConversionJob, TargetSpec
+from pipeline.model_source import SourceModel
 from pipeline.stages.base import StageContext, Target
 from pipeline.stages.quantize import INT8_MODEL, QuantizeStage, resolve_activation_type
 
@@ -96,7 +97,7 @@ def make_context(tmp_path: Path, job: ConversionJob, targets: list[Target]) -> S
     return StageContext(
         job=job,
         workdir=workdir,
-        model=torch.nn.Identity(),
+        source=SourceModel(module=torch.nn.Identity()),
         calibration=calibration,
         evaluation=calibration,
         targets=targets,

@@ -21,6 +21,7 @@ from backends.registry import get_backend
 from pipeline.artifacts import Artifact, sha256_file
 from pipeline.feeds import FeedSource
 from pipeline.job import ConversionJob, TargetSpec
+from pipeline.model_source import SourceModel
 from pipeline.stages.base import StageContext, Target
 from pipeline.stages.simplify import SIMPLIFIED_MODEL, SimplifyStage
 
@@ -70,7 +71,7 @@ def make_context(tmp_path: Path, model_file: str = "model.onnx") -> StageContext
     return StageContext(
         job=job,
         workdir=workdir,
-        model=torch.nn.Identity(),
+        source=SourceModel(module=torch.nn.Identity()),
         calibration=None,
         evaluation=evaluation,
         targets=[Target(spec=TargetSpec(backend="cpu"), backend=cpu, options=cpu.options_model())],

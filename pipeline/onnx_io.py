@@ -1,0 +1,98 @@
+"""ONNX model files: saving (with external data for big models), checking by path, describing."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+
+from pipeline.artifacts import Artifact, sha256_file, staged_files
+
+logger = logging.getLogger(__name__)
+
+# A ModelProto cannot be serialised past 2 GiB; weights beyond that must live in external data.
+PROTOBUF_LIMIT_BYTES = 2**31
+# Tensors smaller than this stay inside the .onnx file even when the model uses external data.
+_INLINE_TENSOR_BYTES = 1024
+
+
+def initializer_bytes(model: ir.Model) -> int:
+    """Bytes of weight data in a model's main graph."""
+    return sum(value.const_value.nbytes for value in model.graph.initializers.values() if value.const_value is not None)
+
+
+def external_data_name(target: Path) -> str:
+    """The external data file that goes with a model file: ``<model file name>.data``."""
+    return f"{target.name}.data"
+
+
+def save_model(
+    model: ir.Model, target: Path, external_threshold_bytes: int, verify: Callable[[Path], None] | None = None
+) -> bool:
+    """Write a model atomically; weights go to ``<target>.data`` when they exceed the threshold.
+
+    Args:
+        model: The model.
+        target: The .onnx file to write.
+        external_threshold_bytes: Weight bytes above which external data is used (capped at the
+            protobuf limit, above which it is always used).
+        verify: Called on the written file before it is moved into place; if it raises,
+            nothing is left at `target`.
+
+    Returns:
+        Whether external data was written.
+    """
+    size = initializer_bytes(model)
+    external = size > min(external_threshold_bytes, PROTOBUF_LIMIT_BYTES - 1)
+    with staged_files(target) as path:
+        if external:
+            ir.save(model, path, external_data=external_data_name(target), size_threshold_bytes=_INLINE_TENSOR_BYTES)
+        else:
+            ir.save(model, path)
+        if verify is not None:
+            verify(path)
+    logger.debug("saved %s (%d weight bytes, external data: %s)", target.name, size, external)
+    return external
+
+
+def check_model(path: Path) -> None:
+    """Run the ONNX checker with shape inference on a saved file (works past 2 GiB).
+
+    Raises:
+        onnx.checker.ValidationError: The model is invalid.
+        onnx.shape_inference.InferenceError: Shape inference found an inconsistency.
+    """
+    onnx.checker.check_model(str(path), full_check=True)
+
+
+def load_graph_only(path: Path) -> onnx.ModelProto:
+    """Load a model's structure without reading external weight files."""
+    return onnx.load(str(path), load_external_data=False)
+
+
+def external_data_files(path: Path) -> list[str]:
+    """Names of the external data files a saved model refers to, relative to its folder."""
+    graph = load_graph_only(path).graph
+    locations = {
+        entry.value
+        for tensor in graph.initializer
+        if tensor.data_location == onnx.TensorProto.EXTERNAL
+        for entry in tensor.external_data
+        if entry.key == "location"
+    }
+    return sorted(locations)
+
+
+def model_artifact(stage: str, path: Path, parent: Artifact | None, metadata: dict[str, object]) -> Artifact:
+    """Describe a saved model: its hash, its external data files' hashes, its parent."""
+    return Artifact(
+        stage=stage,
+        path=path.name,
+        sha256=sha256_file(path),
+        parent_sha256=parent.sha256 if parent else None,
+        external_data={name: sha256_file(path.parent / name) for name in external_data_files(path)},
+        metadata=metadata,
+    )
