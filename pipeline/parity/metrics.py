@@ -36,8 +36,10 @@ class OutputMetrics(BaseModel):
         max_abs: Largest absolute error.
         max_rel: Largest relative error ``|c - r| / max(|r|, 1e-6)``.
         mean_abs: Mean absolute error.
-        cosine_mean: Mean over samples of the cosine similarity of each flattened sample.
-        cosine_min: Lowest per-sample cosine similarity.
+        cosine_mean: Mean over samples of the cosine similarity of each flattened sample. For
+            outputs with one value per sample (a per-sample cosine is only a sign), the cosine of
+            the whole output instead.
+        cosine_min: Lowest per-sample cosine similarity (the whole output's, as above).
         snr_db: Signal-to-noise ratio ``10 log10(sum r^2 / sum (c - r)^2)`` (inf when equal).
         top1_agreement: Share of samples with the same argmax over the last axis, for classifier
             outputs shaped [samples, classes]; None otherwise.
@@ -86,6 +88,8 @@ class OutputComparator:
         self._sum_sq_err = 0.0
         self._cosine_sum = 0.0
         self._cosine_min = math.inf
+        self._sum_products = 0.0
+        self._sum_sq_cand = 0.0
         self._top1_matches: int | None = 0 if classifier else None
         self._nan = 0
         self._inf = 0
@@ -144,6 +148,8 @@ class OutputComparator:
         cosine = np.divide(dots, denominator, out=np.zeros_like(dots), where=denominator > 0)
         cosine[(norm_ref == 0) & (norm_cand == 0)] = 1.0  # two all-zero samples are identical
         cosine = np.clip(cosine, -1.0, 1.0)  # rounding can step just past 1
+        self._sum_products += float(dots.sum())
+        self._sum_sq_cand += float(np.square(norm_cand).sum())
         self._cosine_sum += float(cosine.sum())
         self._cosine_min = min(self._cosine_min, float(cosine.min(initial=math.inf)))
         if self._top1_matches is not None and ref.ndim == 2 and ref.shape[1] > 1:
@@ -154,6 +160,10 @@ class OutputComparator:
     def result(self) -> OutputMetrics:
         """The metrics over everything added so far."""
         samples = max(self._samples, 1)
+        if self._elements > self._samples:
+            cosine_mean, cosine_min = self._cosine_sum / samples, self._cosine_min if self._samples else 1.0
+        else:
+            cosine_mean = cosine_min = self._whole_output_cosine()
         if self._sum_sq_err == 0:
             snr = math.inf
         elif self._sum_sq_ref == 0:
@@ -166,8 +176,8 @@ class OutputComparator:
             max_abs=self._max_abs,
             max_rel=self._max_rel,
             mean_abs=self._sum_abs / max(self._elements, 1),
-            cosine_mean=self._cosine_sum / samples,
-            cosine_min=self._cosine_min if self._samples else 1.0,
+            cosine_mean=cosine_mean,
+            cosine_min=cosine_min,
             snr_db=snr,
             top1_agreement=None if self._top1_matches is None else self._top1_matches / samples,
             nan_count=self._nan,
@@ -176,6 +186,13 @@ class OutputComparator:
             rtol=self._rtol,
             worst=self._worst,
         )
+
+
+    def _whole_output_cosine(self) -> float:
+        denominator = math.sqrt(self._sum_sq_ref * self._sum_sq_cand)
+        if denominator == 0:
+            return 1.0 if self._sum_sq_ref == self._sum_sq_cand else 0.0
+        return max(-1.0, min(1.0, self._sum_products / denominator))
 
 
 class AccuracyCounter:

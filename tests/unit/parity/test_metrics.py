@@ -274,3 +274,17 @@ def test_equal_infinities_are_no_error_like_allclose() -> None:
     assert metrics.min_atol == 0.0
     assert metrics.cosine_mean == pytest.approx(1.0)
     assert metrics.inf_count == 2
+
+
+def test_one_value_per_sample_uses_the_whole_output_cosine() -> None:
+    # Per-sample cosine of scalars is only their sign; the whole output's cosine is what parity means.
+    reference = np.array([1.0, 2.0, -3.0, 0.001])
+    candidate = np.array([1.01, 1.98, -3.02, -0.001])
+    comparator = OutputComparator(rtol=1e-3)
+    comparator.update(reference[:2], candidate[:2])
+    comparator.update(reference[2:], candidate[2:])
+    metrics = comparator.result()
+    expected = float(reference @ candidate / (np.linalg.norm(reference) * np.linalg.norm(candidate)))
+    assert metrics.cosine_mean == pytest.approx(expected)
+    assert metrics.cosine_min == pytest.approx(expected)
+    assert metrics.cosine_mean > 0.99
