@@ -129,7 +129,7 @@ def _print_report(report: ParityReport) -> None:
             metrics = output.metrics
             shows_accuracy = accuracy is not None and accuracy.output == output.name
             table.add_row(
-                comparison.stage,
+                comparison.label,
                 comparison.target,
                 output.name,
                 format_value(metrics.max_abs),

@@ -83,7 +83,7 @@ def run_job(job: ConversionJob, on_event: ProgressCallback | None = None) -> Con
             the result is attached as ``error.result``.
     """
     notify = on_event or (lambda event: None)
-    checked = _preflight(job)
+    checked = preflight(job)
     _check_output_dir(job)
     job.output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{job.output_dir.name}.staging-", dir=job.output_dir.parent))
@@ -119,8 +119,8 @@ def run_job(job: ConversionJob, on_event: ProgressCallback | None = None) -> Con
 
 
 @dataclass(frozen=True)
-class _Checked:
-    """What preflight loaded and checked, handed to the stages."""
+class PreparedJob:
+    """What `preflight` loaded and checked: everything the stages read besides the job."""
 
     source: SourceModel
     calibration: FeedSource | None
@@ -128,8 +128,13 @@ class _Checked:
     targets: list[Target]
 
 
-def _preflight(job: ConversionJob) -> _Checked:
-    """Resolve targets, load the model and check the data: every bad-input error, before writing."""
+def preflight(job: ConversionJob) -> PreparedJob:
+    """Resolve targets, load the model and check the data: every bad-input error, before writing.
+
+    Raises:
+        JobError: The model source, data or target options are not usable.
+        BackendError: A target is unavailable here.
+    """
     targets = [_resolve_target(job, index) for index in range(len(job.targets))]
     if job.quantize.enabled:
         resolve_activation_type(job, targets)
@@ -137,7 +142,7 @@ def _preflight(job: ConversionJob) -> _Checked:
     calibration = _feeds(job, job.calibration, "calibration")
     evaluation = _feeds(job, job.parity_data, "evaluation" if job.evaluation else "calibration")
     assert evaluation is not None
-    return _Checked(source=source, calibration=calibration, evaluation=evaluation, targets=targets)
+    return PreparedJob(source=source, calibration=calibration, evaluation=evaluation, targets=targets)
 
 
 def _resolve_target(job: ConversionJob, index: int) -> Target:

@@ -173,7 +173,7 @@ def _check_dynamic_axes(spec: InputSpec, value: onnx.ValueInfoProto | None, job:
             )
 
 
-def _dynamic_shapes(inputs: list[InputSpec]) -> tuple[dict[int, torch.export.Dim], ...]:
+def torch_dynamic_shapes(inputs: list[InputSpec]) -> tuple[dict[int, torch.export.Dim], ...]:
     """One torch.export Dim per dim name, shared by every input that names it."""
     dims: dict[str, torch.export.Dim] = {}
     return tuple(
@@ -198,7 +198,7 @@ def _export_dynamo(
             dynamo=True,
             input_names=[spec.name for spec in job.inputs],
             output_names=output_names,
-            dynamic_shapes=None if program is not None else _dynamic_shapes(job.inputs),
+            dynamic_shapes=None if program is not None else torch_dynamic_shapes(job.inputs),
             opset_version=job.export.opset,
             optimize=False,
             verbose=False,

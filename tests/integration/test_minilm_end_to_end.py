@@ -32,6 +32,13 @@ def test_minilm_converts_and_reports_int8_cosine(tmp_path: Path) -> None:
     assert int8_output.metrics.top1_agreement is None  # embeddings: no class agreement to measure
     assert 0.5 < int8_output.metrics.cosine_mean <= 1.0
     assert report.verdict == ("pass" if int8_output.metrics.cosine_mean >= 0.99 else "fail")
+    shaped = [c for c in report.comparisons if c.stage == "export" and c.shape is not None]
+    assert [c.shape for c in shaped] == [
+        {"batch": 1, "sequence": 8},
+        {"batch": 4, "sequence": 64},
+        {"batch": 8, "sequence": 128},
+    ]
+    assert all(c.passed for c in shaped)
     graph = onnx.load(str(out / "model.fp32.onnx"), load_external_data=False).graph
     for value in graph.input:
         assert [d.dim_param for d in value.type.tensor_type.shape.dim] == ["batch", "sequence"]
