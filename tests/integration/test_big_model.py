@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -50,3 +51,4 @@ def test_model_over_two_gib_uses_external_data(tmp_path: Path, write_job) -> Non
         assert model_file.stat().st_size < 10 * 2**20, stage  # the graph alone; weights are outside
         assert data_file.stat().st_size > 2**31, stage
         assert list(artifact.external_data) == [data_file.name]
+    shutil.rmtree(result.output_dir)  # 4+ GB: do not leave it in pytest's kept temp folders
