@@ -140,6 +140,10 @@ def _print_report(report: ParityReport) -> None:
                 "[green]pass[/]" if output.passed else "[red]FAIL[/]",
             )
     stdout.print(table)
+    for check in report.performance:
+        speed = f"int8 {check.int8_ms:.1f} ms vs float {check.fp32_ms:.1f} ms ({check.ratio:.2f}x)"
+        why = "" if check.faster else f": not faster ({'; '.join(check.reasons)})"
+        stdout.print(f"speed on {check.target}, batch {'x'.join(map(str, check.batch_shape))}: {speed}{why}")
     verdict = "[green]PASS[/]" if report.verdict == "pass" else "[red]FAIL[/]"
     stdout.print(f"verdict: {verdict}")
 

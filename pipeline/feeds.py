@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.artifacts import sha256_file
 from pipeline.errors import JobError
 from pipeline.imports import resolve_import
 from pipeline.job import DataSource, InputSpec
@@ -66,6 +68,18 @@ class FeedSource:
         for _ in islice(self, 1):
             return
         raise JobError(self._origin, self._key, "the data source yielded no batches")
+
+    def digest(self) -> str:
+        """A content hash of the data as batched (file hash for an .npz, the batches for a factory)."""
+        digest = hashlib.sha256(f"batch_size={self._source.batch_size};max={self._source.max_batches}".encode())
+        if self._source.npz is not None:
+            digest.update(sha256_file(self._source.npz).encode())
+            return digest.hexdigest()
+        for batch in self:
+            for name, array in batch.feeds.items():
+                digest.update(f"{name}:{array.dtype}:{array.shape}".encode())
+                digest.update(np.ascontiguousarray(array).tobytes())
+        return digest.hexdigest()
 
     def __iter__(self) -> Iterator[Batch]:
         raw_batches = self._npz_batches() if self._source.npz is not None else self._factory_batches()

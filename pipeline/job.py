@@ -201,13 +201,24 @@ class QuantizeOptions(_Spec):
 
     Attributes:
         enabled: Run the stage.
-        per_channel: One scale per output channel for weights.
+        per_channel: One scale per output channel for weights (unless a target forbids it).
         activation_type: Activation element type (unset: uint8, or int8 when a target needs it).
         weight_type: Weight element type.
-        activation_symmetric: Symmetric activation ranges (zero point 0).
-        calibration_method: How activation ranges are computed.
-        op_types: Quantize only these op types (all that ONNX Runtime supports when unset).
+        activation_symmetric: Symmetric activation ranges (zero point 0); also forced by targets
+            that need it.
+        calibration_method: How activation ranges come from the calibration statistics:
+            "minmax", "percentile", "entropy" (KL) or "mse" (least expected squared error).
+        percentile: The percentile of the "percentile" method.
+        op_types: Quantize only these op types (unset: chosen by model family; transformers get
+            MatMul / Gemm).
         exclude_nodes: Node names kept in float.
+        reduce_range: 7-bit weights (unset: on x86 CPUs without VNNI).
+        power_of_two_scales: Every scale a power of two (unset: when a target needs it).
+        mixed_precision: Keep the fewest nodes float needed to meet the int8 parity policy.
+        max_float_share: At most this share of the quantizable nodes may stay float; past it
+            the policy is reported as missed rather than met by a model that is barely int8.
+        calibration_cache: Reuse statistics for the same model and data
+            ($ONNXFORGE_CACHE_DIR, else ~/.cache/onnxforge).
     """
 
     enabled: bool = True
@@ -215,9 +226,15 @@ class QuantizeOptions(_Spec):
     activation_type: Literal["uint8", "int8"] | None = None
     weight_type: Literal["int8", "uint8"] = "int8"
     activation_symmetric: bool = False
-    calibration_method: Literal["minmax"] = "minmax"
+    calibration_method: Literal["minmax", "percentile", "entropy", "mse"] = "mse"
+    percentile: float = Field(default=99.999, gt=50, lt=100)
     op_types: list[Identifier] | None = None
     exclude_nodes: list[str] = Field(default_factory=list)
+    reduce_range: bool | None = None
+    power_of_two_scales: bool | None = None
+    mixed_precision: bool = True
+    max_float_share: float = Field(default=0.5, ge=0, le=1)
+    calibration_cache: bool = True
 
 
 class TargetSpec(_Spec):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import os
+import tempfile
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,11 @@ import tomli_w
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DIGITS_DIR = REPO_ROOT / "samples" / "digits_cnn"
 MINILM_DIR = REPO_ROOT / "samples" / "minilm"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # The calibration cache must not leak between test runs or into the user's ~/.cache.
+    os.environ["ONNXFORGE_CACHE_DIR"] = tempfile.mkdtemp(prefix="onnxforge-test-cache-")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict
 from pipeline.artifacts import write_atomic
 from pipeline.parity.metrics import OutputMetrics
 from pipeline.parity.policy import Check, Precision
+from pipeline.quantization.performance import PerformanceCheck
 
 REPORT_SCHEMA_VERSION = 1
 
@@ -106,6 +107,7 @@ class ParityReport(_Record):
         samples: Evaluation samples compared.
         notes: Caveats about the measurement (e.g. no evaluation data given).
         comparisons: Each comparison, in chain order per target.
+        performance: int8 vs float latency per target (informational, not a gate).
         verdict: "pass" when every check passed, else "fail".
         failures: One line per failed check.
     """
@@ -116,11 +118,20 @@ class ParityReport(_Record):
     samples: int
     notes: list[str]
     comparisons: list[Comparison]
+    performance: list[PerformanceCheck] = []
     verdict: str
     failures: list[str]
 
     @classmethod
-    def build(cls, job: str, data: str, samples: int, notes: list[str], comparisons: list[Comparison]) -> ParityReport:
+    def build(
+        cls,
+        job: str,
+        data: str,
+        samples: int,
+        notes: list[str],
+        comparisons: list[Comparison],
+        performance: list[PerformanceCheck] | None = None,
+    ) -> ParityReport:
         """Assemble a report and derive its verdict from the comparisons."""
         failures = [line for comparison in comparisons for line in comparison.failures()]
         return cls(
@@ -129,6 +140,7 @@ class ParityReport(_Record):
             samples=samples,
             notes=notes,
             comparisons=comparisons,
+            performance=performance or [],
             verdict="fail" if failures else "pass",
             failures=failures,
         )
@@ -199,6 +211,26 @@ def render_markdown(report: ParityReport) -> str:
     if accuracy_rows:
         accuracy_header = ["stage", "target", "output", "reference top-1", "candidate top-1", "drop (points)"]
         lines += ["", *_markdown_table(accuracy_header, accuracy_rows)]
+    if report.performance:
+        lines += ["", "## int8 speed", ""]
+        lines += _markdown_table(
+            ["target", "batch", "float ms", "int8 ms", "int8 / float", "unfused Q/DQ", "float Conv/MatMul/Gemm"],
+            [
+                [
+                    check.target,
+                    "x".join(map(str, check.batch_shape)),
+                    f"{check.fp32_ms:.2f}",
+                    f"{check.int8_ms:.2f}",
+                    f"{check.ratio:.2f}",
+                    "-" if check.unfused_qdq is None else str(check.unfused_qdq),
+                    str(check.float_compute_nodes),
+                ]
+                for check in report.performance
+            ],
+        )
+        for check in report.performance:
+            if not check.faster:
+                lines.append(f"\nint8 is not faster on {check.target}: {'; '.join(check.reasons)}.")
     if report.failures:
         lines += ["", "## Failed checks", ""] + [f"- {line}" for line in report.failures]
     return "\n".join(lines) + "\n"

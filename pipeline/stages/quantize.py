@@ -1,56 +1,40 @@
-"""Quantize stage: static int8 QDQ with ONNX Runtime's quantizer, calibrated on the job's data."""
+"""Quantize stage: streaming calibration, the QDQ rewrite, and mixed precision to meet the policy."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+import time
+from itertools import islice
 from pathlib import Path
 
-from onnxruntime.quantization import (
-    CalibrationDataReader,
-    CalibrationMethod,
-    QuantFormat,
-    QuantType,
-    quantize_static,
-)
+import onnx
+import onnxruntime as ort
+from onnxruntime.quantization.quant_utils import load_model_with_shape_infer
 
 from pipeline.artifacts import Artifact, staged_files
-from pipeline.errors import JobError, StageError
-from pipeline.feeds import FeedSource
-from pipeline.job import ConversionJob, QuantizeOptions
-from pipeline.onnx_io import load_graph_only, model_artifact
+from pipeline.calibration import cache
+from pipeline.calibration.collector import CalibrationStats, collect_statistics, select_tensors
+from pipeline.calibration.ranges import compute_range
+from pipeline.errors import JobError, StageError, first_line
+from pipeline.job import ConversionJob, Int8Policy
+from pipeline.onnx_io import PROTOBUF_LIMIT_BYTES, external_data_name, load_graph_only, model_artifact
+from pipeline.parity.metrics import OutputComparator, OutputMetrics
+from pipeline.parity.policy import int8_checks
+from pipeline.quantization.cpu import needs_reduce_range
+from pipeline.quantization.mixed_precision import rank_by_damage, rank_candidates, search
+from pipeline.quantization.qdq import QdqSettings, quantize_qdq
+from pipeline.quantization.recipe import choose_recipe, irregular_tensor_nodes
 from pipeline.stages.base import StageContext, Target
 
 logger = logging.getLogger(__name__)
 
 INT8_MODEL = "model.int8.onnx"
-
-_QUANT_TYPES = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
-_CALIBRATION_METHODS = {"minmax": CalibrationMethod.MinMax}
-
-
-class FeedReader(CalibrationDataReader):
-    """Hands ONNX Runtime's calibrator one batch at a time from a `FeedSource`."""
-
-    def __init__(self, source: FeedSource) -> None:
-        self._source = source
-        self._batches: Iterator[dict] = (batch.feeds for batch in source)
-        self.batches_read = 0
-
-    def get_next(self) -> dict | None:
-        """The next batch of feeds, or None when the data is exhausted."""
-        feeds = next(self._batches, None)
-        if feeds is not None:
-            self.batches_read += 1
-        return feeds
-
-    def rewind(self) -> None:
-        """Start over (ORT calls this when it reads the data more than once)."""
-        self._batches = (batch.feeds for batch in self._source)
+# Calibration batches the mixed-precision search judges each candidate on.
+_JUDGE_BATCHES = 4
 
 
 class QuantizeStage:
-    """Quantize weights and activations to int8 (QDQ), ranges from calibration data."""
+    """Quantize weights and activations to int8 (QDQ), ranges from streamed calibration data."""
 
     name = "quantize"
 
@@ -59,46 +43,154 @@ class QuantizeStage:
         return job.quantize.enabled
 
     def run(self, ctx: StageContext) -> Artifact:
-        """Quantize the newest model and write it as model.int8.onnx."""
+        """Calibrate, quantize, search mixed precision if needed, write model.int8.onnx."""
         job = ctx.job
-        assert ctx.calibration is not None  # the job model requires calibration data when enabled
         options = job.quantize
-        activation_type = resolve_activation_type(job, ctx.targets)
-        symmetric = options.activation_symmetric or any(
-            t.backend.capabilities.quantization.symmetric_activations for t in ctx.targets
-        )
+        assert ctx.calibration is not None  # the job model requires calibration data when enabled
         parent = ctx.latest_model()
         source = ctx.workdir / parent.path
-        reader = FeedReader(ctx.calibration)
-        target = ctx.workdir / INT8_MODEL
-        # ORT names external data after its output file: write under the final name, move in whole.
-        external = bool(parent.external_data)
+        settings, reduce_range_reason = quantization_settings(job, ctx.targets)
         try:
-            with staged_files(target) as path:
-                _quantize(source, path, reader, options, activation_type, symmetric, external)
-        except JobError:
-            raise
-        except Exception as e:  # noqa: BLE001 - ORT's quantizer raises many types
-            raise StageError(self.name, job.name, f"ONNX Runtime's quantizer failed: {type(e).__name__}: {e}") from e
-        counts = _qdq_counts(target)
-        logger.info("quantize %s: %s", job.name, counts)
+            model = load_model_with_shape_infer(source)
+        except Exception as e:  # noqa: BLE001 - shape inference raises many types
+            raise StageError(self.name, job.name, f"shape inference failed: {first_line(e)}") from e
+        recipe = choose_recipe(model, options.op_types, options.exclude_nodes)
+        tensors = select_tensors(model, set(recipe.op_types) if recipe.op_types else None)
+        clock = time.perf_counter()
+        stats, cache_hit = self._statistics(ctx, model, parent.sha256, tensors)
+        calibration_seconds = time.perf_counter() - clock
+        ranges = {
+            name: compute_range(h, options.calibration_method, percentile=options.percentile)
+            for name, h in stats.tensors.items()
+        }
+        kept = {**recipe.kept_float, **irregular_tensor_nodes(model, stats)}
+        quantized = self._quantize(job, model, ranges, settings, recipe.op_types, kept)
+        probes: list[dict[str, object]] = []
+        if options.mixed_precision and _has_checks(job.parity.int8):
+            judge = _PolicyJudge(ctx, source, job.parity.int8)
+            estimated = rank_candidates(model, stats.tensors, ranges, recipe.op_types, set(kept))
+
+            def alone(node: str) -> float:
+                return judge.damage(self._quantize(job, model, ranges, settings, recipe.op_types, kept, only=[node]))
+
+            def evaluate(extra_float: list[str]) -> tuple[bool, str]:
+                candidate_kept = {**kept, **dict.fromkeys(extra_float, "")}
+                return judge(self._quantize(job, model, ranges, settings, recipe.op_types, candidate_kept))
+
+            result = search(lambda: rank_by_damage(estimated, alone), evaluate, options.max_float_share)
+            kept.update(result.kept_float)
+            probes = [{"kept_float": p.kept_float, "passed": p.passed, "summary": p.summary} for p in result.probes]
+            if result.kept_float:
+                quantized = self._quantize(job, model, ranges, settings, recipe.op_types, kept)
+            if not result.met:
+                share = 100 * options.max_float_share
+                logger.warning("%s: int8 policy not met with up to %.0f%% of nodes float", job.name, share)
+        target = ctx.workdir / INT8_MODEL
+        _save(quantized, target, job.export.external_data_threshold_bytes)
+        graph = load_graph_only(target).graph
         return model_artifact(
             self.name,
             target,
             parent,
             {
                 "format": "QDQ",
-                "calibration_method": options.calibration_method,
-                "calibration_batches": reader.batches_read,
-                "activation_type": activation_type,
-                "activation_symmetric": symmetric,
-                "weight_type": options.weight_type,
-                "per_channel": options.per_channel,
-                "op_types": options.op_types or "onnxruntime defaults",
-                "excluded_nodes": list(options.exclude_nodes),
-                **counts,
+                "recipe": recipe.family,
+                "op_types": list(recipe.op_types) if recipe.op_types else "all ONNX Runtime quantizes",
+                "calibration": {
+                    "method": options.calibration_method,
+                    "batches": stats.batches,
+                    "samples": stats.samples,
+                    "tensors": len(stats.tensors),
+                    "seconds": round(calibration_seconds, 3),
+                    "cache_hit": cache_hit,
+                    "irregular_tensors": {
+                        name: {"nonfinite": h.nonfinite, "huge": h.huge}
+                        for name, h in stats.tensors.items()
+                        if h.nonfinite or h.huge
+                    },
+                },
+                "activation_type": "int8" if settings.power_of_two else settings.activation_type,
+                "activation_symmetric": settings.activation_symmetric or settings.power_of_two,
+                "weight_type": settings.weight_type,
+                "per_channel": settings.per_channel,
+                "reduce_range": settings.reduce_range,
+                "reduce_range_reason": reduce_range_reason,
+                "power_of_two_scales": settings.power_of_two,
+                "kept_float": kept,
+                "mixed_precision_probes": probes,
+                "nodes": len(graph.node),
+                "quantize_linear": sum(node.op_type == "QuantizeLinear" for node in graph.node),
+                "dequantize_linear": sum(node.op_type == "DequantizeLinear" for node in graph.node),
             },
         )
+
+    def _statistics(
+        self, ctx: StageContext, model: onnx.ModelProto, model_sha256: str, tensors: list[str]
+    ) -> tuple[CalibrationStats, bool]:
+        """Calibration statistics from the cache, or streamed from the calibration data."""
+        assert ctx.calibration is not None
+        use_cache = ctx.job.quantize.calibration_cache
+        folder = cache.default_cache_dir()
+        key = cache.cache_key(model_sha256, ctx.calibration.digest(), tensors) if use_cache else ""
+        cached = cache.load(folder, key) if use_cache else None
+        if cached is not None:
+            return cached, True
+        try:
+            stats = collect_statistics(
+                model, ctx.workdir, tensors, (batch.feeds for batch in ctx.calibration), histograms=True
+            )
+        except JobError:
+            raise
+        except Exception as e:  # noqa: BLE001 - ONNX Runtime raises several types
+            detail = f"calibration failed: {type(e).__name__}: {first_line(e)}"
+            raise StageError(self.name, ctx.job.name, detail) from e
+        if use_cache:
+            try:
+                cache.store(folder, key, stats)
+            except OSError as e:
+                logger.warning("could not write the calibration cache in %s: %s", folder, e)
+        return stats, False
+
+    def _quantize(
+        self,
+        job: ConversionJob,
+        model: onnx.ModelProto,
+        ranges: dict[str, tuple[float, float]],
+        settings: QdqSettings,
+        op_types: tuple[str, ...] | None,
+        kept: dict[str, str],
+        only: list[str] | None = None,
+    ) -> onnx.ModelProto:
+        try:
+            return quantize_qdq(model, ranges, settings, op_types, list(kept), only)
+        except Exception as e:  # noqa: BLE001 - ORT's quantizer raises many types
+            detail = f"ONNX Runtime's QDQ quantizer failed: {type(e).__name__}: {first_line(e)}"
+            raise StageError(self.name, job.name, detail) from e
+
+
+def quantization_settings(job: ConversionJob, targets: list[Target]) -> tuple[QdqSettings, str]:
+    """The job's options merged with every target's constraints; and why reduce_range is what it is."""
+    options = job.quantize
+    constraints = [target.backend.capabilities.quantization for target in targets]
+    if options.reduce_range is not None:
+        reduce_range, reason = options.reduce_range, "set in the job"
+    elif any(target.name == "cpu" for target in targets):
+        reduce_range, reason = needs_reduce_range()
+    else:
+        reduce_range, reason = False, "no CPU target"
+    settings = QdqSettings(
+        per_channel=options.per_channel and all(c.per_channel_weights for c in constraints),
+        activation_type=resolve_activation_type(job, targets),
+        weight_type=options.weight_type,
+        activation_symmetric=options.activation_symmetric or any(c.symmetric_activations for c in constraints),
+        reduce_range=reduce_range,
+        power_of_two=(
+            options.power_of_two_scales
+            if options.power_of_two_scales is not None
+            else any(c.power_of_two_scales for c in constraints)
+        ),
+    )
+    return settings, reason
 
 
 def resolve_activation_type(job: ConversionJob, targets: list[Target]) -> str:
@@ -121,36 +213,65 @@ def resolve_activation_type(job: ConversionJob, targets: list[Target]) -> str:
     return requested
 
 
-def _quantize(
-    source: Path,
-    output: Path,
-    reader: FeedReader,
-    options: QuantizeOptions,
-    activation_type: str,
-    symmetric: bool,
-    external_data: bool,
-) -> None:
-    quantize_static(
-        model_input=source,
-        model_output=output,
-        calibration_data_reader=reader,
-        quant_format=QuantFormat.QDQ,
-        op_types_to_quantize=options.op_types,
-        per_channel=options.per_channel,
-        activation_type=_QUANT_TYPES[activation_type],
-        weight_type=_QUANT_TYPES[options.weight_type],
-        nodes_to_exclude=options.exclude_nodes or None,
-        calibrate_method=_CALIBRATION_METHODS[options.calibration_method],
-        use_external_data_format=external_data,
-        extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True},
+def _has_checks(policy: Int8Policy) -> bool:
+    return any(
+        value is not None
+        for value in (policy.min_cosine, policy.min_snr_db, policy.min_top1_agreement, policy.max_accuracy_drop)
     )
 
 
-def _qdq_counts(path: Path) -> dict[str, int]:
-    graph = load_graph_only(path).graph
-    ops = [node.op_type for node in graph.node]
-    return {
-        "nodes": len(ops),
-        "quantize_linear": ops.count("QuantizeLinear"),
-        "dequantize_linear": ops.count("DequantizeLinear"),
-    }
+class _PolicyJudge:
+    """Judges a candidate int8 model against the float model on a few calibration batches."""
+
+    def __init__(self, ctx: StageContext, float_model: Path, policy: Int8Policy) -> None:
+        assert ctx.calibration is not None
+        self._policy = policy
+        self._batches = [batch.feeds for batch in islice(ctx.calibration, _JUDGE_BATCHES)]
+        session = _session(float_model)
+        self._names = [output.name for output in session.get_outputs()]
+        self._references = [session.run(self._names, feeds) for feeds in self._batches]
+        self._rtol = ctx.job.parity.fp32.rtol
+
+    def damage(self, model: onnx.ModelProto) -> float:
+        """1 - cosine of the worst output on the first batch: a continuous harm score."""
+        metrics = self._metrics(model, batches=1)
+        return max(1.0 - m.cosine_mean for m in metrics)
+
+    def __call__(self, model: onnx.ModelProto) -> tuple[bool, str]:
+        metrics = self._metrics(model, batches=len(self._batches))
+        checks = [check for m in metrics for check in int8_checks(m, self._policy)]
+        agreement = [m.top1_agreement for m in metrics]
+        if self._policy.max_accuracy_drop is not None:
+            # Without labels, top-1 disagreement bounds the accuracy drop from above.
+            limit = 1.0 - self._policy.max_accuracy_drop / 100.0
+            passed_agreement = all(a is None or a >= limit for a in agreement)
+        else:
+            passed_agreement = True
+        summary = ", ".join(f"{c.metric} {c.value:.4f}" for c in checks if c.metric != "nan_inf_count")
+        return all(check.passed for check in checks) and passed_agreement, summary
+
+    def _metrics(self, model: onnx.ModelProto, batches: int) -> list[OutputMetrics]:
+        session = _session(model)
+        comparators = [OutputComparator(self._rtol) for _ in self._names]
+        for feeds, reference in zip(self._batches[:batches], self._references[:batches], strict=True):
+            for comparator, ref, cand in zip(comparators, reference, session.run(self._names, feeds), strict=True):
+                comparator.update(ref, cand)
+        return [comparator.result() for comparator in comparators]
+
+
+def _session(model: Path | onnx.ModelProto) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if isinstance(model, onnx.ModelProto):
+        if model.ByteSize() >= PROTOBUF_LIMIT_BYTES:
+            raise StageError("quantize", "", "mixed precision cannot judge a model over 2 GiB in memory")
+        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+
+
+def _save(model: onnx.ModelProto, target: Path, external_threshold_bytes: int) -> None:
+    """Write the quantized model atomically; weights in external data above the job's threshold."""
+    weight_bytes = sum(len(tensor.raw_data) for tensor in model.graph.initializer)
+    external = weight_bytes > min(external_threshold_bytes, PROTOBUF_LIMIT_BYTES - 1)
+    with staged_files(target) as path:
+        onnx.save_model(model, str(path), save_as_external_data=external, location=external_data_name(target))

@@ -15,6 +15,7 @@ from pipeline.job import ConversionJob, DataSource
 from pipeline.parity.metrics import AccuracyCounter, OutputComparator
 from pipeline.parity.policy import Precision, accuracy_drop_check, fp32_checks, int8_checks
 from pipeline.parity.report import AccuracyParity, Comparison, OutputParity, ParityReport, write_reports
+from pipeline.quantization.performance import PerformanceCheck, performance_check
 from pipeline.stages.base import StageContext, Target, resize_feeds, run_torch
 
 logger = logging.getLogger(__name__)
@@ -90,12 +91,14 @@ class ValidateStage:
             stream = self._stream(ctx, sessions, steps, root=chain[0])
             comparisons = [self._comparison(ctx.job, step, stream) for step in steps]
             comparisons += self._shape_checks(ctx, sessions, stream)
+            performance = self._performance(ctx, sessions)
         report = ParityReport.build(
             job=ctx.job.name,
             data=_describe_data(ctx.job.parity_data, "evaluation" if ctx.job.evaluation else "calibration"),
             samples=stream.samples,
             notes=_notes(ctx, stream),
             comparisons=comparisons,
+            performance=performance,
         )
         report_path = write_reports(report, ctx.workdir)
         logger.info("parity %s: %s", ctx.job.name, report.verdict)
@@ -156,6 +159,25 @@ class ValidateStage:
                 step.update(runs, None, None)
                 comparisons.append(self._comparison(ctx.job, step, stream).model_copy(update={"shape": dict(sizes)}))
         return comparisons
+
+    def _performance(self, ctx: StageContext, sessions: Sessions) -> list[PerformanceCheck]:
+        """int8 vs the model it was quantized from, timed on each target on the first batch."""
+        if "quantize" not in ctx.artifacts:
+            return []
+        int8 = ctx.artifacts["quantize"].path
+        before = ctx.artifacts["simplify" if "simplify" in ctx.artifacts else "export"].path
+        feeds = ctx.example_batch().feeds
+        return [
+            performance_check(
+                target.name,
+                sessions[(target.name, before)],
+                sessions[(target.name, int8)],
+                ctx.workdir / int8,
+                feeds,
+                inspect_cpu_graph=target.name == "cpu",
+            )
+            for target in ctx.targets
+        ]
 
     def _open(self, ctx: StageContext, target: Target, path: str) -> Session:
         try:

@@ -106,4 +106,4 @@ def test_job_built_in_python(tmp_path: Path) -> None:
     assert result.passed
     assert result.path("quantize").is_file()
     quantize = result.artifacts["quantize"]
-    assert quantize.metadata["calibration_batches"] == 2
+    assert quantize.metadata["calibration"]["batches"] == 2

@@ -147,7 +147,7 @@ def test_produces_a_qdq_model(quantized: tuple[StageContext, Artifact]) -> None:
     assert metadata["quantize_linear"] == ops.count("QuantizeLinear")
     assert metadata["dequantize_linear"] == ops.count("DequantizeLinear")
     assert metadata["nodes"] == len(ops)
-    assert metadata["calibration_batches"] == 3  # 48 samples in batches of 16
+    assert metadata["calibration"]["batches"] == 3  # 48 samples in batches of 16
     assert metadata["activation_type"] == "uint8"
     assert metadata["activation_symmetric"] is False
     assert metadata["weight_type"] == "int8"

@@ -1,0 +1,1 @@
+"""Streaming calibration: per-tensor statistics in bounded memory, and ranges computed from them."""

@@ -1,0 +1,132 @@
+"""Stream calibration batches through the model and gather per-tensor statistics, one batch at a time.
+
+Unlike ONNX Runtime's histogram calibrators, which keep every intermediate output of every batch
+until the end, this keeps only a fixed-size `TensorHistogram` per tensor: memory depends on the
+batch size and the model, not on the number of samples.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from pipeline.calibration.histogram import TensorHistogram
+from pipeline.onnx_io import PROTOBUF_LIMIT_BYTES
+
+logger = logging.getLogger(__name__)
+
+_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16}
+
+
+@dataclass
+class CalibrationStats:
+    """Statistics of every calibrated tensor, mergeable across workers.
+
+    Attributes:
+        tensors: Histogram per tensor name.
+        batches: Batches seen.
+        samples: Samples seen (first axis).
+    """
+
+    tensors: dict[str, TensorHistogram] = field(default_factory=dict)
+    batches: int = 0
+    samples: int = 0
+
+    def merge(self, other: CalibrationStats) -> None:
+        """Add statistics gathered elsewhere on other data."""
+        for name, histogram in other.tensors.items():
+            if name in self.tensors:
+                self.tensors[name].merge(histogram)
+            else:
+                self.tensors[name] = histogram.copy()
+        self.batches += other.batches
+        self.samples += other.samples
+
+
+def select_tensors(model: onnx.ModelProto, op_types: set[str] | None) -> list[str]:
+    """Float activations read or written by nodes of the given op types (all nodes when None).
+
+    The same rule ONNX Runtime's calibrators use; `model` must carry value_info (shape inference).
+    """
+    value_infos = {vi.name: vi for vi in [*model.graph.value_info, *model.graph.output, *model.graph.input]}
+    initializers = {init.name for init in model.graph.initializer}
+    selected: dict[str, None] = {}
+    for node in model.graph.node:
+        if op_types is not None and node.op_type not in op_types:
+            continue
+        for name in [*node.input, *node.output]:
+            info = value_infos.get(name)
+            if info is None or name in initializers or not info.type.HasField("tensor_type"):
+                continue
+            if info.type.tensor_type.elem_type in _FLOAT_TYPES:
+                selected[name] = None
+    return list(selected)
+
+
+def collect_statistics(
+    model: onnx.ModelProto,
+    model_dir: Path,
+    tensors: list[str],
+    batches: Iterable[Mapping[str, np.ndarray]],
+    *,
+    histograms: bool,
+    threads: int = 0,
+) -> CalibrationStats:
+    """Run every batch through the model with `tensors` exposed, updating their statistics.
+
+    Args:
+        model: The (shape-inferred) model, weights loaded.
+        model_dir: A folder on the same disk, where the augmented copy is written briefly.
+        tensors: Tensor names to gather.
+        batches: Feed dicts, consumed one at a time.
+        histograms: Build histograms (for percentile / entropy / MSE), not only min/max.
+        threads: ONNX Runtime intra-op threads (0: its default).
+
+    Returns:
+        The statistics.
+    """
+    stats = CalibrationStats(tensors={name: TensorHistogram() for name in tensors})
+    with tempfile.TemporaryDirectory(dir=model_dir, prefix=".calibration-") as folder:
+        session = _session(_save_augmented(model, tensors, Path(folder)), threads)
+        for feeds in batches:
+            outputs = session.run(tensors, dict(feeds))
+            for name, values in zip(tensors, outputs, strict=True):
+                stats.tensors[name].update(values, with_histogram=histograms)
+            stats.batches += 1
+            stats.samples += int(next(iter(feeds.values())).shape[0])
+        del session
+    logger.info("calibrated %d tensors on %d batches (%d samples)", len(tensors), stats.batches, stats.samples)
+    return stats
+
+
+def _save_augmented(model: onnx.ModelProto, tensors: list[str], folder: Path) -> Path:
+    """Save a copy of the graph whose outputs are exactly the tensors to calibrate."""
+    value_infos = {vi.name: vi for vi in [*model.graph.value_info, *model.graph.output, *model.graph.input]}
+    augmented = onnx.ModelProto()
+    augmented.CopyFrom(model)
+    del augmented.graph.output[:]
+    augmented.graph.output.extend(value_infos[name] for name in tensors)
+    path = folder / "augmented.onnx"
+    weight_bytes = sum(len(tensor.raw_data) for tensor in augmented.graph.initializer)
+    # Weights go to a sidecar file only when they would not fit in one protobuf.
+    onnx.save_model(
+        augmented,
+        str(path),
+        save_as_external_data=weight_bytes > PROTOBUF_LIMIT_BYTES // 2,
+        location="augmented.onnx.data",
+    )
+    return path
+
+
+def _session(path: Path, threads: int) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

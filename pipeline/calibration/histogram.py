@@ -1,0 +1,121 @@
+"""A mergeable, growing histogram of one tensor's values, with min/max and non-finite counts.
+
+Bins are uniform over ``[-R, R)`` where R is a power of two. When a value falls outside, R
+doubles and every pair of bins merges into one: an exact operation, so histograms built on
+different workers (or batches) merge exactly once brought to the same R. Memory is fixed per
+tensor (`BINS` counts), whatever the number of samples.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+BINS = 4096
+# Values beyond this magnitude are treated like infinities: attention masks use finfo.min.
+HUGE = 1e30
+_SMALLEST_HALF_RANGE = 2.0**-24
+
+
+@dataclass
+class TensorHistogram:
+    """Streaming statistics of one tensor.
+
+    Attributes:
+        half_range: R, the histogram covers ``[-R, R)``.
+        counts: Counts per bin (`BINS` of them).
+        minimum: Smallest finite, non-huge value seen.
+        maximum: Largest finite, non-huge value seen.
+        finite: Number of values counted.
+        nonfinite: NaN and infinite values seen (left out of every statistic).
+        huge: Finite values beyond `HUGE` in magnitude (left out too).
+    """
+
+    half_range: float = 0.0
+    counts: np.ndarray = field(default_factory=lambda: np.zeros(BINS, dtype=np.int64))
+    minimum: float = math.inf
+    maximum: float = -math.inf
+    finite: int = 0
+    nonfinite: int = 0
+    huge: int = 0
+
+    def update(self, values: np.ndarray, with_histogram: bool = True) -> None:
+        """Add a batch of values (any shape)."""
+        flat = values.reshape(-1)
+        if flat.dtype != np.float32:
+            flat = flat.astype(np.float32)
+        if flat.size == 0:
+            return
+        low, high = float(flat.min()), float(flat.max())
+        # Fast path: every value finite and ordinary (min/max are NaN or beyond HUGE otherwise).
+        if not (-HUGE <= low and high <= HUGE):
+            flat = self._drop_irregular(flat)
+            if flat.size == 0:
+                return
+            low, high = float(flat.min()), float(flat.max())
+        self.minimum = min(self.minimum, low)
+        self.maximum = max(self.maximum, high)
+        self.finite += int(flat.size)
+        if with_histogram:
+            self._grow_to(max(-low, high))
+            self._add(flat)
+
+    def _drop_irregular(self, flat: np.ndarray) -> np.ndarray:
+        """Count and remove NaN, infinities and huge values (e.g. masks filled with finfo.min)."""
+        finite = np.isfinite(flat)
+        regular = finite & (np.abs(flat, where=finite, out=np.zeros_like(flat)) <= HUGE)
+        nonfinite = flat.size - int(np.count_nonzero(finite))
+        self.nonfinite += nonfinite
+        self.huge += flat.size - nonfinite - int(np.count_nonzero(regular))
+        return flat[regular]
+
+    def merge(self, other: TensorHistogram) -> None:
+        """Add another histogram of the same tensor (from another batch or worker)."""
+        self.nonfinite += other.nonfinite
+        self.huge += other.huge
+        if other.finite == 0:
+            return
+        self.minimum = min(self.minimum, other.minimum)
+        self.maximum = max(self.maximum, other.maximum)
+        self.finite += other.finite
+        if other.half_range == 0:
+            return
+        incoming = other.copy()
+        target = max(self.half_range, incoming.half_range)
+        self._grow_to(target)
+        incoming._grow_to(target)
+        self.counts += incoming.counts
+
+    def copy(self) -> TensorHistogram:
+        """An independent copy."""
+        return TensorHistogram(
+            self.half_range, self.counts.copy(), self.minimum, self.maximum, self.finite, self.nonfinite, self.huge
+        )
+
+    @property
+    def edges(self) -> np.ndarray:
+        """The `BINS + 1` bin edges."""
+        return np.linspace(-self.half_range, self.half_range, BINS + 1)
+
+    def _grow_to(self, magnitude: float) -> None:
+        """Double R until it covers `magnitude`, merging bin pairs each time (exact)."""
+        if self.half_range == 0:
+            self.half_range = 2.0 ** math.ceil(math.log2(max(magnitude, _SMALLEST_HALF_RANGE)))
+            if magnitude >= self.half_range:
+                self.half_range *= 2
+            return
+        while magnitude >= self.half_range:
+            merged = self.counts.reshape(-1, 2).sum(axis=1)
+            self.counts = np.zeros(BINS, dtype=np.int64)
+            self.counts[BINS // 4 : 3 * BINS // 4] = merged
+            self.half_range *= 2
+
+    def _add(self, values: np.ndarray) -> None:
+        scale = np.float32(BINS / (2 * self.half_range))
+        shifted = values + np.float32(self.half_range)
+        shifted *= scale
+        index = shifted.astype(np.int32)
+        np.clip(index, 0, BINS - 1, out=index)
+        self.counts += np.bincount(index, minlength=BINS)

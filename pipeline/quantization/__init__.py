@@ -1,0 +1,1 @@
+"""Static int8 quantization: the recipe (what to quantize), the QDQ rewrite, mixed precision, speed."""
