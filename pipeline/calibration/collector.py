@@ -1,4 +1,4 @@
-"""Stream calibration batches through the model and gather per-tensor statistics, one batch at a time.
+"""Stream calibration batches through the model and gather per-tensor statistics, a slice at a time.
 
 Unlike ONNX Runtime's histogram calibrators, which keep every intermediate output of every batch
 until the end, this keeps only a fixed-size `TensorHistogram` per tensor: memory depends on the
@@ -8,8 +8,10 @@ batch size and the model, not on the number of samples.
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +25,8 @@ from pipeline.onnx_io import PROTOBUF_LIMIT_BYTES
 logger = logging.getLogger(__name__)
 
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16}
+# Elements of exposed tensors one calibration run may produce (float32: 4 bytes each).
+OUTPUT_BUDGET = 16 * 2**20
 
 
 @dataclass
@@ -50,10 +54,11 @@ class CalibrationStats:
         self.samples += other.samples
 
 
-def select_tensors(model: onnx.ModelProto, op_types: set[str] | None) -> list[str]:
-    """Float activations read or written by nodes of the given op types (all nodes when None).
+def select_tensors(model: onnx.ModelProto, op_types: set[str] | None, outputs: bool = True) -> list[str]:
+    """Float activations read (and, with `outputs`, written) by nodes of the given op types.
 
-    The same rule ONNX Runtime's calibrators use; `model` must carry value_info (shape inference).
+    With `outputs`, the rule ONNX Runtime's calibrators use. `model` must carry value_info
+    (shape inference). All nodes when `op_types` is None.
     """
     value_infos = {vi.name: vi for vi in [*model.graph.value_info, *model.graph.output, *model.graph.input]}
     initializers = {init.name for init in model.graph.initializer}
@@ -61,7 +66,7 @@ def select_tensors(model: onnx.ModelProto, op_types: set[str] | None) -> list[st
     for node in model.graph.node:
         if op_types is not None and node.op_type not in op_types:
             continue
-        for name in [*node.input, *node.output]:
+        for name in [*node.input, *node.output] if outputs else node.input:
             info = value_infos.get(name)
             if info is None or name in initializers or not info.type.HasField("tensor_type"):
                 continue
@@ -81,6 +86,10 @@ def collect_statistics(
 ) -> CalibrationStats:
     """Run every batch through the model with `tensors` exposed, updating their statistics.
 
+    Peak memory does not depend on the number of batches, nor on the batch size: a batch is
+    run in slices whose exposed tensors stay under `OUTPUT_BUDGET` elements (the first slice
+    is one sample, to measure). Histograms are updated on a thread pool, one tensor per task.
+
     Args:
         model: The (shape-inferred) model, weights loaded.
         model_dir: A folder on the same disk, where the augmented copy is written briefly.
@@ -93,17 +102,39 @@ def collect_statistics(
         The statistics.
     """
     stats = CalibrationStats(tensors={name: TensorHistogram() for name in tensors})
-    with tempfile.TemporaryDirectory(dir=model_dir, prefix=".calibration-") as folder:
+    ordered = [stats.tensors[name] for name in tensors]
+    per_sample: int | None = None
+
+    def update(pair: tuple[TensorHistogram, np.ndarray]) -> None:
+        pair[0].update(pair[1], with_histogram=histograms)
+
+    with (
+        tempfile.TemporaryDirectory(dir=model_dir, prefix=".calibration-") as folder,
+        ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool,
+    ):
         session = _session(_save_augmented(model, tensors, Path(folder)), threads)
         for feeds in batches:
-            outputs = session.run(tensors, dict(feeds))
-            for name, values in zip(tensors, outputs, strict=True):
-                stats.tensors[name].update(values, with_histogram=histograms)
+            size = _batch_size(feeds)
+            splittable = all(a.ndim and a.shape[0] == size for a in feeds.values())
+            start = 0
+            while start < size:
+                step = size if not splittable else (1 if per_sample is None else max(1, OUTPUT_BUDGET // per_sample))
+                outputs = session.run(tensors, {name: a[start : start + step] for name, a in feeds.items()})
+                if per_sample is None:
+                    per_sample = max(1, sum(o.size for o in outputs) // min(step, size))
+                list(pool.map(update, zip(ordered, outputs, strict=True)))
+                del outputs
+                start += step
             stats.batches += 1
-            stats.samples += int(next(iter(feeds.values())).shape[0])
+            stats.samples += size
         del session
     logger.info("calibrated %d tensors on %d batches (%d samples)", len(tensors), stats.batches, stats.samples)
     return stats
+
+
+def _batch_size(feeds: Mapping[str, np.ndarray]) -> int:
+    first = next(iter(feeds.values()))
+    return int(first.shape[0]) if first.ndim else 1
 
 
 def _save_augmented(model: onnx.ModelProto, tensors: list[str], folder: Path) -> Path:

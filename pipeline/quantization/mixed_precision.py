@@ -1,6 +1,7 @@
 """Accuracy-aware mixed precision: keep the fewest nodes float that bring int8 within the policy.
 
-Candidates are the quantized compute nodes (Conv, MatMul, Gemm) with an activation input. Each is measured alone: the model
+Candidates are the quantized compute nodes (Conv, MatMul, Gemm) with an activation input.
+Each is measured alone: the model
 with only that node quantized is compared with the float model on a calibration batch, and the
 damage (1 - cosine of the worst output) ranks it. An estimate from the histograms alone (the
 SQNR of a node's inputs) ranks badly on transformers, because it ignores how far an error

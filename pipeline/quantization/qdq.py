@@ -47,6 +47,7 @@ def quantize_qdq(
     op_types: tuple[str, ...] | None,
     exclude: list[str],
     only: list[str] | None = None,
+    quantize_outputs: bool = True,
 ) -> onnx.ModelProto:
     """Return a QDQ copy of `model` (which must carry shape-inferred value_info).
 
@@ -57,6 +58,7 @@ def quantize_qdq(
         op_types: Op types to quantize (None: all ONNX Runtime supports).
         exclude: Node names kept float.
         only: Quantize just these nodes (None: every node of `op_types` not excluded).
+        quantize_outputs: Also quantize the outputs of quantized nodes.
     """
     from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 
@@ -69,6 +71,8 @@ def quantize_qdq(
         "ActivationSymmetric": settings.activation_symmetric or settings.power_of_two,
         "WeightSymmetric": True,
     }
+    if not quantize_outputs and op_types:
+        extra_options["OpTypesToExcludeOutputQuantization"] = list(op_types)
     if settings.power_of_two:
         extra_options["TensorQuantOverrides"] = _power_of_two_overrides(working, ranges, op_types, settings)
     quantizer = QDQQuantizer(

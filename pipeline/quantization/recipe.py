@@ -21,11 +21,16 @@ class Recipe:
     Attributes:
         family: "transformer", "generic", or "job" when the job lists op types itself.
         op_types: Op types to quantize (None: every op type ONNX Runtime quantizes).
+        quantize_outputs: Put Q/DQ on the outputs of quantized nodes too. Off for transformers:
+            their MatMul outputs feed float ops (bias Add, Softmax), so an output Q/DQ would
+            only add error and a conversion; ONNX Runtime then fuses DQ -> MatMul into one
+            int8 kernel with a float output.
         kept_float: Nodes kept float, with the reason for each.
     """
 
     family: str
     op_types: tuple[str, ...] | None
+    quantize_outputs: bool = True
     kept_float: dict[str, str] = field(default_factory=dict)
 
 
@@ -39,10 +44,10 @@ def choose_recipe(model: onnx.ModelProto, job_op_types: list[str] | None, job_ex
     """
     kept = {name: "listed in quantize.exclude_nodes" for name in job_excludes}
     if job_op_types is not None:
-        return Recipe("job", tuple(job_op_types), kept)
+        return Recipe("job", tuple(job_op_types), kept_float=kept)
     if is_transformer(model):
-        return Recipe("transformer", TRANSFORMER_OP_TYPES, kept)
-    return Recipe("generic", None, kept)
+        return Recipe("transformer", TRANSFORMER_OP_TYPES, quantize_outputs=False, kept_float=kept)
+    return Recipe("generic", None, kept_float=kept)
 
 
 def is_transformer(model: onnx.ModelProto) -> bool:

@@ -23,7 +23,7 @@ from pipeline.parity.policy import int8_checks
 from pipeline.quantization.cpu import needs_reduce_range
 from pipeline.quantization.mixed_precision import rank_by_damage, rank_candidates, search
 from pipeline.quantization.qdq import QdqSettings, quantize_qdq
-from pipeline.quantization.recipe import choose_recipe, irregular_tensor_nodes
+from pipeline.quantization.recipe import Recipe, choose_recipe, irregular_tensor_nodes
 from pipeline.stages.base import StageContext, Target
 
 logger = logging.getLogger(__name__)
@@ -55,7 +55,8 @@ class QuantizeStage:
         except Exception as e:  # noqa: BLE001 - shape inference raises many types
             raise StageError(self.name, job.name, f"shape inference failed: {first_line(e)}") from e
         recipe = choose_recipe(model, options.op_types, options.exclude_nodes)
-        tensors = select_tensors(model, set(recipe.op_types) if recipe.op_types else None)
+        op_types = set(recipe.op_types) if recipe.op_types else None
+        tensors = select_tensors(model, op_types, recipe.quantize_outputs)
         clock = time.perf_counter()
         stats, cache_hit = self._statistics(ctx, model, parent.sha256, tensors)
         calibration_seconds = time.perf_counter() - clock
@@ -64,24 +65,24 @@ class QuantizeStage:
             for name, h in stats.tensors.items()
         }
         kept = {**recipe.kept_float, **irregular_tensor_nodes(model, stats)}
-        quantized = self._quantize(job, model, ranges, settings, recipe.op_types, kept)
+        quantized = self._quantize(job, model, ranges, settings, recipe, kept)
         probes: list[dict[str, object]] = []
         if options.mixed_precision and _has_checks(job.parity.int8):
             judge = _PolicyJudge(ctx, source, job.parity.int8)
             estimated = rank_candidates(model, stats.tensors, ranges, recipe.op_types, set(kept))
 
             def alone(node: str) -> float:
-                return judge.damage(self._quantize(job, model, ranges, settings, recipe.op_types, kept, only=[node]))
+                return judge.damage(self._quantize(job, model, ranges, settings, recipe, kept, only=[node]))
 
             def evaluate(extra_float: list[str]) -> tuple[bool, str]:
                 candidate_kept = {**kept, **dict.fromkeys(extra_float, "")}
-                return judge(self._quantize(job, model, ranges, settings, recipe.op_types, candidate_kept))
+                return judge(self._quantize(job, model, ranges, settings, recipe, candidate_kept))
 
             result = search(lambda: rank_by_damage(estimated, alone), evaluate, options.max_float_share)
             kept.update(result.kept_float)
             probes = [{"kept_float": p.kept_float, "passed": p.passed, "summary": p.summary} for p in result.probes]
             if result.kept_float:
-                quantized = self._quantize(job, model, ranges, settings, recipe.op_types, kept)
+                quantized = self._quantize(job, model, ranges, settings, recipe, kept)
             if not result.met:
                 share = 100 * options.max_float_share
                 logger.warning("%s: int8 policy not met with up to %.0f%% of nodes float", job.name, share)
@@ -95,6 +96,7 @@ class QuantizeStage:
             {
                 "format": "QDQ",
                 "recipe": recipe.family,
+                "quantize_outputs": recipe.quantize_outputs,
                 "op_types": list(recipe.op_types) if recipe.op_types else "all ONNX Runtime quantizes",
                 "calibration": {
                     "method": options.calibration_method,
@@ -157,12 +159,12 @@ class QuantizeStage:
         model: onnx.ModelProto,
         ranges: dict[str, tuple[float, float]],
         settings: QdqSettings,
-        op_types: tuple[str, ...] | None,
+        recipe: Recipe,
         kept: dict[str, str],
         only: list[str] | None = None,
     ) -> onnx.ModelProto:
         try:
-            return quantize_qdq(model, ranges, settings, op_types, list(kept), only)
+            return quantize_qdq(model, ranges, settings, recipe.op_types, list(kept), only, recipe.quantize_outputs)
         except Exception as e:  # noqa: BLE001 - ORT's quantizer raises many types
             detail = f"ONNX Runtime's QDQ quantizer failed: {type(e).__name__}: {first_line(e)}"
             raise StageError(self.name, job.name, detail) from e
