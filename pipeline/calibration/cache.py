@@ -58,7 +58,9 @@ def load(folder: Path, key: str) -> CalibrationStats | None:
                     nonfinite=int(scalars[4]),
                     huge=int(scalars[5]),
                 )
-    except (OSError, ValueError, KeyError) as e:
+        if any(h.counts.shape != (BINS,) for h in stats.tensors.values()):
+            raise ValueError(f"histograms are not {BINS} bins")
+    except Exception as e:  # noqa: BLE001 - any unreadable entry is a cache miss, never a failure
         logger.warning("ignoring unreadable calibration cache entry %s: %s", path, e)
         return None
     logger.info("calibration cache hit: %s", path.name)

@@ -84,8 +84,8 @@ class TensorHistogram:
             return
         incoming = other.copy()
         target = max(self.half_range, incoming.half_range)
-        self._grow_to(target)
-        incoming._grow_to(target)
+        self._widen_to(target)
+        incoming._widen_to(target)
         self.counts += incoming.counts
 
     def copy(self) -> TensorHistogram:
@@ -100,22 +100,35 @@ class TensorHistogram:
         return np.linspace(-self.half_range, self.half_range, BINS + 1)
 
     def _grow_to(self, magnitude: float) -> None:
-        """Double R until it covers `magnitude`, merging bin pairs each time (exact)."""
+        """Make R the smallest power of two above `magnitude` (values must fall inside [-R, R))."""
         if self.half_range == 0:
             self.half_range = 2.0 ** math.ceil(math.log2(max(magnitude, _SMALLEST_HALF_RANGE)))
             if magnitude >= self.half_range:
                 self.half_range *= 2
             return
-        while magnitude >= self.half_range:
+        needed = self.half_range
+        while magnitude >= needed:
+            needed *= 2
+        self._widen_to(needed)
+
+    def _widen_to(self, half_range: float) -> None:
+        """Double R up to `half_range` (a power of two), merging bin pairs each time: exact."""
+        if self.half_range == 0:
+            self.half_range = half_range
+            return
+        while self.half_range < half_range:
             merged = self.counts.reshape(-1, 2).sum(axis=1)
             self.counts = np.zeros(BINS, dtype=np.int64)
             self.counts[BINS // 4 : 3 * BINS // 4] = merged
             self.half_range *= 2
 
     def _add(self, values: np.ndarray) -> None:
+        # scale is a power of two, so values * scale is exact in float32 and floor() puts every
+        # value in the same bin whatever R was when it arrived (merging stays exact).
         scale = np.float32(BINS / (2 * self.half_range))
-        shifted = values + np.float32(self.half_range)
-        shifted *= scale
-        index = shifted.astype(np.int32)
+        scaled = values * scale
+        np.floor(scaled, out=scaled)
+        index = scaled.astype(np.int32)
+        index += BINS // 2
         np.clip(index, 0, BINS - 1, out=index)
         self.counts += np.bincount(index, minlength=BINS)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import numpy as np
@@ -40,7 +41,11 @@ def compute_range(
         low, high = _percentile(histogram, percentile)
     elif method == "entropy":
         threshold = _entropy_threshold(histogram, levels // 2)
-        low, high = -threshold, threshold
+        # A threshold on |x| clips only the side(s) the data reaches, never past the other bound.
+        low = -threshold if observed[0] < 0 else observed[0]
+        high = threshold if observed[1] > 0 else observed[1]
+        if high <= low:
+            low, high = observed
     else:
         low, high = _mse_range(histogram, levels)
     return max(low, observed[0]), min(high, observed[1])
@@ -70,6 +75,13 @@ def _entropy_threshold(histogram: TensorHistogram, quantized_bins: int) -> float
     """TensorRT's calibration: the |x| threshold whose clipped distribution loses least (KL) to
     its `quantized_bins`-level quantization."""
     folded = _folded(histogram).astype(np.float64)
+    # The KL estimate needs counts in the bins: coarsen to ~16 values per bin on average; with
+    # too few values for `quantized_bins` bins there is nothing to estimate, so no clipping.
+    usable_bins = 2 ** int(math.log2(max(folded.sum() / 16, 1)))
+    if usable_bins <= quantized_bins:
+        return max(-histogram.minimum, histogram.maximum)
+    if usable_bins < folded.size:
+        folded = folded.reshape(usable_bins, -1).sum(axis=1)
     width = histogram.half_range / folded.size
     best, best_threshold = np.inf, histogram.half_range
     for stop in np.unique(np.linspace(quantized_bins, folded.size, _CANDIDATES).astype(int)):
@@ -77,7 +89,7 @@ def _entropy_threshold(histogram: TensorHistogram, quantized_bins: int) -> float
         reference[-1] += folded[stop:].sum()  # outliers fold into the last kept bin
         if reference.sum() == 0:
             continue
-        candidate = _quantize_and_expand(folded[:stop], quantized_bins)
+        candidate = _quantize_and_expand(reference, quantized_bins)
         divergence = _kl(reference, candidate)
         if divergence < best:
             best, best_threshold = divergence, stop * width
@@ -95,15 +107,16 @@ def _quantize_and_expand(counts: np.ndarray, levels: int) -> np.ndarray:
     return np.where(nonzero, per_bin[group_of_bin], 0.0)
 
 
-def _kl(reference: np.ndarray, candidate: np.ndarray) -> float:
+def _kl(reference: np.ndarray, candidate: np.ndarray, epsilon: float = 1e-4) -> float:
+    """KL(p || q), with q smoothed where it is empty but p is not (as ONNX Runtime does)."""
     p = reference / reference.sum()
     total = candidate.sum()
     if total == 0:
         return np.inf
     q = candidate / total
+    q = np.where((q == 0) & (p > 0), epsilon / p.size, q)
+    q = q / q.sum()
     mask = p > 0
-    if np.any(q[mask] == 0):
-        return np.inf
     return float(np.sum(p[mask] * np.log(p[mask] / q[mask])))
 
 

@@ -76,11 +76,12 @@ def unfused_qdq_count(model: Path) -> int | None:
 
 
 def float_compute_nodes(model: Path) -> int:
-    """Conv / MatMul / Gemm nodes of the QDQ model whose inputs are not dequantized int8."""
+    """Conv / MatMul / Gemm nodes of the QDQ model that run in float: their data and weight
+    inputs (the first two) are not both dequantized int8."""
     graph = onnx.load(str(model), load_external_data=False).graph
     dequantized = {out for node in graph.node if node.op_type == "DequantizeLinear" for out in node.output}
     return sum(
-        node.op_type in ("Conv", "MatMul", "Gemm") and not any(name in dequantized for name in node.input)
+        node.op_type in ("Conv", "MatMul", "Gemm") and not all(name in dequantized for name in node.input[:2])
         for node in graph.node
     )
 

@@ -96,7 +96,8 @@ def power_of_two_scale(magnitude: float, levels: int = 127) -> float:
     """The smallest power of two s with ``magnitude <= s * levels`` (so nothing clips)."""
     if magnitude <= 0:
         return 1.0
-    return 2.0 ** math.ceil(math.log2(magnitude / levels))
+    scale = 2.0 ** math.ceil(math.log2(magnitude / levels))
+    return scale * 2 if scale * levels < magnitude else scale  # log2 can round down by an ulp
 
 
 def _power_of_two_overrides(
@@ -105,32 +106,37 @@ def _power_of_two_overrides(
     op_types: tuple[str, ...] | None,
     settings: QdqSettings,
 ) -> dict[str, list[dict[str, object]]]:
-    """Scale and zero point for every activation and weight: powers of two, zero point 0."""
-    int8 = QuantType.QInt8
+    """Scale and zero point for every activation and every quantizable constant: powers of two,
+    zero point 0. (Biases of Conv / Gemm are int32 with scale input x weight: a power of two too.)
+    Values are 0-d arrays, the form ONNX Runtime's overrides accept."""
     overrides: dict[str, list[dict[str, object]]] = {
-        name: [{"scale": np.float32(power_of_two_scale(max(-low, high))), "zero_point": np.int8(0), "quant_type": int8}]
-        for name, (low, high) in ranges.items()
+        name: [_symmetric(power_of_two_scale(max(-low, high)))] for name, (low, high) in ranges.items()
     }
     initializers = {init.name: init for init in model.graph.initializer}
     for node in model.graph.node:
-        index = _WEIGHT_INPUT.get(node.op_type)
-        if index is None or (op_types and node.op_type not in op_types) or len(node.input) <= index:
+        if op_types and node.op_type not in op_types:
             continue
-        weight = initializers.get(node.input[index])
-        if weight is None:
-            continue
-        values = np.abs(numpy_helper.to_array(weight).astype(np.float32))
-        axis = _channel_axis(node, values.ndim)
-        if settings.per_channel:
-            maxima = np.moveaxis(values, axis, 0).reshape(values.shape[axis], -1).max(axis=1)
-            overrides[weight.name] = [
-                {"axis": axis, "scale": np.float32(power_of_two_scale(float(m))), "zero_point": np.int8(0)}
-                for m in maxima
-            ]
-        else:
-            scale = power_of_two_scale(float(values.max()))
-            overrides[weight.name] = [{"scale": np.float32(scale), "zero_point": np.int8(0)}]
+        for index, name in enumerate(node.input):
+            constant = initializers.get(name)
+            is_bias = node.op_type in ("Conv", "Gemm") and index == 2
+            if constant is None or is_bias or constant.data_type != onnx.TensorProto.FLOAT:
+                continue
+            values = np.abs(numpy_helper.to_array(constant))
+            if settings.per_channel and index == _WEIGHT_INPUT.get(node.op_type) and values.ndim > 1:
+                axis = _channel_axis(node, values.ndim)
+                maxima = np.moveaxis(values, axis, 0).reshape(values.shape[axis], -1).max(axis=1)
+                overrides[name] = [{"axis": axis, **_symmetric(power_of_two_scale(float(m)))} for m in maxima]
+            else:
+                overrides[name] = [_symmetric(power_of_two_scale(float(values.max(initial=0.0))))]
     return overrides
+
+
+def _symmetric(scale: float) -> dict[str, object]:
+    return {
+        "scale": np.array(scale, dtype=np.float32),
+        "zero_point": np.array(0, dtype=np.int8),
+        "quant_type": QuantType.QInt8,
+    }
 
 
 def _channel_axis(node: onnx.NodeProto, rank: int) -> int:

@@ -200,7 +200,7 @@ def test_counts_over_an_interval_match_numpy() -> None:
 def test_memory_is_fixed_whatever_the_data_size() -> None:
     rng = np.random.default_rng(4)
     small = histogram_of(np.float32([1.0]))
-    big = histogram_of(*(rng.normal(scale=10.0 ** k, size=250_000).astype(np.float32) for k in range(-3, 5)))
+    big = histogram_of(*(rng.normal(scale=10.0**k, size=250_000).astype(np.float32) for k in range(-3, 5)))
 
     for histogram in (small, big, TensorHistogram()):
         assert histogram.counts.shape == (BINS,)
@@ -248,11 +248,6 @@ def test_merged_counts_are_exact_once_at_the_same_range(dyadic_chunks: list[np.n
         np.testing.assert_array_equal(merged.counts, coarsened(sequential, merged.half_range))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: TensorHistogram.merge doubles R even when both histograms already share it "
-    "(_grow_to(target) grows while magnitude >= half_range), so merged R != one-pass R",
-)
 def test_merge_of_histograms_at_the_same_range_keeps_that_range() -> None:
     one = histogram_of(np.float32([1.5, -0.5]))
     other = histogram_of(np.float32([-1.25, 0.75]))
@@ -264,11 +259,6 @@ def test_merge_of_histograms_at_the_same_range_keeps_that_range() -> None:
     np.testing.assert_array_equal(one.counts, histogram_of(np.float32([1.5, -0.5, -1.25, 0.75])).counts)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: TensorHistogram._add bins `values + R` in float32: once R is large, small negative "
-    "values round up to the 0 edge and land in the first non-negative bin",
-)
 def test_small_negative_values_land_below_zero_after_growth() -> None:
     histogram = histogram_of(np.float32([3000.0]))  # R = 4096, bins of width 2
     assert histogram.half_range == 4096.0
@@ -279,10 +269,6 @@ def test_small_negative_values_land_below_zero_after_growth() -> None:
     assert histogram.counts[BINS // 2] == 0  # [0, 2)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: binning depends on R at update time (float32 rounding in _add), so the order of updates changes counts",
-)
 def test_update_order_does_not_change_the_counts(chunks: list[np.ndarray]) -> None:
     reference = histogram_of(*chunks)
 
@@ -292,11 +278,6 @@ def test_update_order_does_not_change_the_counts(chunks: list[np.ndarray]) -> No
         np.testing.assert_array_equal(reordered.counts, reference.counts)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: merge is not exact: it over-grows R (merge -> _grow_to) and float32 binning in _add "
-    "depends on the R a chunk was binned at",
-)
 def test_merging_chunk_histograms_equals_one_pass(chunks: list[np.ndarray]) -> None:
     sequential = histogram_of(*chunks)
     parts = [histogram_of(chunk) for chunk in chunks]

@@ -84,11 +84,6 @@ def test_far_outliers_are_clipped(normal: np.ndarray, method: RangeMethod) -> No
     assert covered > 0.999  # still the bulk of the distribution
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the entropy search gives KL = inf (no smoothing, empty-bin mask taken before the outliers are "
-    "added) to every threshold whose last kept bin is empty, so with a sparse tail it cannot clip at all",
-)
 def test_entropy_clips_far_outliers_on_a_smaller_sample(normal: np.ndarray) -> None:
     histogram = histogram_of(with_outliers(normal[:200_000], per_side=1))
 
