@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16}
 # Elements of exposed tensors one calibration run may produce (float32: 4 bytes each).
-OUTPUT_BUDGET = 16 * 2**20
+OUTPUT_BUDGET = 32 * 2**20
 
 
 @dataclass

@@ -8,7 +8,7 @@ from statistics import NormalDist
 import numpy as np
 import pytest
 
-from pipeline.calibration.histogram import BINS, TensorHistogram
+from pipeline.calibration.histogram import BINS, HISTOGRAM_SAMPLE, TensorHistogram
 from pipeline.calibration.ranges import RangeMethod, compute_range
 
 METHODS: tuple[RangeMethod, ...] = ("minmax", "percentile", "entropy", "mse")
@@ -16,8 +16,11 @@ OUTLIER = 50.0  # in standard deviations
 
 
 def histogram_of(values: np.ndarray) -> TensorHistogram:
+    """Every value binned: updates no larger than HISTOGRAM_SAMPLE (larger ones are sampled)."""
     histogram = TensorHistogram()
-    histogram.update(np.asarray(values, dtype=np.float32))
+    flat = np.asarray(values, dtype=np.float32).reshape(-1)
+    for start in range(0, max(flat.size, 1), HISTOGRAM_SAMPLE):
+        histogram.update(flat[start : start + HISTOGRAM_SAMPLE])
     return histogram
 
 
@@ -44,6 +47,19 @@ def test_minmax_returns_the_observed_extremes(normal: np.ndarray, normal_histogr
     assert compute_range(normal_histogram, "minmax") == (float(normal.min()), float(normal.max()))
     skewed = np.float32([0.25, 3.5, 7.0, 1.0])
     assert compute_range(histogram_of(skewed), "minmax") == (0.25, 7.0)
+
+
+def test_a_sampled_update_keeps_percentiles_close(normal: np.ndarray) -> None:
+    # One 1M-value update bins an evenly strided quarter of it: a few bins of sampling error.
+    sampled = TensorHistogram()
+    sampled.update(normal)
+    assert sampled.counts.sum() < normal.size and sampled.finite == normal.size
+    width = bin_width(sampled)
+    low, high = compute_range(sampled, "percentile", percentile=99.9)
+    empirical_low, empirical_high = np.quantile(normal, [0.0005, 0.9995])
+    assert abs(low - empirical_low) <= 8 * width
+    assert abs(high - empirical_high) <= 8 * width
+    assert (sampled.minimum, sampled.maximum) == (float(normal.min()), float(normal.max()))
 
 
 @pytest.mark.parametrize("percentile", [99.0, 99.9])
