@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.table import Table
 
 from backends.registry import list_backends
@@ -129,9 +130,9 @@ def _print_report(report: ParityReport) -> None:
             metrics = output.metrics
             shows_accuracy = accuracy is not None and accuracy.output == output.name
             table.add_row(
-                comparison.label,
-                comparison.target,
-                output.name,
+                escape(comparison.label),  # "export[batch=1]" is not rich markup
+                escape(comparison.target),
+                escape(output.name),
                 format_value(metrics.max_abs),
                 format_value(metrics.cosine_mean),
                 format_value(metrics.snr_db),
