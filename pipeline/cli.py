@@ -123,7 +123,7 @@ def _print_report(report: ParityReport) -> None:
     table = Table(title=f"parity: {report.job} on {report.data}, {report.samples} samples")
     columns = ("stage", "target", "output", "max abs", "cosine mean", "SNR dB", "top-1 agree", "top-1 acc", "result")
     for column in columns:
-        table.add_column(column)
+        table.add_column(column, overflow="fold")
     for comparison in report.comparisons:
         accuracy = comparison.accuracy
         for output in comparison.outputs:
