@@ -65,27 +65,10 @@ class QuantizeStage:
             for name, h in stats.tensors.items()
         }
         kept = {**recipe.kept_float, **irregular_tensor_nodes(model, stats)}
-        quantized = self._quantize(job, model, ranges, settings, recipe, kept)
         probes: list[dict[str, object]] = []
         if options.mixed_precision and _has_checks(job.parity.int8):
-            judge = _PolicyJudge(ctx, source, job.parity.int8)
-            estimated = rank_candidates(model, stats.tensors, ranges, recipe.op_types, set(kept))
-
-            def alone(node: str) -> float:
-                return judge.damage(self._quantize(job, model, ranges, settings, recipe, kept, only=[node]))
-
-            def evaluate(extra_float: list[str]) -> tuple[bool, str]:
-                candidate_kept = {**kept, **dict.fromkeys(extra_float, "")}
-                return judge(self._quantize(job, model, ranges, settings, recipe, candidate_kept))
-
-            result = search(lambda: rank_by_damage(estimated, alone), evaluate, options.max_float_share)
-            kept.update(result.kept_float)
-            probes = [{"kept_float": p.kept_float, "passed": p.passed, "summary": p.summary} for p in result.probes]
-            if result.kept_float:
-                quantized = self._quantize(job, model, ranges, settings, recipe, kept)
-            if not result.met:
-                share = 100 * options.max_float_share
-                logger.warning("%s: int8 policy not met with up to %.0f%% of nodes float", job.name, share)
+            kept, probes = self._mixed_precision(ctx, source, model, stats, ranges, settings, recipe, kept)
+        quantized = self._quantize(job, model, ranges, settings, recipe, kept)
         target = ctx.workdir / INT8_MODEL
         _save(quantized, target, job.export.external_data_threshold_bytes)
         graph = load_graph_only(target).graph
@@ -125,6 +108,36 @@ class QuantizeStage:
                 "dequantize_linear": sum(node.op_type == "DequantizeLinear" for node in graph.node),
             },
         )
+
+    def _mixed_precision(
+        self,
+        ctx: StageContext,
+        source: Path,
+        model: onnx.ModelProto,
+        stats: CalibrationStats,
+        ranges: dict[str, tuple[float, float]],
+        settings: QdqSettings,
+        recipe: Recipe,
+        kept: dict[str, str],
+    ) -> tuple[dict[str, str], list[dict[str, object]]]:
+        """The float nodes the int8 policy needs (on calibration data), and every probe made."""
+        job = ctx.job
+        judge = _PolicyJudge(ctx, source, job.parity.int8)
+        estimated = rank_candidates(model, stats.tensors, ranges, recipe.op_types, set(kept))
+
+        def alone(node: str) -> float:
+            return judge.damage(self._quantize(job, model, ranges, settings, recipe, kept, only=[node]))
+
+        def evaluate(extra_float: list[str]) -> tuple[bool, str]:
+            candidate_kept = {**kept, **dict.fromkeys(extra_float, "")}
+            return judge(self._quantize(job, model, ranges, settings, recipe, candidate_kept))
+
+        result = search(lambda: rank_by_damage(estimated, alone), evaluate, job.quantize.max_float_share)
+        if not result.met:
+            share = 100 * job.quantize.max_float_share
+            logger.warning("%s: int8 policy not met with up to %.0f%% of nodes float", job.name, share)
+        probes = [{"kept_float": p.kept_float, "passed": p.passed, "summary": p.summary} for p in result.probes]
+        return {**kept, **result.kept_float}, probes
 
     def _statistics(
         self, ctx: StageContext, model: onnx.ModelProto, model_sha256: str, tensors: list[str]
