@@ -1,6 +1,7 @@
 """onnxforge's public Python API: convert trained PyTorch models to validated int8 ONNX."""
 
-from pipeline.api import convert
+from pipeline.api import convert, convert_many
+from pipeline.batch.executor import JobOutcome
 from pipeline.errors import (
     BackendError,
     ExitCode,
@@ -22,6 +23,7 @@ from pipeline.job import (
     SimplifyOptions,
     TargetSpec,
     load_job,
+    validate_job,
 )
 from pipeline.parity.report import ParityReport
 from pipeline.result import ConversionResult
@@ -36,6 +38,7 @@ __all__ = [
     "ExportOptions",
     "Fp32Policy",
     "InputSpec",
+    "JobOutcome",
     "Int8Policy",
     "JobError",
     "ModelSource",
@@ -49,5 +52,7 @@ __all__ = [
     "StageEvent",
     "TargetSpec",
     "convert",
+    "convert_many",
     "load_job",
+    "validate_job",
 ]

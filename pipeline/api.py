@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
+from pipeline.batch.executor import JobOutcome, LocalExecutor
 from pipeline.job import ConversionJob, load_job
 from pipeline.result import ConversionResult
 from pipeline.runner import ProgressCallback, run_job
@@ -38,3 +40,29 @@ def convert(
         overrides = {"output_dir": str(Path(output_dir).resolve())} if output_dir is not None else {}
         resolved = load_job(job, **overrides)
     return run_job(resolved, on_event)
+
+
+def convert_many(
+    jobs: Sequence[ConversionJob | str | Path],
+    *,
+    workers: int = 1,
+    timeout_s: float = 3600.0,
+    memory_limit_mb: int | None = None,
+    on_event: ProgressCallback | None = None,
+) -> list[JobOutcome]:
+    """Convert many jobs, each in its own process; one bad job never raises out of the batch.
+
+    Args:
+        jobs: Jobs, or job file paths (those are validated first: a bad file raises JobError
+            before anything runs).
+        workers: Jobs run at once.
+        timeout_s: A job still running after this long is killed ("timeout").
+        memory_limit_mb: Address-space limit of each job's process (torch alone maps a few GB
+            of address space: leave headroom).
+        on_event: Receives every job's `StageEvent`s.
+
+    Returns:
+        One `JobOutcome` per job, in order: passed, parity_failed, failed, crashed or timeout.
+    """
+    resolved = [job if isinstance(job, ConversionJob) else load_job(job) for job in jobs]
+    return LocalExecutor(workers, timeout_s, memory_limit_mb).run(resolved, on_event)

@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
+import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
+from rich.progress import Progress
 from rich.table import Table
 
 from backends.registry import list_backends
 from pipeline.api import convert as convert_job
-from pipeline.errors import ExitCode, OnnxforgeError, ParityError
+from pipeline.batch.executor import LocalExecutor
+from pipeline.batch.manifest import load_manifest
+from pipeline.batch.report import write_summary
+from pipeline.errors import BackendError, ExitCode, OnnxforgeError, ParityError
 from pipeline.parity.report import ParityReport, format_value
 from pipeline.runner import StageEvent
 
@@ -80,6 +86,76 @@ def convert(
             _fail(e)
     _print_report(result.report)
     stdout.print(f"[green]wrote[/] {result.output_dir} (manifest: {result.manifest_path.name})")
+
+
+@app.command()
+def batch(
+    manifest: Annotated[Path, typer.Argument(help="The batch manifest (TOML).", show_default=False)],
+    workers: Annotated[int | None, typer.Option("--workers", "-w", help="Jobs at once (default: manifest).")] = None,
+    executor: Annotated[str, typer.Option(help="Where jobs run: 'local' (spawned processes).")] = "local",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
+    events: Annotated[
+        Path | None, typer.Option("--events", help="Append JSON-lines events (stage and job outcomes) here.")
+    ] = None,
+) -> None:
+    """Convert every job of a manifest, each in its own process; write summary.json/.md and junit.xml.
+
+    Exit codes: 0 every job passed, 1 a parity gate failed, 2 bad manifest, 3 a job failed,
+    crashed or timed out.
+    """
+    _configure_logging(verbose=False)
+    if executor != "local":
+        _fail(BackendError(executor, "unknown executor; available: local", "use --executor local"))
+    try:
+        settings, jobs = load_manifest(manifest)
+    except OnnxforgeError as e:
+        _fail(e)
+    log = EventLog(events)
+    with Progress(console=stderr, disable=quiet, transient=True) as progress:
+        task = progress.add_task("jobs", total=len(jobs))
+
+        def show(event: StageEvent) -> None:
+            log.write({"job": event.job, "stage": event.stage, "status": event.status})
+            if event.stage == "validate" and event.status == "finished":
+                progress.advance(task)
+            progress.update(task, description=f"{event.job}: {event.stage}")
+
+        outcomes = LocalExecutor(workers or settings.workers, settings.timeout_s, settings.memory_limit_mb).run(
+            jobs, show
+        )
+    for outcome in outcomes:
+        log.write(
+            {"job": outcome.job, "outcome": outcome.status, "seconds": outcome.seconds, "message": outcome.message}
+        )
+    summary = write_summary(outcomes, jobs, settings.summary_dir)
+    table = Table(title=f"batch: {len(outcomes)} jobs")
+    for column in ("job", "status", "seconds", "message"):
+        table.add_column(column, overflow="fold")
+    for outcome in outcomes:
+        style = "green" if outcome.status == "passed" else "red"
+        message = outcome.message.splitlines()[0] if outcome.message else ""
+        table.add_row(escape(outcome.job), f"[{style}]{outcome.status}[/]", f"{outcome.seconds:.1f}", escape(message))
+    stdout.print(table)
+    stdout.print(f"summary: {summary} (and summary.md, junit.xml)", highlight=False)
+    statuses = {outcome.status for outcome in outcomes}
+    if statuses & {"failed", "crashed", "timeout"}:
+        raise typer.Exit(int(ExitCode.INTERNAL_ERROR))
+    if "parity_failed" in statuses:
+        raise typer.Exit(int(ExitCode.PARITY_FAILED))
+
+
+class EventLog:
+    """JSON-lines events for CI logs (a no-op without a path)."""
+
+    def __init__(self, path: Path | None) -> None:
+        self._path = path
+
+    def write(self, record: dict[str, object]) -> None:
+        """Append one event with a timestamp."""
+        if self._path is None:
+            return
+        with self._path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
 
 
 @app.command()
@@ -149,7 +225,7 @@ def _print_report(report: ParityReport) -> None:
     stdout.print(f"verdict: {verdict}")
 
 
-def _fail(error: OnnxforgeError) -> None:
+def _fail(error: OnnxforgeError) -> NoReturn:
     stderr.print("[red]error:[/]", end=" ")
     stderr.print(str(error), markup=False, highlight=False)
     raise typer.Exit(int(error.exit_code))

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import onnx
 import safetensors.torch
 import torch
 
@@ -62,6 +63,7 @@ def load_model(job: ConversionJob) -> SourceModel:
     """
     source = job.model
     if source.onnx is not None:
+        _check_onnx_file(job, source.onnx)
         return SourceModel(module=None, onnx_file=source.onnx)
     if source.exported_program is not None:
         program = _load_exported_program(job, source.exported_program)
@@ -71,6 +73,16 @@ def load_model(job: ConversionJob) -> SourceModel:
         _apply_weights(job, module, source.weights)
     _check_forward_arity(module, job)
     return SourceModel(module=module.eval())
+
+
+def _check_onnx_file(job: ConversionJob, path: Path) -> None:
+    """Parse the graph (not the weights) so that a corrupt file is bad input, caught up front."""
+    try:
+        onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # noqa: BLE001 - protobuf and onnx raise several types
+        raise JobError(
+            job.origin, "model.onnx", f"{path.name} is not a readable ONNX model ({type(e).__name__}: {first_line(e)})"
+        ) from e
 
 
 def _build_from_factory(job: ConversionJob) -> torch.nn.Module:
