@@ -9,6 +9,7 @@ from pipeline.batch.executor import JobOutcome, LocalExecutor
 from pipeline.job import ConversionJob, load_job
 from pipeline.result import ConversionResult
 from pipeline.runner import ProgressCallback, run_job
+from pipeline.stage_cache import StageCache
 
 
 def convert(
@@ -16,6 +17,7 @@ def convert(
     *,
     output_dir: str | Path | None = None,
     on_event: ProgressCallback | None = None,
+    resume: bool = False,
 ) -> ConversionResult:
     """Convert one model: export, simplify, quantize, validate parity on every target.
 
@@ -23,6 +25,9 @@ def convert(
         job: A `ConversionJob`, or the path of a job file (TOML).
         output_dir: Replaces the job's output folder (relative to the current directory).
         on_event: Called with a `StageEvent` as each stage starts and finishes.
+        resume: Keep stage outputs by content key in the cache ($ONNXFORGE_CACHE_DIR, else
+            ~/.cache/onnxforge) and restore those whose inputs, settings and tool versions are
+            unchanged: after an interruption only unfinished work is redone.
 
     Returns:
         The result: artifacts, parity report, timings, manifest path.
@@ -39,7 +44,7 @@ def convert(
     else:
         overrides = {"output_dir": str(Path(output_dir).resolve())} if output_dir is not None else {}
         resolved = load_job(job, **overrides)
-    return run_job(resolved, on_event)
+    return run_job(resolved, on_event, StageCache() if resume else None)
 
 
 def convert_many(
@@ -49,6 +54,7 @@ def convert_many(
     timeout_s: float = 3600.0,
     memory_limit_mb: int | None = None,
     on_event: ProgressCallback | None = None,
+    resume: bool = False,
 ) -> list[JobOutcome]:
     """Convert many jobs, each in its own process; one bad job never raises out of the batch.
 
@@ -60,9 +66,10 @@ def convert_many(
         memory_limit_mb: Address-space limit of each job's process (torch alone maps a few GB
             of address space: leave headroom).
         on_event: Receives every job's `StageEvent`s.
+        resume: Restore unchanged stage outputs from the cache (see `convert`).
 
     Returns:
         One `JobOutcome` per job, in order: passed, parity_failed, failed, crashed or timeout.
     """
     resolved = [job if isinstance(job, ConversionJob) else load_job(job) for job in jobs]
-    return LocalExecutor(workers, timeout_s, memory_limit_mb).run(resolved, on_event)
+    return LocalExecutor(workers, timeout_s, memory_limit_mb, resume).run(resolved, on_event)

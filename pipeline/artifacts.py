@@ -130,6 +130,7 @@ class StageRecord(BaseModel):
     name: str
     seconds: float
     artifact: Artifact | None = None
+    restored: bool = False
 
 
 class Manifest(BaseModel):

@@ -60,6 +60,7 @@ def convert(
         Path | None, typer.Option("--output-dir", "-o", help="Write here instead of the job's output_dir.")
     ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every step.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Restore unchanged stages from the stage cache.")] = False,
 ) -> None:
     """Convert one model: export, simplify, quantize, validate parity; print the parity table.
 
@@ -73,9 +74,11 @@ def convert(
                 status.update(f"[bold]{event.job}[/]: {event.stage}")
             elif event.status == "finished":
                 stderr.print(f"  {event.stage:<9} done in {event.seconds:.2f}s")
+            elif event.status == "restored":
+                stderr.print(f"  {event.stage:<9} restored from the stage cache")
 
         try:
-            result = convert_job(job_file, output_dir=output_dir, on_event=show)
+            result = convert_job(job_file, output_dir=output_dir, on_event=show, resume=resume)
         except ParityError as e:
             status.stop()
             if e.result is not None:
@@ -94,6 +97,7 @@ def batch(
     workers: Annotated[int | None, typer.Option("--workers", "-w", help="Jobs at once (default: manifest).")] = None,
     executor: Annotated[str, typer.Option(help="Where jobs run: 'local' (spawned processes).")] = "local",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Restore unchanged stages from the stage cache.")] = False,
     events: Annotated[
         Path | None, typer.Option("--events", help="Append JSON-lines events (stage and job outcomes) here.")
     ] = None,
@@ -120,9 +124,8 @@ def batch(
                 progress.advance(task)
             progress.update(task, description=f"{event.job}: {event.stage}")
 
-        outcomes = LocalExecutor(workers or settings.workers, settings.timeout_s, settings.memory_limit_mb).run(
-            jobs, show
-        )
+        executor_ = LocalExecutor(workers or settings.workers, settings.timeout_s, settings.memory_limit_mb, resume)
+        outcomes = executor_.run(jobs, show)
     for outcome in outcomes:
         log.write(
             {"job": outcome.job, "outcome": outcome.status, "seconds": outcome.seconds, "message": outcome.message}

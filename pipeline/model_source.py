@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import logging
 import os
@@ -16,6 +17,7 @@ import onnx
 import safetensors.torch
 import torch
 
+from pipeline.artifacts import sha256_file
 from pipeline.errors import JobError, first_line
 from pipeline.imports import resolve_import
 from pipeline.job import ConversionJob
@@ -208,3 +210,28 @@ def _check_forward_arity(model: torch.nn.Module, job: ConversionJob) -> None:
             f"the job lists {count} input(s) {[spec.name for spec in job.inputs]} but "
             f"{type(model).__name__}.forward takes {names}; list one [[inputs]] entry per forward argument, in order",
         )
+
+
+def input_hashes(job: ConversionJob, source: SourceModel) -> dict[str, str]:
+    """Hashes of everything the conversion read: model files, the weights it ran, data files."""
+    hashes = {}
+    for role in ("weights", "exported_program", "onnx"):
+        path = getattr(job.model, role)
+        if path is not None:
+            hashes[f"model_{role}"] = sha256_file(path)
+    if source.module is not None:
+        hashes["model_state_dict"] = state_dict_sha256(source.module)
+    for section, data in (("calibration", job.calibration), ("evaluation", job.evaluation)):
+        if data is not None and data.npz is not None:
+            hashes[f"{section}_npz"] = sha256_file(data.npz)
+    return hashes
+
+
+def state_dict_sha256(model: torch.nn.Module) -> str:
+    """Hash of the model's parameters and buffers, in name order (the weights the job converted)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+    return digest.hexdigest()

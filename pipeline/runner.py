@@ -14,20 +14,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import torch
 from pydantic import ValidationError
 
 # The module, not the function: backends.registry imports pipeline.errors, which runs this package's
 # __init__; binding get_backend at import time would make `import backends` first a circular import.
 from backends import registry as backend_registry
 from backends.base import Backend
-from pipeline.artifacts import DIR_MODE, Manifest, StageRecord, fsync_dir, sha256_file, write_atomic
+from pipeline.artifacts import DIR_MODE, Manifest, StageRecord, fsync_dir, write_atomic
 from pipeline.errors import BackendError, JobError, OnnxforgeError, ParityError, StageError
 from pipeline.feeds import FeedSource
 from pipeline.job import ConversionJob, DataSource, describe_validation_error
-from pipeline.model_source import SourceModel, load_model
+from pipeline.model_source import SourceModel, input_hashes, load_model
 from pipeline.parity.report import ParityReport
 from pipeline.result import ConversionResult
+from pipeline.stage_cache import StageCache
 from pipeline.stages.base import Stage, StageContext, Target
 from pipeline.stages.export import ExportStage
 from pipeline.stages.quantize import QuantizeStage, resolve_activation_type
@@ -54,14 +54,16 @@ class StageEvent:
 
     job: str
     stage: str
-    status: Literal["started", "finished", "skipped"]
+    status: Literal["started", "finished", "skipped", "restored"]
     seconds: float = 0.0
 
 
 ProgressCallback = Callable[[StageEvent], None]
 
 
-def run_job(job: ConversionJob, on_event: ProgressCallback | None = None) -> ConversionResult:
+def run_job(
+    job: ConversionJob, on_event: ProgressCallback | None = None, cache: StageCache | None = None
+) -> ConversionResult:
     """Convert one job end to end and publish its output folder.
 
     Every input is checked before anything is written. Stages write into a staging folder
@@ -70,7 +72,9 @@ def run_job(job: ConversionJob, on_event: ProgressCallback | None = None) -> Con
 
     Args:
         job: The validated job.
-        on_event: Called as each stage starts and finishes.
+        on_event: Called as each stage starts and finishes (or is restored).
+        cache: Where stage outputs are kept by content key; a stage whose key is there is
+            restored instead of run (resume). None: every stage runs.
 
     Returns:
         The result, when every parity gate passed.
@@ -97,7 +101,7 @@ def run_job(job: ConversionJob, on_event: ProgressCallback | None = None) -> Con
             evaluation=checked.evaluation,
             targets=checked.targets,
         )
-        records = [_run_stage(stage, ctx, notify) for stage in STAGE_ORDER]
+        records = [_run_stage(stage, ctx, notify, cache) for stage in STAGE_ORDER]
         report = ParityReport.model_validate_json((staging / ctx.artifacts["validate"].path).read_text())
         manifest = _manifest(job, ctx, records, report)
         write_atomic(staging / MANIFEST, manifest.model_dump_json(indent=2))
@@ -193,10 +197,16 @@ def _check_output_dir(job: ConversionJob) -> None:
         )
 
 
-def _run_stage(stage: Stage, ctx: StageContext, notify: ProgressCallback) -> StageRecord:
+def _run_stage(stage: Stage, ctx: StageContext, notify: ProgressCallback, cache: StageCache | None) -> StageRecord:
     if not stage.enabled(ctx.job):
         notify(StageEvent(ctx.job.name, stage.name, "skipped"))
         return StageRecord(name=stage.name, seconds=0.0, artifact=None)
+    key = stage.key(ctx) if cache is not None else None
+    restored = cache.restore(key, ctx.workdir) if cache is not None and key is not None else None
+    if restored is not None:
+        ctx.artifacts[stage.name] = restored
+        notify(StageEvent(ctx.job.name, stage.name, "restored"))
+        return StageRecord(name=stage.name, seconds=0.0, artifact=restored, restored=True)
     notify(StageEvent(ctx.job.name, stage.name, "started"))
     start = time.perf_counter()
     try:
@@ -207,6 +217,8 @@ def _run_stage(stage: Stage, ctx: StageContext, notify: ProgressCallback) -> Sta
         raise StageError(stage.name, ctx.job.name, f"{type(e).__name__}: {e}") from e
     seconds = time.perf_counter() - start
     ctx.artifacts[stage.name] = artifact
+    if cache is not None and key is not None:
+        cache.store(key, artifact, ctx.workdir)
     notify(StageEvent(ctx.job.name, stage.name, "finished", seconds))
     logger.info("job %s: %s done in %.2fs", ctx.job.name, stage.name, seconds)
     return StageRecord(name=stage.name, seconds=round(seconds, 4), artifact=artifact)
@@ -218,38 +230,13 @@ def _manifest(job: ConversionJob, ctx: StageContext, records: list[StageRecord],
         job=job.name,
         job_file=str(job.source_file) if job.source_file else None,
         job_sha256=hashlib.sha256(job.model_dump_json().encode()).hexdigest(),
-        input_hashes=_input_hashes(job, ctx.source),
+        input_hashes=input_hashes(job, ctx.source),
         tool_versions=tool_versions(),
         stages=records,
         exporter={"used": str(export["exporter"]), "fallback_reason": str(export["fallback_reason"])},
         parity={f"{c.label}@{c.target}": "pass" if c.passed else "fail" for c in report.comparisons},
         verdict=report.verdict,
     )
-
-
-def _input_hashes(job: ConversionJob, source: SourceModel) -> dict[str, str]:
-    """Hashes of everything the conversion read: model files, the weights it ran, data files."""
-    hashes = {}
-    for role in ("weights", "exported_program", "onnx"):
-        path = getattr(job.model, role)
-        if path is not None:
-            hashes[f"model_{role}"] = sha256_file(path)
-    if source.module is not None:
-        hashes["model_state_dict"] = _state_dict_sha256(source.module)
-    for section, data in (("calibration", job.calibration), ("evaluation", job.evaluation)):
-        if data is not None and data.npz is not None:
-            hashes[f"{section}_npz"] = sha256_file(data.npz)
-    return hashes
-
-
-def _state_dict_sha256(model: torch.nn.Module) -> str:
-    """Hash of the model's parameters and buffers, in name order (the weights the job converted)."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        flat = tensor.detach().cpu().contiguous().reshape(-1)
-        digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
-    return digest.hexdigest()
 
 
 def _publish(staging: Path, output_dir: Path) -> None:

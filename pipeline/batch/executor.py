@@ -61,7 +61,9 @@ class _Running:
     started: float
 
 
-def _child(job_json: str, source_file: str | None, result_file: str, events: Any, memory_limit_mb: int | None) -> None:
+def _child(
+    job_json: str, source_file: str | None, result_file: str, events: Any, memory_limit_mb: int | None, resume: bool
+) -> None:
     """Runs in the spawned process: convert one job, write the outcome as JSON."""
     if memory_limit_mb is not None:
         import resource
@@ -76,7 +78,9 @@ def _child(job_json: str, source_file: str | None, result_file: str, events: Any
         job = pipeline.validate_job(json.loads(job_json), origin=source_file or "batch job")
         if source_file:
             job = job.model_copy(update={"source_file": Path(source_file)})
-        result = pipeline.convert(job, on_event=lambda event: events.put((event.job, event.stage, event.status)))
+        result = pipeline.convert(
+            job, on_event=lambda event: events.put((event.job, event.stage, event.status)), resume=resume
+        )
         outcome["verdicts"] = _verdicts(result.report)
     except ParityError as e:
         outcome = {"status": "parity_failed", "message": str(e)}
@@ -102,12 +106,16 @@ class LocalExecutor:
         workers: Jobs run at once.
         timeout_s: Seconds after which a job's process is killed.
         memory_limit_mb: Address-space limit per job process (None: none).
+        resume: Restore unchanged stage outputs from the stage cache.
     """
 
-    def __init__(self, workers: int = 1, timeout_s: float = 3600.0, memory_limit_mb: int | None = None) -> None:
+    def __init__(
+        self, workers: int = 1, timeout_s: float = 3600.0, memory_limit_mb: int | None = None, resume: bool = False
+    ) -> None:
         self._workers = workers
         self._timeout_s = timeout_s
         self._memory_limit_mb = memory_limit_mb
+        self._resume = resume
 
     def run(
         self, jobs: list[ConversionJob], on_event: Callable[[StageEvent], None] | None = None
@@ -143,6 +151,7 @@ class LocalExecutor:
                 str(result_file),
                 events,
                 self._memory_limit_mb,
+                self._resume,
             ),
             name=f"onnxforge-{job.name}",
         )

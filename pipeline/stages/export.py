@@ -18,9 +18,11 @@ import torch
 from pipeline.artifacts import Artifact
 from pipeline.errors import StageError, first_line
 from pipeline.job import ConversionJob, InputSpec
+from pipeline.model_source import input_hashes
 from pipeline.onnx_io import check_model, load_graph_only, model_artifact, save_model
 from pipeline.outputs import named_outputs
-from pipeline.stages.base import StageContext, torch_inputs
+from pipeline.stage_cache import content_key
+from pipeline.stages.base import StageContext, feeds_digest, torch_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +39,20 @@ class ExportStage:
     def enabled(self, job: ConversionJob) -> bool:
         """Export always runs (for an ONNX-file source it adopts and checks the file)."""
         return True
+
+    def key(self, ctx: StageContext) -> str | None:
+        """The model source, the inputs and export settings, and the example batch."""
+        job = ctx.job
+        return content_key(
+            self.name,
+            {
+                "source": input_hashes(job, ctx.source),
+                "model": job.model.model_dump(mode="json"),
+                "inputs": [spec.model_dump(mode="json") for spec in job.inputs],
+                "export": job.export.model_dump(mode="json"),
+                "example": feeds_digest(ctx.example_batch().feeds),
+            },
+        )
 
     def run(self, ctx: StageContext) -> Artifact:
         """Export, save (external data for big models), check, and describe the artifact."""

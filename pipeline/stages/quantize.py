@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import asdict
 from itertools import islice
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from pipeline.quantization.cpu import needs_reduce_range
 from pipeline.quantization.mixed_precision import rank_by_damage, rank_candidates, search
 from pipeline.quantization.qdq import QdqSettings, quantize_qdq
 from pipeline.quantization.recipe import Recipe, choose_recipe, irregular_tensor_nodes
+from pipeline.stage_cache import content_key
 from pipeline.stages.base import StageContext, Target
 
 logger = logging.getLogger(__name__)
@@ -41,6 +43,25 @@ class QuantizeStage:
     def enabled(self, job: ConversionJob) -> bool:
         """Runs unless the job turns it off."""
         return job.quantize.enabled
+
+    def key(self, ctx: StageContext) -> str | None:
+        """The parent model, the calibration data, the settings (targets' and the CPU's included)
+        and the int8 policy mixed precision aims at."""
+        assert ctx.calibration is not None
+        job = ctx.job
+        settings, _ = quantization_settings(job, ctx.targets)
+        return content_key(
+            self.name,
+            {
+                "parent": ctx.latest_model().sha256,
+                "calibration": ctx.calibration.digest(),
+                "quantize": job.quantize.model_dump(mode="json"),
+                "settings": asdict(settings),
+                "policy": job.parity.int8.model_dump(mode="json"),
+                "rtol": job.parity.fp32.rtol,
+                "threshold_mb": job.export.external_data_threshold_mb,
+            },
+        )
 
     def run(self, ctx: StageContext) -> Artifact:
         """Calibrate, quantize, search mixed precision if needed, write model.int8.onnx."""

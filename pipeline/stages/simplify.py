@@ -13,6 +13,7 @@ from pipeline.artifacts import Artifact
 from pipeline.errors import StageError, first_line
 from pipeline.job import ConversionJob
 from pipeline.onnx_io import check_model, model_artifact, save_model
+from pipeline.stage_cache import content_key
 from pipeline.stages.base import StageContext
 
 logger = logging.getLogger(__name__)
@@ -28,6 +29,13 @@ class SimplifyStage:
     def enabled(self, job: ConversionJob) -> bool:
         """Runs unless the job turns it off."""
         return job.simplify.enabled
+
+    def key(self, ctx: StageContext) -> str | None:
+        """The parent model and the saving threshold."""
+        return content_key(
+            self.name,
+            {"parent": ctx.latest_model().sha256, "threshold_mb": ctx.job.export.external_data_threshold_mb},
+        )
 
     def run(self, ctx: StageContext) -> Artifact:
         """Optimize the newest model and write it as model.simplified.onnx."""

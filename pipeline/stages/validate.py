@@ -69,6 +69,10 @@ class ValidateStage:
         """Validation always runs: it is the product's promise."""
         return True
 
+    def key(self, ctx: StageContext) -> str | None:
+        """Never cached: parity (and the speed guard) are measured on every run."""
+        return None
+
     def run(self, ctx: StageContext) -> Artifact:
         """Stream the evaluation data through PyTorch and every model on every target."""
         stages = [stage for stage in _PRECISION if stage in ctx.artifacts]
