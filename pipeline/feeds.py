@@ -19,6 +19,15 @@ from pipeline.job import DataSource, InputSpec
 logger = logging.getLogger(__name__)
 
 
+def feeds_digest(feeds: dict[str, np.ndarray]) -> str:
+    """A content hash of one batch of feeds: names, dtypes, shapes and bytes."""
+    digest = hashlib.sha256()
+    for name, array in feeds.items():
+        digest.update(f"{name}:{array.dtype}:{array.shape}".encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
 @dataclass(frozen=True)
 class Batch:
     """One batch of model inputs, with class labels when the data has them."""
@@ -58,6 +67,7 @@ class FeedSource:
         self._origin = origin
         self._key = f"{key}.npz" if source.npz is not None else f"{key}.factory"
         self._python_path = python_path
+        self._digest: str | None = None
 
     def check(self) -> None:
         """Validate the source up front: reads the whole .npz, or a factory's first batch.
@@ -70,16 +80,19 @@ class FeedSource:
         raise JobError(self._origin, self._key, "the data source yielded no batches")
 
     def digest(self) -> str:
-        """A content hash of the data as batched (file hash for an .npz, the batches for a factory)."""
-        digest = hashlib.sha256(f"batch_size={self._source.batch_size};max={self._source.max_batches}".encode())
-        if self._source.npz is not None:
-            digest.update(sha256_file(self._source.npz).encode())
-            return digest.hexdigest()
-        for batch in self:
-            for name, array in batch.feeds.items():
-                digest.update(f"{name}:{array.dtype}:{array.shape}".encode())
-                digest.update(np.ascontiguousarray(array).tobytes())
-        return digest.hexdigest()
+        """A content hash of the data as batched (file hash for an .npz, the batches for a factory).
+
+        Computed once per source: the stage cache and the calibration cache both ask.
+        """
+        if self._digest is None:
+            digest = hashlib.sha256(f"batch_size={self._source.batch_size};max={self._source.max_batches}".encode())
+            if self._source.npz is not None:
+                digest.update(sha256_file(self._source.npz).encode())
+            else:
+                for batch in self:
+                    digest.update(feeds_digest(batch.feeds).encode())
+            self._digest = digest.hexdigest()
+        return self._digest
 
     def __iter__(self) -> Iterator[Batch]:
         raw_batches = self._npz_batches() if self._source.npz is not None else self._factory_batches()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -89,15 +88,6 @@ class Stage(Protocol):
     def run(self, ctx: StageContext) -> Artifact:
         """Do the work, write the artifact atomically into ``ctx.workdir`` and describe it."""
         ...
-
-
-def feeds_digest(feeds: dict[str, np.ndarray]) -> str:
-    """A content hash of one batch of feeds."""
-    digest = hashlib.sha256()
-    for name, array in feeds.items():
-        digest.update(f"{name}:{array.dtype}:{array.shape}".encode())
-        digest.update(np.ascontiguousarray(array).tobytes())
-    return digest.hexdigest()
 
 
 def torch_inputs(feeds: dict[str, np.ndarray]) -> tuple[torch.Tensor, ...]:

@@ -17,12 +17,13 @@ import torch
 
 from pipeline.artifacts import Artifact
 from pipeline.errors import StageError, first_line
+from pipeline.feeds import feeds_digest
 from pipeline.job import ConversionJob, InputSpec
 from pipeline.model_source import input_hashes
 from pipeline.onnx_io import check_model, load_graph_only, model_artifact, save_model
 from pipeline.outputs import named_outputs
 from pipeline.stage_cache import content_key
-from pipeline.stages.base import StageContext, feeds_digest, torch_inputs
+from pipeline.stages.base import StageContext, torch_inputs
 
 logger = logging.getLogger(__name__)
 
