@@ -70,14 +70,7 @@ def measure(sample: str, repeats: int) -> dict[str, float]:
     bare, ours, ours_without_parity = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        ctx = StageContext(
-            job=job,
-            workdir=folder,
-            source=prepared.source,
-            calibration=prepared.calibration,
-            evaluation=prepared.evaluation,
-            targets=prepared.targets,
-        )
+        ctx = prepared.context(job, folder)
         bare_export(ctx, folder)  # warm-up: first-call imports and registrations
         for _ in range(repeats):
             bare.append(bare_export(ctx, folder))

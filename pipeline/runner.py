@@ -93,14 +93,7 @@ def run_job(
     staging = Path(tempfile.mkdtemp(prefix=f".{job.output_dir.name}.staging-", dir=job.output_dir.parent))
     try:
         staging.chmod(DIR_MODE)
-        ctx = StageContext(
-            job=job,
-            workdir=staging,
-            source=checked.source,
-            calibration=checked.calibration,
-            evaluation=checked.evaluation,
-            targets=checked.targets,
-        )
+        ctx = checked.context(job, staging)
         records = [_run_stage(stage, ctx, notify, cache) for stage in STAGE_ORDER]
         report = ParityReport.model_validate_json((staging / ctx.artifacts["validate"].path).read_text())
         manifest = _manifest(job, ctx, records, report)
@@ -130,6 +123,17 @@ class PreparedJob:
     calibration: FeedSource | None
     evaluation: FeedSource
     targets: list[Target]
+
+    def context(self, job: ConversionJob, workdir: Path) -> StageContext:
+        """The stage context of a run of `job` writing into `workdir`."""
+        return StageContext(
+            job=job,
+            workdir=workdir,
+            source=self.source,
+            calibration=self.calibration,
+            evaluation=self.evaluation,
+            targets=self.targets,
+        )
 
 
 def preflight(job: ConversionJob) -> PreparedJob:

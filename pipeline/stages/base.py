@@ -53,14 +53,17 @@ class StageContext:
     evaluation: FeedSource
     targets: list[Target]
     artifacts: dict[str, Artifact] = field(default_factory=dict)
+    _example: Batch | None = field(default=None, init=False, repr=False)
 
     def path_of(self, stage: str) -> Path:
         """The file of the artifact a stage produced."""
         return self.workdir / self.artifacts[stage].path
 
     def example_batch(self) -> Batch:
-        """The first evaluation batch: the export's example inputs."""
-        return next(iter(self.evaluation))
+        """The first evaluation batch: the export's example inputs (read once per run)."""
+        if self._example is None:
+            self._example = next(iter(self.evaluation))
+        return self._example
 
     def latest_model(self) -> Artifact:
         """The newest ONNX model artifact (what the next stage transforms)."""
