@@ -238,7 +238,7 @@ def _manifest(job: ConversionJob, ctx: StageContext, records: list[StageRecord],
         tool_versions=tool_versions(),
         stages=records,
         exporter={"used": str(export["exporter"]), "fallback_reason": str(export["fallback_reason"])},
-        parity={f"{c.label}@{c.target}": "pass" if c.passed else "fail" for c in report.comparisons},
+        parity=report.verdicts(),
         verdict=report.verdict,
     )
 

@@ -81,11 +81,11 @@ def _child(
         result = pipeline.convert(
             job, on_event=lambda event: events.put((event.job, event.stage, event.status)), resume=resume
         )
-        outcome["verdicts"] = _verdicts(result.report)
+        outcome["verdicts"] = result.report.verdicts()
     except ParityError as e:
         outcome = {"status": "parity_failed", "message": str(e)}
         if e.result is not None:
-            outcome["verdicts"] = _verdicts(e.result.report)  # type: ignore[attr-defined]
+            outcome["verdicts"] = e.result.report.verdicts()  # type: ignore[attr-defined]
     except OnnxforgeError as e:
         outcome = {"status": "failed", "message": f"{type(e).__name__}: {e}"}
     except MemoryError:
@@ -93,10 +93,6 @@ def _child(
     except Exception as e:  # noqa: BLE001 - the batch reports any failure of a job as its outcome
         outcome = {"status": "failed", "message": f"internal error: {type(e).__name__}: {e}"}
     Path(result_file).write_text(json.dumps(outcome))
-
-
-def _verdicts(report: Any) -> dict[str, str]:
-    return {f"{c.label}@{c.target}": "pass" if c.passed else "fail" for c in report.comparisons}
 
 
 class LocalExecutor:

@@ -122,6 +122,10 @@ class ParityReport(_Record):
     verdict: str
     failures: list[str]
 
+    def verdicts(self) -> dict[str, str]:
+        """"pass" / "fail" per comparison, keyed ``label@target`` (e.g. ``quantize@cpu``)."""
+        return {f"{c.label}@{c.target}": "pass" if c.passed else "fail" for c in self.comparisons}
+
     @classmethod
     def build(
         cls,

@@ -9,16 +9,17 @@ from itertools import islice
 from pathlib import Path
 
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 from onnxruntime.quantization.quant_utils import load_model_with_shape_infer
 
-from pipeline.artifacts import Artifact, staged_files
+from pipeline.artifacts import Artifact
 from pipeline.calibration import cache
 from pipeline.calibration.collector import CalibrationStats, collect_statistics, select_tensors
 from pipeline.calibration.ranges import compute_range
 from pipeline.errors import JobError, StageError, first_line
 from pipeline.job import ConversionJob, Int8Policy
-from pipeline.onnx_io import PROTOBUF_LIMIT_BYTES, external_data_name, load_graph_only, model_artifact
+from pipeline.onnx_io import PROTOBUF_LIMIT_BYTES, load_graph_only, model_artifact, save_model
 from pipeline.parity.metrics import OutputComparator, OutputMetrics
 from pipeline.parity.policy import int8_checks
 from pipeline.quantization.cpu import needs_reduce_range
@@ -91,7 +92,7 @@ class QuantizeStage:
             kept, probes = self._mixed_precision(ctx, source, model, stats, ranges, settings, recipe, kept)
         quantized = self._quantize(job, model, ranges, settings, recipe, kept)
         target = ctx.workdir / INT8_MODEL
-        _save(quantized, target, job.export.external_data_threshold_bytes)
+        save_model(ir.from_proto(quantized), target, job.export.external_data_threshold_bytes)
         graph = load_graph_only(target).graph
         return model_artifact(
             self.name,
@@ -303,11 +304,3 @@ def _session(model: Path | onnx.ModelProto) -> ort.InferenceSession:
             raise StageError("quantize", "", "mixed precision cannot judge a model over 2 GiB in memory")
         return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     return ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
-
-
-def _save(model: onnx.ModelProto, target: Path, external_threshold_bytes: int) -> None:
-    """Write the quantized model atomically; weights in external data above the job's threshold."""
-    weight_bytes = sum(len(tensor.raw_data) for tensor in model.graph.initializer)
-    external = weight_bytes > min(external_threshold_bytes, PROTOBUF_LIMIT_BYTES - 1)
-    with staged_files(target) as path:
-        onnx.save_model(model, str(path), save_as_external_data=external, location=external_data_name(target))
