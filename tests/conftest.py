@@ -11,6 +11,14 @@ from typing import Any
 
 import pytest
 import tomli_w
+import torch
+
+from backends.registry import get_backend
+from pipeline.artifacts import Artifact, sha256_file
+from pipeline.feeds import FeedSource
+from pipeline.job import ConversionJob, TargetSpec
+from pipeline.model_source import SourceModel
+from pipeline.stages.base import StageContext, Target
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DIGITS_DIR = REPO_ROOT / "samples" / "digits_cnn"
@@ -63,3 +71,44 @@ def write_job(tmp_path: Path):
         return path
 
     return write
+
+
+def tree(root: Path) -> list[str]:
+    """Every file and folder under `root` (hidden ones included), as sorted relative paths."""
+    found: list[str] = []
+    for folder, dirs, files in os.walk(root):
+        relative = Path(folder).relative_to(root)
+        found.extend(f"{(relative / name).as_posix()}/" for name in dirs)
+        found.extend((relative / name).as_posix() for name in files)
+    return sorted(found)
+
+
+def resolved_target(name: str) -> Target:
+    """A job target resolved to its backend (only described, never opened)."""
+    backend = get_backend(name)
+    return Target(spec=TargetSpec(backend=name), backend=backend, options=backend.options_model())
+
+
+def stage_context(job: ConversionJob, model: Path, after: str, targets: list[Target] | None = None) -> StageContext:
+    """A stage context whose newest model is `model`, as if stage `after` had written it.
+
+    The work folder is the model's folder; the data comes from the job's calibration and
+    evaluation sources (evaluation falls back to calibration, as in a run).
+    """
+    feeds = {
+        section: FeedSource(source, job.inputs, origin=job.origin, key=section, python_path=[])
+        for section, source in (("calibration", job.calibration), ("evaluation", job.evaluation))
+        if source is not None
+    }
+    calibration = feeds.get("calibration")
+    evaluation = feeds.get("evaluation") or calibration
+    assert evaluation is not None
+    return StageContext(
+        job=job,
+        workdir=model.parent,
+        source=SourceModel(module=torch.nn.Identity()),
+        calibration=calibration,
+        evaluation=evaluation,
+        targets=targets if targets is not None else [resolved_target("cpu")],
+        artifacts={after: Artifact(stage=after, path=model.name, sha256=sha256_file(model))},
+    )

@@ -22,6 +22,7 @@ import onnxruntime
 from typer.testing import CliRunner, Result
 
 from pipeline.cli import _QUIET_LOGGERS, app
+from tests.conftest import tree
 
 Raw = dict[str, Any]
 WriteJob = Callable[..., Path]
@@ -48,16 +49,6 @@ def plain(text: str) -> str:
 def flat(text: str) -> str:
     """`text` without ANSI escapes or any whitespace, so rich's styling and line wrapping do not matter."""
     return "".join(plain(text).split())
-
-
-def tree(root: Path) -> list[str]:
-    """Every file and folder under `root` (hidden ones included), as sorted relative paths."""
-    found: list[str] = []
-    for folder, dirs, files in os.walk(root):
-        relative = Path(folder).relative_to(root)
-        found.extend(f"{(relative / name).as_posix()}/" for name in dirs)
-        found.extend((relative / name).as_posix() for name in files)
-    return sorted(found)
 
 
 def invoke(*args: str) -> Result:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import importlib
-import os
 import sys
 import textwrap
 import uuid
@@ -31,6 +30,7 @@ import pytest
 import pipeline
 import pipeline.api
 from pipeline.job import validate_job
+from tests.conftest import tree
 
 Raw = dict[str, Any]
 WriteJob = Callable[..., Path]
@@ -39,16 +39,6 @@ IMAGE_SHAPE = (1, 8, 8)  # the digits sample's fixed dims; its input is ["batch"
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def tree(root: Path) -> list[str]:
-    """Every file and folder under `root` (hidden ones included), as sorted relative paths."""
-    found: list[str] = []
-    for folder, dirs, files in os.walk(root):
-        relative = Path(folder).relative_to(root)
-        found.extend(f"{(relative / name).as_posix()}/" for name in dirs)
-        found.extend((relative / name).as_posix() for name in files)
-    return sorted(found)
 
 
 def convert_fails(job_file: Path, tmp_path: Path, expected: type[pipeline.OnnxforgeError] = pipeline.JobError) -> Any:

@@ -12,15 +12,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-import torch
 
-from backends.registry import get_backend
-from pipeline.artifacts import Artifact, sha256_file
-from pipeline.feeds import FeedSource
-from pipeline.job import ConversionJob, TargetSpec
-from pipeline.model_source import SourceModel
-from pipeline.stages.base import StageContext, Target
+from pipeline.job import ConversionJob
+from pipeline.stages.base import StageContext
 from pipeline.stages.quantize import INT8_MODEL, QuantizeStage
+from tests.conftest import stage_context
 from tests.unit.calibration.masked_attention import (
     FEATURES,
     MASK,
@@ -55,19 +51,7 @@ def masked_job(tmp_path: Path, method: str) -> ConversionJob:
 def masked_context(tmp_path: Path, job: ConversionJob) -> StageContext:
     workdir = tmp_path / "work"
     workdir.mkdir()
-    path = save_masked_attention_model(workdir / "model.simplified.onnx")
-    assert job.calibration is not None
-    calibration = FeedSource(job.calibration, job.inputs, origin=job.origin, key="calibration", python_path=[])
-    backend = get_backend("cpu")
-    return StageContext(
-        job=job,
-        workdir=workdir,
-        source=SourceModel(module=torch.nn.Identity()),
-        calibration=calibration,
-        evaluation=calibration,
-        targets=[Target(spec=TargetSpec(backend="cpu"), backend=backend, options=backend.options_model())],
-        artifacts={"simplify": Artifact(stage="simplify", path=path.name, sha256=sha256_file(path))},
-    )
+    return stage_context(job, save_masked_attention_model(workdir / "model.simplified.onnx"), after="simplify")
 
 
 @pytest.mark.parametrize("method", ["entropy", "percentile"])

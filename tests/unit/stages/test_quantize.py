@@ -13,17 +13,14 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-import torch
 from onnx import TensorProto, helper, numpy_helper
 
 import pipeline
-from backends.registry import get_backend
 from pipeline.artifacts import Artifact, sha256_file
-from pipeline.feeds import FeedSource
-from pipeline.job import ConversionJob, TargetSpec
-from pipeline.model_source import SourceModel
+from pipeline.job import ConversionJob
 from pipeline.stages.base import StageContext, Target
 from pipeline.stages.quantize import INT8_MODEL, QuantizeStage, resolve_activation_type
+from tests.conftest import resolved_target, stage_context
 
 CONV_OUT = 4
 CLASSES = 5
@@ -65,8 +62,7 @@ def write_conv_model(path: Path) -> Path:
 
 def make_target(name: str) -> Target:
     """A resolved target (the backend is only described, never opened)."""
-    backend = get_backend(name)
-    return Target(spec=TargetSpec(backend=name), backend=backend, options=backend.options_model())
+    return resolved_target(name)
 
 
 def make_job(tmp_path: Path, quantize: dict[str, Any] | None = None, targets: list[str] | None = None) -> ConversionJob:
@@ -91,18 +87,7 @@ def make_context(tmp_path: Path, job: ConversionJob, targets: list[Target]) -> S
     """A context whose newest model is the fp32 Conv model, as after the simplify stage."""
     workdir = tmp_path / "work"
     workdir.mkdir()
-    path = write_conv_model(workdir / "model.simplified.onnx")
-    assert job.calibration is not None
-    calibration = FeedSource(job.calibration, job.inputs, origin=job.origin, key="calibration", python_path=[])
-    return StageContext(
-        job=job,
-        workdir=workdir,
-        source=SourceModel(module=torch.nn.Identity()),
-        calibration=calibration,
-        evaluation=calibration,
-        targets=targets,
-        artifacts={"simplify": Artifact(stage="simplify", path=path.name, sha256=sha256_file(path))},
-    )
+    return stage_context(job, write_conv_model(workdir / "model.simplified.onnx"), after="simplify", targets=targets)
 
 
 def initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:

@@ -13,17 +13,14 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-import torch
 from onnx import TensorProto, helper, numpy_helper
 
 import pipeline
-from backends.registry import get_backend
 from pipeline.artifacts import Artifact, sha256_file
-from pipeline.feeds import FeedSource
-from pipeline.job import ConversionJob, TargetSpec
-from pipeline.model_source import SourceModel
-from pipeline.stages.base import StageContext, Target
+from pipeline.job import ConversionJob
+from pipeline.stages.base import StageContext
 from pipeline.stages.simplify import SIMPLIFIED_MODEL, SimplifyStage
+from tests.conftest import stage_context
 
 A = np.arange(12, dtype=np.float32).reshape(4, 3) / 10
 B = np.full((4, 3), -0.25, dtype=np.float32)
@@ -64,19 +61,7 @@ def make_context(tmp_path: Path, model_file: str = "model.onnx") -> StageContext
             "output_dir": tmp_path / "out",
         }
     )
-    assert job.evaluation is not None
-    evaluation = FeedSource(job.evaluation, job.inputs, origin=job.origin, key="evaluation", python_path=[])
-    cpu = get_backend("cpu")
-    path = write_foldable_model(workdir / model_file)
-    return StageContext(
-        job=job,
-        workdir=workdir,
-        source=SourceModel(module=torch.nn.Identity()),
-        calibration=None,
-        evaluation=evaluation,
-        targets=[Target(spec=TargetSpec(backend="cpu"), backend=cpu, options=cpu.options_model())],
-        artifacts={"export": Artifact(stage="export", path=model_file, sha256=sha256_file(path))},
-    )
+    return stage_context(job, write_foldable_model(workdir / model_file), after="export")
 
 
 def run_model(path: Path, x: np.ndarray) -> np.ndarray:
