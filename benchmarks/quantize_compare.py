@@ -158,24 +158,29 @@ def _accuracy(model: Path, images: np.ndarray, labels: np.ndarray) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--samples", nargs="+", default=["minilm", "digits_cnn"])
+    parser.add_argument("--samples", nargs="+", choices=["minilm", "digits_cnn"], default=["minilm", "digits_cnn"])
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
     console = Console(width=140)
+    benches = {
+        "minilm": (
+            f"MiniLM int8 vs fp32 (held-out sentences; latency 16x128, {THREADS} threads)",
+            ("model", "cosine mean", "cosine min", "latency ms", "int8 / fp32"),
+            minilm_rows,
+        ),
+        "digits_cnn": (
+            f"Digits CNN int8 vs fp32 (held-out split; latency batch 256, {THREADS} threads)",
+            ("model", "top-1", "drop (points)", "latency ms", "int8 / fp32"),
+            digits_rows,
+        ),
+    }
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        if "minilm" in args.samples:
-            table = Table(title=f"MiniLM int8 vs fp32 (held-out sentences; latency 16x128, {THREADS} threads)")
-            for column in ("model", "cosine mean", "cosine min", "latency ms", "int8 / fp32"):
+        for sample in args.samples:
+            title, columns, rows = benches[sample]
+            table = Table(title=title)
+            for column in columns:
                 table.add_column(column)
-            for row in minilm_rows(folder):
-                table.add_row(*row)
-            console.print(table)
-        if "digits_cnn" in args.samples:
-            table = Table(title=f"Digits CNN int8 vs fp32 (held-out split; latency batch 256, {THREADS} threads)")
-            for column in ("model", "top-1", "drop (points)", "latency ms", "int8 / fp32"):
-                table.add_column(column)
-            for row in digits_rows(folder):
+            for row in rows(Path(tmp)):
                 table.add_row(*row)
             console.print(table)
 
