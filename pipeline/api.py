@@ -40,7 +40,7 @@ def convert(
             and the result is in ``error.result``.
     """
     if isinstance(job, ConversionJob):
-        resolved = job if output_dir is None else job.model_copy(update={"output_dir": Path(output_dir)})
+        resolved = job if output_dir is None else job.model_copy(update={"output_dir": Path(output_dir).resolve()})
     else:
         overrides = {"output_dir": str(Path(output_dir).resolve())} if output_dir is not None else {}
         resolved = load_job(job, **overrides)

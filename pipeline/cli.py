@@ -21,7 +21,8 @@ from pipeline.api import convert as convert_job
 from pipeline.batch.executor import LocalExecutor
 from pipeline.batch.manifest import load_manifest
 from pipeline.batch.report import write_summary
-from pipeline.errors import BackendError, ExitCode, OnnxforgeError, ParityError
+from pipeline.errors import BackendError, ExitCode, JobError, OnnxforgeError, ParityError
+from pipeline.job import load_job
 from pipeline.parity.report import ParityReport, format_value
 from pipeline.runner import StageEvent
 
@@ -61,8 +62,20 @@ def convert(
     ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every step.")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Restore unchanged stages from the stage cache.")] = False,
+    prune: Annotated[
+        float | None,
+        typer.Option(
+            "--prune", help="Remove this share of the channels of every prunable layer (job: prune.structured)."
+        ),
+    ] = None,
+    sparsity: Annotated[
+        str | None,
+        typer.Option(
+            "--sparsity", help="Zero weights: 'N:M' (e.g. 2:4) or 'unstructured:RATIO' (job: prune.sparsity)."
+        ),
+    ] = None,
 ) -> None:
-    """Convert one model: export, simplify, quantize, validate parity; print the parity table.
+    """Convert one model: export, simplify, prune, quantize, validate parity; print the parity table.
 
     Exit codes: 0 every gate passed, 1 a parity gate failed, 2 bad input, 3 internal error.
     """
@@ -78,7 +91,8 @@ def convert(
                 stderr.print(f"  {event.stage:<9} restored from the stage cache")
 
         try:
-            result = convert_job(job_file, output_dir=output_dir, on_event=show, resume=resume)
+            job = load_job(job_file, **_prune_overrides(job_file, prune, sparsity))
+            result = convert_job(job, output_dir=output_dir, on_event=show, resume=resume)
         except ParityError as e:
             status.stop()
             if e.result is not None:
@@ -89,6 +103,25 @@ def convert(
             _fail(e)
     _print_report(result.report)
     stdout.print(f"[green]wrote[/] {result.output_dir} (manifest: {result.manifest_path.name})")
+
+
+def _prune_overrides(job_file: Path, ratio: float | None, sparsity: str | None) -> dict[str, object]:
+    """The --prune / --sparsity flags as a [prune] table merged into the job's."""
+    table: dict[str, object] = {}
+    if ratio is not None:
+        table["structured"] = {"ratio": ratio}
+    if sparsity is not None:
+        kind, _, value = sparsity.partition(":")
+        try:
+            if kind == "unstructured":
+                table["sparsity"] = {"pattern": "unstructured", "ratio": float(value or 0.5)}
+            else:
+                table["sparsity"] = {"pattern": "n:m", "n": int(kind), "m": int(value)}
+        except ValueError as e:
+            raise JobError(
+                job_file, "--sparsity", f"expected N:M (e.g. 2:4) or unstructured:RATIO, got {sparsity!r}"
+            ) from e
+    return {"prune": table} if table else {}
 
 
 @app.command()
@@ -220,6 +253,12 @@ def _print_report(report: ParityReport) -> None:
                 "[green]pass[/]" if output.passed else "[red]FAIL[/]",
             )
     stdout.print(table)
+    if (pruning := report.pruning) is not None:
+        stdout.print(
+            f"pruned: parameters {pruning.parameters[0]:,} -> {pruning.parameters[1]:,}, "
+            f"MACs per sample {pruning.macs[0]:,} -> {pruning.macs[1]:,} "
+            f"({len(pruning.layers)} layers changed; per layer in report.md)"
+        )
     for check in report.performance:
         speed = f"int8 {check.int8_ms:.1f} ms vs float {check.fp32_ms:.1f} ms ({check.ratio:.2f}x)"
         why = "" if check.faster else f": not faster ({'; '.join(check.reasons)})"

@@ -237,6 +237,82 @@ class QuantizeOptions(_Spec):
     calibration_cache: bool = True
 
 
+Ratio = Annotated[float, Field(ge=0, lt=1)]
+
+
+class StructuredPruning(_Spec):
+    """Structured channel pruning: whole output channels removed, so the graph really shrinks.
+
+    Attributes:
+        ratio: Share of channels removed from every prunable layer (0: none but those in `layers`).
+        layers: Per-layer ratios by layer or node name; glob patterns (``features.*``) allowed.
+            The first matching pattern wins over `ratio`.
+        skip: Layers (names or glob patterns) left whole.
+        criterion: How channels are ranked: ``l1`` / ``l2`` weight norm, or ``activation``
+            (mean |activation| on the calibration data times the next layer's weights on it).
+        round_to: Channel counts kept are a multiple of this (hardware vector width).
+        recovery: Re-fit the layers after the removed channels by least squares on the
+            calibration data so their outputs match the unpruned model's.
+        mask_input: The model input holding a [batch, sequence] token mask (1: real token);
+            padding positions are left out of the activation scores and the re-fit. Ignored
+            when the model has no such input; "" turns it off.
+    """
+
+    ratio: Ratio = 0.0
+    layers: dict[str, Ratio] = Field(default_factory=dict)
+    skip: list[str] = Field(default_factory=list)
+    criterion: Literal["l1", "l2", "activation"] = "activation"
+    round_to: int = Field(default=1, ge=1, le=1024)
+    recovery: bool = True
+    mask_input: str = "attention_mask"
+
+
+class SparsityOptions(_Spec):
+    """Weight sparsity by magnitude: zeros stored densely (smaller compressed, not faster on CPU).
+
+    Attributes:
+        pattern: ``unstructured`` (the smallest weights anywhere) or ``n:m`` (in every run of
+            `m` weights along the input channels, the `n` largest are kept; 2:4 by default).
+        ratio: Share of weights zeroed (unstructured).
+        n: Weights kept per run (n:m).
+        m: Run length (n:m).
+        scope: ``layer`` (each layer loses `ratio`) or ``global`` (one threshold for all layers).
+        skip: Layers (names or glob patterns) left dense.
+    """
+
+    pattern: Literal["unstructured", "n:m"] = "unstructured"
+    ratio: Ratio = 0.5
+    n: int = Field(default=2, ge=1)
+    m: int = Field(default=4, ge=2, le=64)
+    scope: Literal["layer", "global"] = "layer"
+    skip: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _n_below_m(self) -> SparsityOptions:
+        if self.n >= self.m:
+            raise ValueError(f"n must be smaller than m (got n={self.n}, m={self.m})")
+        return self
+
+
+class PruneOptions(_Spec):
+    """Options of the prune stage (after simplify, before quantize); it runs when a part is set.
+
+    Attributes:
+        enabled: Run the stage.
+        structured: Channel pruning (unset: none).
+        sparsity: Weight sparsity, applied after channel pruning (unset: none).
+    """
+
+    enabled: bool = True
+    structured: StructuredPruning | None = None
+    sparsity: SparsityOptions | None = None
+
+    @property
+    def active(self) -> bool:
+        """Whether the stage has anything to do."""
+        return self.enabled and (self.structured is not None or self.sparsity is not None)
+
+
 class TargetSpec(_Spec):
     """A backend to validate the converted models on.
 
@@ -256,14 +332,16 @@ class Fp32Policy(_Spec):
     rtol: float = Field(default=1e-3, ge=0)
 
 
-class Int8Policy(_Spec):
-    """Task-level gate for the int8 model; unset checks are not applied.
+class TaskPolicy(_Spec):
+    """Task-level gate for a model that is not expected to match element-wise; unset checks are
+    not applied.
 
     Attributes:
         min_cosine: Lowest cosine similarity per output (flattened per sample, averaged).
         min_snr_db: Lowest signal-to-noise ratio in dB.
         min_top1_agreement: Lowest share of samples whose argmax matches the reference.
-        max_accuracy_drop: Largest top-1 accuracy drop in points vs PyTorch (needs labels).
+        max_accuracy_drop: Largest top-1 accuracy drop in points vs the model before the stage
+            (needs labels).
     """
 
     min_cosine: float | None = Field(default=0.99, ge=-1, le=1)
@@ -272,10 +350,26 @@ class Int8Policy(_Spec):
     max_accuracy_drop: float | None = Field(default=None, ge=0)
 
 
+class Int8Policy(TaskPolicy):
+    """The int8 model's gate (cosine >= 0.99 unless set)."""
+
+
+class PrunePolicy(TaskPolicy):
+    """The pruned model's gate: judged on the task, since pruning changes outputs by design.
+
+    By default a classifier may lose at most 1 point of top-1 accuracy, and every output keeps a
+    mean cosine of at least 0.9 to the unpruned model's (embeddings: set a tighter bound).
+    """
+
+    min_cosine: float | None = Field(default=0.9, ge=-1, le=1)
+    max_accuracy_drop: float | None = Field(default=1.0, ge=0)
+
+
 class ParityPolicy(_Spec):
     """Pass/fail rules per precision."""
 
     fp32: Fp32Policy = Field(default_factory=Fp32Policy)
+    prune: PrunePolicy = Field(default_factory=PrunePolicy)
     int8: Int8Policy = Field(default_factory=Int8Policy)
 
 
@@ -295,6 +389,7 @@ class ConversionJob(_Spec):
         parity: Pass/fail policy.
         export: Export options.
         simplify: Simplify options.
+        prune: Prune options (channel pruning, sparsity).
         quantize: Quantize options.
         output_dir: Folder the artifacts and reports are written to.
         python_path: Folders searched first when importing the model and data factories.
@@ -310,6 +405,7 @@ class ConversionJob(_Spec):
     parity: ParityPolicy = Field(default_factory=ParityPolicy)
     export: ExportOptions = Field(default_factory=ExportOptions)
     simplify: SimplifyOptions = Field(default_factory=SimplifyOptions)
+    prune: PruneOptions = Field(default_factory=PruneOptions)
     quantize: QuantizeOptions = Field(default_factory=QuantizeOptions, validate_default=True)
     output_dir: FilePath
     python_path: list[FilePath] = Field(default_factory=list)
@@ -357,6 +453,18 @@ class ConversionJob(_Spec):
             raise ValueError("enabled, but the job has no [calibration] data source; add one or set enabled = false")
         return value
 
+    @field_validator("prune")
+    @classmethod
+    def _calibration_for_prune(cls, value: PruneOptions, info: ValidationInfo) -> PruneOptions:
+        structured = value.structured
+        needs_data = structured is not None and (structured.recovery or structured.criterion == "activation")
+        if value.enabled and needs_data and info.data.get("calibration") is None and "calibration" in info.data:
+            raise ValueError(
+                "structured pruning with recovery or the activation criterion needs [calibration] data; "
+                "add one, or set structured.recovery = false and structured.criterion = \"l1\""
+            )
+        return value
+
     @property
     def origin(self) -> str:
         """What to name in error messages: the job file, or the job name for Python-built jobs."""
@@ -381,8 +489,8 @@ def load_job(path: str | Path, **overrides: Any) -> ConversionJob:
 
     Args:
         path: The job file.
-        **overrides: Top-level keys replacing the file's values (e.g. ``output_dir``), given
-            relative to the current directory.
+        **overrides: Top-level keys replacing the file's values (e.g. ``output_dir``, paths
+            relative to the current directory); a table (dict) updates the file's table key by key.
 
     Returns:
         The validated job, with every relative path resolved against the file's folder.
@@ -400,8 +508,17 @@ def load_job(path: str | Path, **overrides: Any) -> ConversionJob:
         raise JobError(job_file, "<file>", f"cannot read the job file: {e}") from e
     except tomllib.TOMLDecodeError as e:
         raise JobError(job_file, "<file>", f"not valid TOML: {e}") from e
-    raw.update({key: value for key, value in overrides.items() if value is not None})
+    _merge(raw, {key: value for key, value in overrides.items() if value is not None})
     return validate_job(raw, origin=job_file, base_dir=job_file.parent)
+
+
+def _merge(raw: dict[str, Any], overrides: dict[str, Any]) -> None:
+    """Apply overrides in place; a table given for a table updates it key by key."""
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(raw.get(key), dict):
+            _merge(raw[key], value)
+        else:
+            raw[key] = value
 
 
 def validate_job(raw: dict[str, Any], origin: str | Path, base_dir: Path | None = None) -> ConversionJob:

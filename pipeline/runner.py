@@ -30,6 +30,7 @@ from pipeline.result import ConversionResult
 from pipeline.stage_cache import StageCache
 from pipeline.stages.base import Stage, StageContext, Target
 from pipeline.stages.export import ExportStage
+from pipeline.stages.prune import PruneStage
 from pipeline.stages.quantize import QuantizeStage, resolve_activation_type
 from pipeline.stages.simplify import SimplifyStage
 from pipeline.stages.validate import ValidateStage
@@ -37,7 +38,7 @@ from pipeline.versions import tool_versions
 
 logger = logging.getLogger(__name__)
 
-STAGE_ORDER: tuple[Stage, ...] = (ExportStage(), SimplifyStage(), QuantizeStage(), ValidateStage())
+STAGE_ORDER: tuple[Stage, ...] = (ExportStage(), SimplifyStage(), PruneStage(), QuantizeStage(), ValidateStage())
 MANIFEST = "manifest.json"
 
 

@@ -6,10 +6,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from pipeline.job import Fp32Policy, Int8Policy
+from pipeline.job import Fp32Policy, TaskPolicy
 from pipeline.parity.metrics import OutputMetrics
 
-Precision = Literal["fp32", "int8"]
+# fp32: element-wise (export, simplify); pruned and int8: task-level, each with its own policy.
+Precision = Literal["fp32", "pruned", "int8"]
 
 
 class Check(BaseModel):
@@ -48,8 +49,8 @@ def fp32_checks(metrics: OutputMetrics, policy: Fp32Policy) -> list[Check]:
     ]
 
 
-def int8_checks(metrics: OutputMetrics, policy: Int8Policy) -> list[Check]:
-    """Task-level closeness for int8: cosine, SNR and top-1 agreement, where the policy sets them."""
+def task_checks(metrics: OutputMetrics, policy: TaskPolicy) -> list[Check]:
+    """Task-level closeness (pruned, int8): cosine, SNR and top-1 agreement, where the policy sets them."""
     checks = [_at_most("nan_inf_count", metrics.nan_count + metrics.inf_count, 0)]
     if policy.min_cosine is not None:
         checks.append(_at_least("cosine_mean", metrics.cosine_mean, policy.min_cosine))
@@ -60,7 +61,7 @@ def int8_checks(metrics: OutputMetrics, policy: Int8Policy) -> list[Check]:
     return checks
 
 
-def accuracy_drop_check(reference: float, candidate: float, policy: Int8Policy) -> Check | None:
+def accuracy_drop_check(reference: float, candidate: float, policy: TaskPolicy) -> Check | None:
     """Top-1 accuracy drop in points (reference minus candidate), when the policy limits it."""
     if policy.max_accuracy_drop is None:
         return None

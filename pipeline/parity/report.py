@@ -10,9 +10,11 @@ from pydantic import BaseModel, ConfigDict
 from pipeline.artifacts import write_atomic
 from pipeline.parity.metrics import OutputMetrics
 from pipeline.parity.policy import Check, Precision
+from pipeline.pruning.summary import PruningSummary
 from pipeline.quantization.performance import PerformanceCheck
 
-REPORT_SCHEMA_VERSION = 1
+# 2: the pruned precision, per-model accuracy references and the pruning summary.
+REPORT_SCHEMA_VERSION = 2
 
 
 class _Record(BaseModel):
@@ -108,6 +110,7 @@ class ParityReport(_Record):
         notes: Caveats about the measurement (e.g. no evaluation data given).
         comparisons: Each comparison, in chain order per target.
         performance: int8 vs float latency per target (informational, not a gate).
+        pruning: What the prune stage removed (None: the job does not prune).
         verdict: "pass" when every check passed, else "fail".
         failures: One line per failed check.
     """
@@ -119,6 +122,7 @@ class ParityReport(_Record):
     notes: list[str]
     comparisons: list[Comparison]
     performance: list[PerformanceCheck] = []
+    pruning: PruningSummary | None = None
     verdict: str
     failures: list[str]
 
@@ -135,6 +139,7 @@ class ParityReport(_Record):
         notes: list[str],
         comparisons: list[Comparison],
         performance: list[PerformanceCheck] | None = None,
+        pruning: PruningSummary | None = None,
     ) -> ParityReport:
         """Assemble a report and derive its verdict from the comparisons."""
         failures = [line for comparison in comparisons for line in comparison.failures()]
@@ -145,6 +150,7 @@ class ParityReport(_Record):
             notes=notes,
             comparisons=comparisons,
             performance=performance or [],
+            pruning=pruning,
             verdict="fail" if failures else "pass",
             failures=failures,
         )
@@ -235,9 +241,67 @@ def render_markdown(report: ParityReport) -> str:
         for check in report.performance:
             if not check.faster:
                 lines.append(f"\nint8 is not faster on {check.target}: {'; '.join(check.reasons)}.")
+    if report.pruning is not None:
+        lines += ["", *render_pruning(report.pruning)]
     if report.failures:
         lines += ["", "## Failed checks", ""] + [f"- {line}" for line in report.failures]
     return "\n".join(lines) + "\n"
+
+
+def render_pruning(summary: PruningSummary) -> list[str]:
+    """The pruning section: totals, per-layer changes, recovery errors, sparsity, what is blocked."""
+    shape = ", ".join(f"{name} {'x'.join(map(str, dims))}" for name, dims in summary.input_shape.items())
+    lines = [
+        "## Pruning",
+        "",
+        f"Parameters {summary.parameters[0]:,} -> {summary.parameters[1]:,} "
+        f"({_ratio(summary.parameters)}); MACs per sample ({shape}) {summary.macs[0]:,} -> {summary.macs[1]:,} "
+        f"({_ratio(summary.macs)}).",
+    ]
+    if summary.note:
+        lines += ["", summary.note]
+    if summary.layers:
+        lines += [""] + _markdown_table(
+            ["layer", "in channels", "out channels", "params", "MACs", "sparsity"],
+            [
+                [
+                    change.layer,
+                    f"{change.inputs[0]} -> {change.inputs[1]}",
+                    f"{change.outputs[0]} -> {change.outputs[1]}",
+                    f"{change.parameters[0]:,} -> {change.parameters[1]:,}",
+                    f"{change.macs[0]:,} -> {change.macs[1]:,}",
+                    "-" if change.sparsity is None else f"{100 * change.sparsity:.1f}%",
+                ]
+                for change in summary.layers
+            ],
+        )
+    if summary.recovery:
+        lines += ["", "Recovery (relative output error vs the unpruned layer, calibration data):", ""]
+        lines += _markdown_table(
+            ["layer", "without recovery", "with recovery", "rows", "note"],
+            [
+                [r.layer, format_value(r.error_without), format_value(r.error_with), str(r.rows), r.skipped or ""]
+                for r in summary.recovery
+            ],
+        )
+    if (sparsity := summary.sparsity) is not None:
+        lines += [
+            "",
+            f"Sparsity {sparsity.pattern}: {100 * sparsity.sparsity:.1f}% zeros in {sparsity.layers} layers; "
+            f"weights {sparsity.weight_bytes:,} bytes stored, compressed (zlib) "
+            f"{sparsity.compressed_before:,} -> {sparsity.compressed_after:,} bytes.",
+        ]
+        lines += [f"- {layer} left dense: {why}" for layer, why in sparsity.skipped.items()]
+    if summary.blocked:
+        lines += ["", f"{len(summary.blocked)} channel groups cannot be pruned:", ""]
+        lines += [f"- {layer}: {why}" for layer, why in summary.blocked.items()]
+    if summary.skipped:
+        lines += ["", "Skipped by the job: " + ", ".join(summary.skipped)]
+    return lines
+
+
+def _ratio(pair: tuple[int, int]) -> str:
+    return f"{pair[1] / pair[0]:.2f}x" if pair[0] else "-"
 
 
 def _markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:

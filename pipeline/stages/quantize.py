@@ -21,7 +21,7 @@ from pipeline.errors import JobError, StageError, first_line
 from pipeline.job import ConversionJob, Int8Policy
 from pipeline.onnx_io import PROTOBUF_LIMIT_BYTES, load_graph_only, model_artifact, save_model
 from pipeline.parity.metrics import OutputComparator, OutputMetrics
-from pipeline.parity.policy import int8_checks
+from pipeline.parity.policy import task_checks
 from pipeline.quantization.cpu import needs_reduce_range
 from pipeline.quantization.mixed_precision import rank_by_damage, rank_candidates, search
 from pipeline.quantization.qdq import QdqSettings, quantize_qdq
@@ -276,7 +276,7 @@ class _PolicyJudge:
 
     def __call__(self, model: onnx.ModelProto) -> tuple[bool, str]:
         metrics = self._metrics(model, batches=len(self._batches))
-        checks = [check for m in metrics for check in int8_checks(m, self._policy)]
+        checks = [check for m in metrics for check in task_checks(m, self._policy)]
         agreement = [m.top1_agreement for m in metrics]
         if self._policy.max_accuracy_drop is not None:
             # Without labels, top-1 disagreement bounds the accuracy drop from above.

@@ -1,4 +1,4 @@
-"""Validate stage: the parity chain PyTorch -> fp32 -> simplified -> int8 on every target."""
+"""Validate stage: the parity chain PyTorch -> fp32 -> simplified -> pruned -> int8 on every target."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ from pipeline.artifacts import Artifact, sha256_file
 from pipeline.errors import BackendError, StageError
 from pipeline.job import ConversionJob, DataSource
 from pipeline.parity.metrics import AccuracyCounter, OutputComparator
-from pipeline.parity.policy import Precision, accuracy_drop_check, fp32_checks, int8_checks
+from pipeline.parity.policy import Precision, accuracy_drop_check, fp32_checks, task_checks
 from pipeline.parity.report import AccuracyParity, Comparison, OutputParity, ParityReport, write_reports
+from pipeline.pruning.summary import PruningSummary
 from pipeline.quantization.performance import PerformanceCheck, performance_check
 from pipeline.stages.base import StageContext, Target, resize_feeds, run_torch
 
@@ -22,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 PYTORCH = "pytorch"
 # Which policy judges each stage's output against the model before it.
-_PRECISION: dict[str, Precision] = {"export": "fp32", "simplify": "fp32", "quantize": "int8"}
+_PRECISION: dict[str, Precision] = {"export": "fp32", "simplify": "fp32", "prune": "pruned", "quantize": "int8"}
 
 Sessions = dict[tuple[str, str], Session]
 Runs = dict[tuple[str, str], list[np.ndarray]]
@@ -37,16 +38,13 @@ class _Step:
     reference: str
     candidate: str
     comparators: list[OutputComparator] = field(default_factory=list)
-    accuracy: AccuracyCounter = field(default_factory=AccuracyCounter)
 
-    def update(self, runs: Runs, labels: np.ndarray | None, classifier: int | None) -> None:
+    def update(self, runs: Runs) -> None:
         """Compare the candidate's outputs on one batch with the reference's."""
         reference = runs[(self.target, self.reference)]
         candidate = runs[(self.target, self.candidate)]
         for comparator, ref, cand in zip(self.comparators, reference, candidate, strict=True):
             comparator.update(ref, cand)
-        if classifier is not None and labels is not None:
-            self.accuracy.update(candidate[classifier], labels)
 
 
 @dataclass
@@ -55,7 +53,7 @@ class _Stream:
 
     output_names: list[str] = field(default_factory=list)
     classifier: int | None = None
-    root_accuracy: dict[str, AccuracyCounter] = field(default_factory=dict)
+    accuracy: dict[tuple[str, str], AccuracyCounter] = field(default_factory=dict)
     samples: int = 0
     comparators_ready: bool = False
 
@@ -92,10 +90,13 @@ class ValidateStage:
                 for target in ctx.targets
                 for path in models
             }
-            stream = self._stream(ctx, sessions, steps, root=chain[0])
+            stream = self._stream(ctx, sessions, steps)
             comparisons = [self._comparison(ctx.job, step, stream) for step in steps]
             comparisons += self._shape_checks(ctx, sessions, stream)
             performance = self._performance(ctx, sessions)
+        pruning = None
+        if "prune" in ctx.artifacts:
+            pruning = PruningSummary.model_validate(ctx.artifacts["prune"].metadata["summary"])
         report = ParityReport.build(
             job=ctx.job.name,
             data=_describe_data(ctx.job.parity_data, "evaluation" if ctx.job.evaluation else "calibration"),
@@ -103,6 +104,7 @@ class ValidateStage:
             notes=_notes(ctx, stream),
             comparisons=comparisons,
             performance=performance,
+            pruning=pruning,
         )
         report_path = write_reports(report, ctx.workdir)
         logger.info("parity %s: %s", ctx.job.name, report.verdict)
@@ -113,9 +115,9 @@ class ValidateStage:
             metadata={"verdict": report.verdict},
         )
 
-    def _stream(self, ctx: StageContext, sessions: Sessions, steps: list[_Step], root: str) -> _Stream:
+    def _stream(self, ctx: StageContext, sessions: Sessions, steps: list[_Step]) -> _Stream:
         """One pass over the data: every model on every target sees each batch once."""
-        stream = _Stream(root_accuracy={target.name: AccuracyCounter() for target in ctx.targets})
+        stream = _Stream()
         rtol = ctx.job.parity.fp32.rtol
         for batch in ctx.evaluation:
             runs = self._run_all(ctx, sessions, batch.feeds, stream)
@@ -125,10 +127,10 @@ class ValidateStage:
                     step.comparators = _comparators(len(stream.output_names), rtol, stream.classifier)
                 stream.comparators_ready = True
             for step in steps:
-                step.update(runs, batch.labels, stream.classifier)
+                step.update(runs)
             if stream.classifier is not None and batch.labels is not None:
-                for target, counter in stream.root_accuracy.items():
-                    counter.update(runs[(target, root)][stream.classifier], batch.labels)
+                for key, outputs in runs.items():
+                    stream.accuracy.setdefault(key, AccuracyCounter()).update(outputs[stream.classifier], batch.labels)
             stream.samples += batch.size
         return stream
 
@@ -160,7 +162,7 @@ class ValidateStage:
             for target in ctx.targets:
                 step = _Step("export", target.name, PYTORCH, fp32)
                 step.comparators = _comparators(len(stream.output_names), ctx.job.parity.fp32.rtol, stream.classifier)
-                step.update(runs, None, None)
+                step.update(runs)
                 comparisons.append(self._comparison(ctx.job, step, stream).model_copy(update={"shape": dict(sizes)}))
         return comparisons
 
@@ -169,7 +171,7 @@ class ValidateStage:
         if "quantize" not in ctx.artifacts:
             return []
         int8 = ctx.artifacts["quantize"].path
-        before = ctx.artifacts["simplify" if "simplify" in ctx.artifacts else "export"].path
+        before = next(a.path for a in ctx.artifacts.values() if a.sha256 == ctx.artifacts["quantize"].parent_sha256)
         feeds = ctx.example_batch().feeds
         return [
             performance_check(
@@ -191,23 +193,23 @@ class ValidateStage:
 
     def _comparison(self, job: ConversionJob, step: _Step, stream: _Stream) -> Comparison:
         precision = _PRECISION[step.stage]
+        task_policy = job.parity.prune if precision == "pruned" else job.parity.int8
         outputs = []
         for name, comparator in zip(stream.output_names, step.comparators, strict=True):
             metrics = comparator.result()
-            checks = (
-                fp32_checks(metrics, job.parity.fp32) if precision == "fp32" else int8_checks(metrics, job.parity.int8)
-            )
+            checks = fp32_checks(metrics, job.parity.fp32) if precision == "fp32" else task_checks(metrics, task_policy)
             outputs.append(OutputParity(name=name, metrics=metrics, checks=checks))
         accuracy = None
-        root = stream.root_accuracy.get(step.target)
-        if stream.classifier is not None and step.accuracy.total and root is not None:
+        reference = stream.accuracy.get((step.target, step.reference))
+        candidate = stream.accuracy.get((step.target, step.candidate))
+        if stream.classifier is not None and reference is not None and candidate is not None and candidate.total:
             check = None
-            if precision == "int8":
-                check = accuracy_drop_check(root.accuracy, step.accuracy.accuracy, job.parity.int8)
+            if precision != "fp32":
+                check = accuracy_drop_check(reference.accuracy, candidate.accuracy, task_policy)
             accuracy = AccuracyParity(
                 output=stream.output_names[stream.classifier],
-                reference=root.accuracy,
-                candidate=step.accuracy.accuracy,
+                reference=reference.accuracy,
+                candidate=candidate.accuracy,
                 check=check,
             )
         return Comparison(
@@ -247,7 +249,9 @@ def _notes(ctx: StageContext, stream: _Stream) -> list[str]:
         notes.append("The model came as an ONNX file: the chain starts at it; there is no PyTorch reference.")
         if job.export.check_shapes:
             notes.append("export.check_shapes needs a PyTorch reference and was not checked.")
-    if job.parity.int8.max_accuracy_drop is not None and not any(c.total for c in stream.root_accuracy.values()):
-        reason = "no [samples, classes] classifier output" if stream.classifier is None else "no labels in the data"
-        notes.append(f"parity.int8.max_accuracy_drop was not checked: {reason}.")
+    reason = "no [samples, classes] classifier output" if stream.classifier is None else "no labels in the data"
+    for stage, policy in (("prune", job.parity.prune), ("quantize", job.parity.int8)):
+        if stage in ctx.artifacts and policy.max_accuracy_drop is not None and not stream.accuracy:
+            section = "prune" if stage == "prune" else "int8"
+            notes.append(f"parity.{section}.max_accuracy_drop was not checked: {reason}.")
     return notes

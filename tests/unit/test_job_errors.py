@@ -184,6 +184,39 @@ SCHEMA_CASES: list[tuple[str, Callable[[Raw], Any], str, tuple[str, ...]]] = [
         "inputs",
         ("at least 1 item",),
     ),
+    (
+        "prune-ratio-one",
+        lambda raw: raw.update(prune={"structured": {"ratio": 1.0}}),
+        "prune.structured.ratio",
+        ("less than 1", "1.0"),
+    ),
+    (
+        "prune-layer-ratio-negative",
+        lambda raw: raw.update(prune={"structured": {"layers": {"features.*": -0.5}}}),
+        "prune.structured.layers.features.*",
+        ("greater than or equal to 0", "-0.5"),
+    ),
+    (
+        "prune-unknown-criterion",
+        lambda raw: raw.update(prune={"structured": {"criterion": "taylor"}}),
+        "prune.structured.criterion",
+        ("'l1'", "'activation'", "'taylor'"),
+    ),
+    (
+        "sparsity-n-not-below-m",
+        lambda raw: raw.update(prune={"sparsity": {"pattern": "n:m", "n": 4, "m": 4}}),
+        "prune.sparsity",
+        ("n must be smaller than m", "n=4, m=4"),
+    ),
+    (
+        "prune-recovery-without-calibration",
+        lambda raw: (
+            raw.pop("calibration"),
+            raw.update(quantize={"enabled": False}, prune={"structured": {"ratio": 0.5}}),
+        ),
+        "prune",
+        ("needs [calibration] data", "recovery = false"),
+    ),
 ]
 
 

@@ -15,7 +15,7 @@ import pytest
 
 from pipeline.job import Fp32Policy, Int8Policy
 from pipeline.parity.metrics import OutputMetrics, WorstElement
-from pipeline.parity.policy import Check, accuracy_drop_check, fp32_checks, int8_checks
+from pipeline.parity.policy import Check, accuracy_drop_check, fp32_checks, task_checks
 from pipeline.parity.report import (
     AccuracyParity,
     Comparison,
@@ -87,7 +87,7 @@ def test_fp32_any_nan_or_inf_fails(nan: int, inf: int) -> None:
 
 @pytest.mark.parametrize(("cosine", "passed"), [(0.99, True), (0.995, True), (0.9899, False)])
 def test_int8_cosine_boundary(cosine: float, passed: bool) -> None:
-    checks = by_metric(int8_checks(make_metrics(cosine_mean=cosine), Int8Policy(min_cosine=0.99)))
+    checks = by_metric(task_checks(make_metrics(cosine_mean=cosine), Int8Policy(min_cosine=0.99)))
 
     assert checks["cosine_mean"].passed is passed
     assert checks["cosine_mean"].rule == "cosine_mean >= 0.99"
@@ -95,14 +95,14 @@ def test_int8_cosine_boundary(cosine: float, passed: bool) -> None:
 
 @pytest.mark.parametrize(("snr", "passed"), [(20.0, True), (math.inf, True), (19.99, False), (-math.inf, False)])
 def test_int8_snr_boundary(snr: float, passed: bool) -> None:
-    checks = by_metric(int8_checks(make_metrics(snr_db=snr), Int8Policy(min_snr_db=20.0)))
+    checks = by_metric(task_checks(make_metrics(snr_db=snr), Int8Policy(min_snr_db=20.0)))
 
     assert checks["snr_db"].passed is passed
 
 
 @pytest.mark.parametrize(("agreement", "passed"), [(0.97, True), (0.96875, False)])
 def test_int8_top1_boundary(agreement: float, passed: bool) -> None:
-    checks = by_metric(int8_checks(make_metrics(top1_agreement=agreement), Int8Policy(min_top1_agreement=0.97)))
+    checks = by_metric(task_checks(make_metrics(top1_agreement=agreement), Int8Policy(min_top1_agreement=0.97)))
 
     assert checks["top1_agreement"].passed is passed
 
@@ -110,26 +110,26 @@ def test_int8_top1_boundary(agreement: float, passed: bool) -> None:
 def test_int8_only_applies_checks_the_policy_sets() -> None:
     policy = Int8Policy(min_cosine=None, min_snr_db=None, min_top1_agreement=None)
 
-    checks = int8_checks(make_metrics(cosine_mean=-1.0, snr_db=-10.0, top1_agreement=0.0), policy)
+    checks = task_checks(make_metrics(cosine_mean=-1.0, snr_db=-10.0, top1_agreement=0.0), policy)
 
     assert [check.metric for check in checks] == ["nan_inf_count"]
     assert checks[0].passed
 
 
 def test_int8_top1_check_skipped_for_non_classifier_outputs() -> None:
-    checks = int8_checks(make_metrics(top1_agreement=None), Int8Policy(min_top1_agreement=0.97))
+    checks = task_checks(make_metrics(top1_agreement=None), Int8Policy(min_top1_agreement=0.97))
 
     assert "top1_agreement" not in by_metric(checks)
 
 
 def test_int8_nan_cosine_fails() -> None:
-    checks = by_metric(int8_checks(make_metrics(cosine_mean=math.nan), Int8Policy(min_cosine=0.5)))
+    checks = by_metric(task_checks(make_metrics(cosine_mean=math.nan), Int8Policy(min_cosine=0.5)))
 
     assert not checks["cosine_mean"].passed
 
 
 def test_int8_nan_count_fails() -> None:
-    checks = by_metric(int8_checks(make_metrics(nan_count=3), Int8Policy()))
+    checks = by_metric(task_checks(make_metrics(nan_count=3), Int8Policy()))
 
     assert not checks["nan_inf_count"].passed
 
@@ -187,7 +187,7 @@ def failing_comparison() -> Comparison:
         reference="model.simplified.onnx",
         candidate="model.int8.onnx",
         precision="int8",
-        outputs=[OutputParity(name="logits", metrics=metrics, checks=int8_checks(metrics, policy))],
+        outputs=[OutputParity(name="logits", metrics=metrics, checks=task_checks(metrics, policy))],
         accuracy=AccuracyParity(
             output="logits",
             reference=0.9,

@@ -1,0 +1,101 @@
+"""Run a model with some of its intermediate tensors exposed as outputs (for scores and recovery)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+
+from pipeline.onnx_io import PROTOBUF_LIMIT_BYTES, initializer_bytes
+
+
+class Probe:
+    """An ONNX Runtime session over a copy of the model whose outputs are the named tensors.
+
+    The copy is serialised in memory, so the model must be under the 2 GiB protobuf limit.
+    """
+
+    def __init__(self, model: ir.Model, tensors: list[str], threads: int = 0) -> None:
+        """Build the session.
+
+        Args:
+            model: The model (value types known for the tensors; run shape inference first).
+            tensors: Names of the values to return.
+            threads: ONNX Runtime intra-op threads (0: its default).
+
+        Raises:
+            ValueError: A tensor is not in the graph, or the model is too big to probe in memory.
+        """
+        if initializer_bytes(model) >= PROTOBUF_LIMIT_BYTES:
+            raise ValueError("the model's weights exceed 2 GiB; probing intermediate tensors needs a smaller model")
+        values = {value.name: value for node in model.graph for value in node.outputs}
+        values.update({value.name: value for value in model.graph.inputs})
+        missing = [name for name in tensors if name not in values]
+        if missing:
+            raise ValueError(f"no tensor named {', '.join(missing)} in the graph")
+        proto = ir.to_proto(model)
+        del proto.graph.output[:]
+        proto.graph.output.extend(ir.serde.serialize_value(values[name]) for name in tensors)
+        _keep_needed(proto.graph, set(tensors))
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.log_severity_level = 3
+        self.tensors = tensors
+        self._session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        self._inputs = [i.name for i in self._session.get_inputs()]
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The exposed tensors on one batch."""
+        outputs = self._session.run(self.tensors, {name: feeds[name] for name in self._inputs})
+        return dict(zip(self.tensors, outputs, strict=True))
+
+    def stream(self, batches: list[Mapping[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
+        """The exposed tensors on each batch in turn."""
+        for feeds in batches:
+            yield self.run(feeds)
+
+
+def _keep_needed(graph: onnx.GraphProto, tensors: set[str]) -> None:
+    """Drop the nodes and initializers the tensors do not depend on (ONNX Runtime runs them all)."""
+    needed = set(tensors)
+    kept = []
+    for node in reversed(graph.node):
+        if any(name in needed for name in node.output):
+            kept.append(node)
+            needed.update(node.input)
+            needed.update(_subgraph_inputs(node))
+    del graph.node[:]
+    graph.node.extend(reversed(kept))
+    initializers = [tensor for tensor in graph.initializer if tensor.name in needed]
+    del graph.initializer[:]
+    graph.initializer.extend(initializers)
+
+
+def _subgraph_inputs(node: onnx.NodeProto) -> set[str]:
+    """Every name read inside a node's subgraphs (If / Loop / Scan bodies may read outer names)."""
+    names: set[str] = set()
+    for attribute in node.attribute:
+        for graph in [attribute.g, *attribute.graphs] if attribute.HasField("g") or attribute.graphs else []:
+            for inner in graph.node:
+                names.update(inner.input)
+                names.update(_subgraph_inputs(inner))
+    return names
+
+
+def channel_rows(array: np.ndarray, axis: int, mask: np.ndarray | None = None) -> np.ndarray:
+    """A tensor as rows of channel values [positions, channels].
+
+    Args:
+        array: The tensor.
+        axis: Its channel axis.
+        mask: A [batch, sequence] token mask (e.g. the attention mask); when it matches the
+            tensor's leading dims, only the rows of real tokens are kept: padding positions do not
+            reach the model's outputs, so they must not steer channel ranking or recovery.
+    """
+    moved = np.moveaxis(array, axis, -1)
+    if mask is not None and moved.ndim > mask.ndim and moved.shape[: mask.ndim] == mask.shape:
+        moved = moved[mask.astype(bool)]
+    return moved.reshape(-1, moved.shape[-1])

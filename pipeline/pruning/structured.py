@@ -1,0 +1,92 @@
+"""Structured pruning: choose the channels each group keeps, then remove the rest from the graph."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes.common import ShapeInferencePass
+
+from pipeline.pruning.channels import ChannelAnalysis, constant
+
+
+def kept_count(channels: int, ratio: float, round_to: int) -> int:
+    """Channels to keep when removing `ratio` of them, rounded to a multiple of `round_to`.
+
+    The count is rounded to the nearest multiple (at least one multiple, at most all channels),
+    so hardware that computes `round_to` channels at a time is never left with a partial block.
+    """
+    keep = channels * (1.0 - ratio)
+    if round_to > 1:
+        keep = round(keep / round_to) * round_to
+        keep = max(keep, round_to)
+    return int(min(channels, max(1, math.floor(keep + 0.5))))
+
+
+def choose_channels(scores: np.ndarray, keep: int) -> np.ndarray:
+    """Indices of the `keep` highest-scoring channels, ascending (ties go to the lower index)."""
+    order = np.argsort(-scores, kind="stable")[:keep]
+    return np.sort(order)
+
+
+def remove_channels(model: ir.Model, analysis: ChannelAnalysis, kept: dict[int, np.ndarray]) -> None:
+    """Slice every constant the analysis recorded, update attributes and shapes, in place.
+
+    Args:
+        model: The model the analysis was made on.
+        analysis: Its channel analysis.
+        kept: Channels kept, by group space; groups not listed keep all their channels.
+    """
+    per_space = {space: kept[root] for space, root in analysis.space_of.items() if root in kept}
+    for record in analysis.records:
+        positions = record.layout.positions(per_space)
+        if positions is not None:
+            array = constant(own_input(model.graph, record.node, record.input_index))
+            assert array is not None
+            set_constant(record.node.inputs[record.input_index], np.take(array, positions, axis=record.axis))
+    for node, layout in analysis.depthwise:
+        positions = layout.positions(per_space)
+        if positions is not None:
+            node.attributes["group"] = ir.AttrInt64("group", len(positions))
+    for node, axis, layout in analysis.reshapes:
+        positions = layout.positions(per_space)
+        shape = constant(node.inputs[1])
+        if positions is not None and shape is not None and int(shape[axis]) != -1:
+            spatial = int(shape[axis]) // layout.width
+            updated = shape.copy()
+            updated[axis] = len(positions) * spatial
+            own_input(model.graph, node, 1)
+            set_constant(node.inputs[1], updated)
+    refresh_shapes(model)
+
+
+def refresh_shapes(model: ir.Model) -> None:
+    """Forget the inferred shapes of intermediate values and infer them again."""
+    outputs = set(model.graph.outputs)
+    for node in model.graph:
+        for value in node.outputs:
+            if value not in outputs:
+                value.shape = None
+    ShapeInferencePass()(model)
+
+
+def own_input(graph: ir.Graph, node: ir.Node, index: int) -> ir.Value:
+    """The node's constant input, copied first if other nodes read it too (they keep theirs)."""
+    value = node.inputs[index]
+    assert value is not None and value.const_value is not None
+    if len(value.uses()) == 1:
+        return value
+    array = value.const_value.numpy().copy()
+    copy = ir.Value(name=f"{value.name}.{node.name}", shape=ir.Shape(array.shape), type=value.type)
+    copy.const_value = ir.tensor(array, name=copy.name)
+    graph.register_initializer(copy)
+    node.replace_input_with(index, copy)
+    return copy
+
+
+def set_constant(value: ir.Value | None, array: np.ndarray) -> None:
+    """Replace a constant's data (and its shape)."""
+    assert value is not None
+    value.const_value = ir.tensor(np.ascontiguousarray(array), name=value.name)
+    value.shape = ir.Shape(array.shape)
