@@ -27,7 +27,6 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
 from rich.console import Console
 from rich.table import Table
@@ -36,8 +35,8 @@ import pipeline
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # the samples' data functions
-THREADS = 2
-Feeds = dict[str, np.ndarray]
+
+from ort_timing import THREADS, Feeds, latency_ms, session  # noqa: E402 - beside this script
 
 
 class Reader(CalibrationDataReader):
@@ -48,24 +47,6 @@ class Reader(CalibrationDataReader):
 
     def get_next(self) -> Feeds | None:
         return next(self._batches, None)
-
-
-def session(path: Path) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = THREADS
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def latency_ms(model: Path, feeds: Feeds, repeats: int = 20) -> float:
-    runner = session(model)
-    runner.run(None, feeds)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        runner.run(None, feeds)
-        best = min(best, time.perf_counter() - start)
-    return 1000 * best
 
 
 def ort_quantize(fp32: Path, out: Path, batches: Callable[[], Iterable[Feeds]], op_types: list[str] | None) -> Path:

@@ -1,8 +1,10 @@
-"""Simplify stage: constant folding and dead-code removal with the onnxscript optimizer."""
+"""Simplify stage: the onnxscript optimizer (constant and shape-op folding, BatchNorm folded into
+Conv / Gemm, Identity elimination) and onnx-ir's dead-node and unused-initializer removal."""
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 
 import numpy as np
 import onnx_ir as ir
@@ -42,17 +44,21 @@ class SimplifyStage:
         parent = ctx.latest_model()
         model = ir.load(ctx.workdir / parent.path)
         before = graph_counts(model)
+        ops_before = Counter(node.op_type for node in model.graph)
         target = ctx.workdir / SIMPLIFIED_MODEL
         try:
             onnxscript.optimizer.optimize(model)
             RemoveUnusedNodesPass()(model)
             after = graph_counts(model)
+            removed = ops_before - Counter(node.op_type for node in model.graph)
             # Checked by path (works past the 2 GiB protobuf limit) before it is moved into place.
             save_model(model, target, ctx.job.export.external_data_threshold_bytes, verify=check_model)
         except Exception as e:  # noqa: BLE001 - optimizer and checker raise many types
             raise StageError(self.name, ctx.job.name, f"{type(e).__name__}: {first_line(e)}") from e
         logger.info("simplify %s: nodes %d -> %d", ctx.job.name, before["nodes"], after["nodes"])
-        return model_artifact(self.name, target, parent, {"before": before, "after": after})
+        # What went, by op type: folded BatchNorms, Identities, constant subgraphs, dead nodes.
+        metadata: dict[str, object] = {"before": before, "after": after, "removed_ops": dict(sorted(removed.items()))}
+        return model_artifact(self.name, target, parent, metadata)
 
 
 def graph_counts(model: ir.Model) -> dict[str, int]:

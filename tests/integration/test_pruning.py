@@ -123,3 +123,17 @@ def test_cli_prune_flag(digits_job: Raw, write_job, tmp_path: Path) -> None:  # 
     assert bad.exit_code == 2
     assert "--sparsity" in bad.output and not (tmp_path / "bad").exists()
     assert ".staging" not in " ".join(tree(tmp_path))
+
+
+def test_per_layer_ratios_and_skips(digits_job: Raw, write_job) -> None:  # type: ignore[no-untyped-def]
+    digits_job["prune"] = {
+        "structured": {"ratio": 0.5, "layers": {"features.3": 0.25}, "skip": ["features.7"], "criterion": "l2"}
+    }
+    digits_job["quantize"] = {"enabled": False}
+    result = pipeline.convert(write_job(digits_job))
+    summary = result.report.pruning
+    assert summary is not None
+    outputs = {change.layer: change.outputs[1] for change in summary.layers}
+    assert outputs["features.0"] == 16 and outputs["features.3"] == 48 and outputs["classifier.1"] == 64
+    assert "features.7" not in outputs or outputs["features.7"] == 64
+    assert summary.skipped == ["features.7"]

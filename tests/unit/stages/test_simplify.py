@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import torch
 from onnx import TensorProto, helper, numpy_helper
 
 import pipeline
@@ -104,6 +105,7 @@ def test_simplify_records_counts_before_and_after(tmp_path: Path) -> None:
 
     assert artifact.metadata["before"] == {"nodes": 3, "initializers": 2, "parameters": 24}
     assert artifact.metadata["after"] == {"nodes": 1, "initializers": 1, "parameters": 12}
+    assert artifact.metadata["removed_ops"] == {"Add": 1, "Relu": 1}
 
 
 def test_simplify_leaves_input_file_and_no_temp_files(tmp_path: Path) -> None:
@@ -154,3 +156,65 @@ def test_simplify_failure_raises_stage_error(tmp_path: Path) -> None:
     assert "NoSuchOp" in caught.value.detail
     assert not (ctx.workdir / SIMPLIFIED_MODEL).exists()
     assert sorted(p.name for p in ctx.workdir.iterdir()) == ["model.onnx"]
+
+
+class _ConvBnNet(torch.nn.Module):
+    """Conv -> BatchNorm2d -> ReLU -> Linear -> BatchNorm1d, with non-trivial running statistics."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)
+        self.fc, self.bn1d = torch.nn.Linear(4 * 6 * 6, 5), torch.nn.BatchNorm1d(5)
+        with torch.no_grad():
+            for bn in (self.bn, self.bn1d):
+                bn.running_mean.uniform_(-1, 1)
+                bn.running_var.uniform_(0.5, 2.0)
+                bn.weight.uniform_(0.5, 1.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn1d(self.fc(torch.relu(self.bn(self.conv(x))).flatten(1)))
+
+
+def test_simplify_folds_batch_norms_into_conv_and_gemm_and_drops_identities(tmp_path: Path) -> None:
+    # The TorchScript exporter without constant folding keeps BatchNormalization nodes: what an
+    # ONNX file from elsewhere often looks like. An Identity is spliced in front of the output.
+    net = _ConvBnNet().eval()
+    source = tmp_path / "bn.onnx"
+    torch.onnx.export(net, (torch.randn(2, 3, 8, 8),), str(source), dynamo=False, do_constant_folding=False,
+                      input_names=["x"], output_names=["pre"], dynamic_axes={"x": {0: "batch"}})  # fmt: skip
+    proto = onnx.load(str(source))
+    proto.graph.node.append(helper.make_node("Identity", ["pre"], ["y"], name="identity"))
+    proto.graph.output[0].name = "y"
+    onnx.save(proto, str(source))
+    job = ConversionJob.model_validate(
+        {
+            "name": "bn",
+            "model": {"onnx": source},
+            "inputs": [{"name": "x", "shape": ["batch", 3, 8, 8]}],
+            "evaluation": {"npz": _npz(tmp_path, {"x": np.random.default_rng(0).random((4, 3, 8, 8), np.float32)})},
+            "quantize": {"enabled": False},
+            "output_dir": tmp_path / "out",
+        }
+    )
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    (workdir / "model.onnx").write_bytes(source.read_bytes())
+    ctx = stage_context(job, workdir / "model.onnx", after="export")
+
+    artifact = SimplifyStage().run(ctx)
+
+    ops = {node.op_type for node in onnx.load(str(ctx.workdir / SIMPLIFIED_MODEL)).graph.node}
+    assert "BatchNormalization" not in ops and "Identity" not in ops
+    assert {"Conv", "Gemm"} <= ops
+    assert artifact.metadata["removed_ops"]["BatchNormalization"] == 2
+    assert artifact.metadata["removed_ops"]["Identity"] == 1
+    x = np.random.default_rng(1).random((3, 3, 8, 8), np.float32)
+    with torch.no_grad():
+        expected = net(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(run_model(ctx.workdir / SIMPLIFIED_MODEL, x), expected, atol=1e-5)
+
+
+def _npz(folder: Path, arrays: dict[str, np.ndarray]) -> Path:
+    path = folder / "data.npz"
+    np.savez(path, **arrays)
+    return path
