@@ -244,7 +244,10 @@ class StructuredPruning(_Spec):
     """Structured channel pruning: whole output channels removed, so the graph really shrinks.
 
     Attributes:
-        ratio: Share of channels removed from every prunable layer (0: none but those in `layers`).
+        ratio: Share of channels removed: from every prunable layer (scope "layer"), or from all
+            of them together (scope "global"); 0: none but those in `layers`.
+        scope: ``layer``: each layer loses `ratio` of its channels; ``global``: channels are
+            ranked across layers (scores normalised per layer), so redundant layers lose more.
         layers: Per-layer ratios by layer or node name; glob patterns (``features.*``) allowed.
             The first matching pattern wins over `ratio`.
         skip: Layers (names or glob patterns) left whole.
@@ -259,6 +262,7 @@ class StructuredPruning(_Spec):
     """
 
     ratio: Ratio = 0.0
+    scope: Literal["layer", "global"] = "layer"
     layers: dict[str, Ratio] = Field(default_factory=dict)
     skip: list[str] = Field(default_factory=list)
     criterion: Literal["l1", "l2", "activation"] = "activation"

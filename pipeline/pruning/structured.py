@@ -24,6 +24,33 @@ def kept_count(channels: int, ratio: float, round_to: int) -> int:
     return int(min(channels, max(1, math.floor(keep + 0.5))))
 
 
+def global_kept_counts(scores: dict[int, np.ndarray], ratio: float, round_to: int) -> dict[int, int]:
+    """Channels each group keeps when the lowest-scoring `ratio` of all their channels go.
+
+    Each group's scores are divided by their mean first, since layers differ in scale; a group
+    whose channels all rank low still keeps one `round_to` block (or one channel).
+
+    Args:
+        scores: Channel scores by group space.
+        ratio: Share of all the groups' channels to remove.
+        round_to: Kept counts are rounded to a multiple of this.
+
+    Returns:
+        Kept channel count by group space.
+    """
+    normalised = {space: values / max(float(values.mean()), 1e-30) for space, values in scores.items()}
+    pool = np.concatenate(list(normalised.values())) if normalised else np.zeros(0)
+    removed = int(round(ratio * pool.size))
+    if removed == 0:
+        return {space: len(values) for space, values in normalised.items()}
+    threshold = np.partition(pool, removed - 1)[removed - 1]
+    counts = {}
+    for space, values in normalised.items():
+        share_removed = 1.0 - float((values > threshold).sum()) / len(values)
+        counts[space] = kept_count(len(values), min(share_removed, 1.0 - 1e-9), round_to)
+    return counts
+
+
 def choose_channels(scores: np.ndarray, keep: int) -> np.ndarray:
     """Indices of the `keep` highest-scoring channels, ascending (ties go to the lower index)."""
     order = np.argsort(-scores, kind="stable")[:keep]

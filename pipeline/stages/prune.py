@@ -21,7 +21,7 @@ from pipeline.pruning.cost import LayerCost, layer_costs, model_parameters
 from pipeline.pruning.importance import activation_scores, weight_scores
 from pipeline.pruning.recovery import recover
 from pipeline.pruning.sparsity import compressed_weight_bytes, sparsify
-from pipeline.pruning.structured import choose_channels, kept_count, remove_channels
+from pipeline.pruning.structured import choose_channels, global_kept_counts, kept_count, remove_channels
 from pipeline.pruning.summary import LayerChange, PruningSummary, RecoveryRecord, SparsityRecord
 from pipeline.stage_cache import content_key
 from pipeline.stages.base import StageContext
@@ -124,11 +124,16 @@ class PruneStage:
         else:
             norm: Literal["l1", "l2"] = "l2" if spec.criterion == "l2" else "l1"
             scores = {group.space: weight_scores(group, norm) for group in candidates}
-        kept: dict[int, np.ndarray] = {}
-        for group in candidates:
-            count = kept_count(group.channels, ratios[group.space], spec.round_to)
-            if count < group.channels:
-                kept[group.space] = choose_channels(scores[group.space], count)
+        counts = {group.space: kept_count(group.channels, ratios[group.space], spec.round_to) for group in candidates}
+        if spec.scope == "global":
+            # Groups without a per-layer ratio share one ranking across layers.
+            shared = [g.space for g in candidates if not _matches(g.names(), list(spec.layers))]
+            counts.update(global_kept_counts({space: scores[space] for space in shared}, spec.ratio, spec.round_to))
+        kept = {
+            group.space: choose_channels(scores[group.space], counts[group.space])
+            for group in candidates
+            if counts[group.space] < group.channels
+        }
         original = ir.from_proto(ir.to_proto(model)) if spec.recovery and kept else None
         remove_channels(model, analysis, kept)
         pruned = [group for group in candidates if group.space in kept]

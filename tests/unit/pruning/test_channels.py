@@ -16,7 +16,7 @@ from torch import nn
 
 from pipeline.pruning.channels import ChannelAnalysis, analyse_channels, layer_name
 from pipeline.pruning.importance import weight_scores
-from pipeline.pruning.structured import choose_channels, kept_count, remove_channels
+from pipeline.pruning.structured import choose_channels, global_kept_counts, kept_count, remove_channels
 from tests.unit.pruning.conftest import BranchNet, FeedForward, ResidualNet, copy_model, run
 
 Exported = Callable[[nn.Module, torch.Tensor], ir.Model]
@@ -133,3 +133,14 @@ def test_kept_count_rounds_to_hardware_multiples(channels: int, ratio: float, ro
 
 def test_choose_channels_keeps_the_best_in_order() -> None:
     assert choose_channels(np.array([0.1, 3.0, 0.5, 2.0, 0.5]), 3).tolist() == [1, 2, 3]
+
+
+def test_global_ranking_removes_the_share_across_layers() -> None:
+    rng = np.random.default_rng(0)
+    scores = {0: rng.random(32) * 10, 1: rng.random(64), 2: np.r_[np.full(56, 0.01), np.ones(8)]}
+    counts = global_kept_counts(scores, 0.5, 1)
+    assert abs(sum(counts.values()) - 80) <= 2  # half of 160 channels, up to ties
+    assert counts[2] == 8  # the layer whose channels are mostly idle loses most
+    assert all(count >= 1 for count in counts.values())
+    assert global_kept_counts(scores, 0.0, 8) == {0: 32, 1: 64, 2: 64}
+    assert all(count % 8 == 0 for count in global_kept_counts(scores, 0.5, 8).values())
