@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 import pipeline
 from pipeline.cli import app
-from tests.conftest import DIGITS_DIR, tree
+from tests.conftest import DIGITS_DIR, MINILM_DIR, tree
 
 Raw = dict[str, Any]
 
@@ -137,3 +137,27 @@ def test_per_layer_ratios_and_skips(digits_job: Raw, write_job) -> None:  # type
     assert outputs["features.0"] == 16 and outputs["features.3"] == 48 and outputs["classifier.1"] == 64
     assert "features.7" not in outputs or outputs["features.7"] == 64
     assert summary.skipped == ["features.7"]
+
+
+@pytest.mark.slow
+def test_minilm_ffn_neurons_are_pruned_and_the_rest_is_explained(tmp_path: Path) -> None:
+    job = pipeline.load_job(
+        MINILM_DIR / "job.toml",
+        output_dir=str(tmp_path / "out"),
+        export={"check_shapes": []},
+        quantize={"enabled": False},
+        prune={"structured": {"ratio": 0.3}},
+        parity={"prune": {"min_cosine": 0.9}},  # measured 0.944 with recovery (benchmarks/pruning.py)
+    )
+    result = pipeline.convert(job)
+    summary = result.report.pruning
+    assert summary is not None
+    pruned = {change.layer: change for change in summary.layers if change.outputs[0] != change.outputs[1]}
+    assert sorted(pruned) == [f"encoder.encoder.layer.{i}.intermediate.dense" for i in range(6)]
+    assert all(change.outputs == (1536, 1075) for change in pruned.values())
+    assert len(summary.blocked) == 30  # q, k, v (head reshapes), attention output and FFN output (residual)
+    assert all("Reshape" in why or "not pruned" in why for why in summary.blocked.values())
+    assert all(r.error_with < r.error_without for r in summary.recovery)
+    session = ort.InferenceSession(str(result.path("prune")), providers=["CPUExecutionProvider"])
+    feeds = {"input_ids": np.ones((2, 16), np.int64), "attention_mask": np.ones((2, 16), np.int64)}
+    assert session.run(None, feeds)[0].shape == (2, 384)  # batch and sequence stay dynamic
