@@ -103,6 +103,8 @@ class SliceRecord:
         layout: The channel layout of that axis.
         role: ``producer`` (output channels), ``sink`` (input channels of a reducing layer)
             or ``follower`` (per-channel parameters on the way).
+        groups: For the input channels of a grouped Conv: its group count (the weight holds
+            each output group's own slice of the inputs).
     """
 
     node: ir.Node
@@ -110,6 +112,7 @@ class SliceRecord:
     axis: int
     layout: Layout
     role: Literal["producer", "sink", "follower"]
+    groups: int = 1
 
 
 @dataclass(frozen=True)
@@ -135,6 +138,8 @@ class ChannelGroup:
         producers: The nodes that compute these channels.
         blocked: Why the channels cannot be removed (None: prunable).
         sinks: Layers reading these channels (for the activation score and recovery).
+        partitions: Grouped convolutions split the channels into this many equal blocks, and
+            each block must lose the same number of channels.
     """
 
     space: int
@@ -142,6 +147,7 @@ class ChannelGroup:
     producers: list[ir.Node] = field(default_factory=list)
     blocked: str | None = None
     sinks: list[Sink] = field(default_factory=list)
+    partitions: int = 1
 
     @property
     def name(self) -> str:
@@ -213,6 +219,7 @@ class _Walk:
         self.parent: list[int] = []
         self.sizes: list[int] = []
         self.blocked: dict[int, str] = {}
+        self.partitions: dict[int, int] = {}
         self.producers: dict[int, list[ir.Node]] = {}
         self.sinks: list[Sink] = []
         self.records: list[SliceRecord] = []
@@ -241,8 +248,18 @@ class _Walk:
         low, high = min(ra, rb), max(ra, rb)
         self.parent[high] = low
         self.producers[low] = self.producers.get(low, []) + self.producers.pop(high, [])
+        self.partitions[low] = math.lcm(self.partitions.get(low, 1), self.partitions.pop(high, 1))
         if high in self.blocked:
             self.blocked.setdefault(low, self.blocked.pop(high))
+
+    def partition(self, space: int, groups: int, node: ir.Node) -> None:
+        """Require the space's channels to be removed equally from each of `groups` blocks."""
+        root = self.find(space)
+        combined = math.lcm(self.partitions.get(root, 1), groups)
+        if self.sizes[root] % combined:
+            self.blocked.setdefault(root, f"Conv node {node.name} groups them in blocks that do not divide evenly")
+        else:
+            self.partitions[root] = combined
 
     def block(self, layout: Layout, reason: str) -> None:
         for segment in layout.segments:
@@ -325,11 +342,11 @@ class _Walk:
         rank = len(output.shape) if output.shape is not None else None
         if node.op_type == "Conv" and rank is not None:
             group = _attribute(node, "group", 1)
-            if group != 1 and not _is_depthwise(node, weight):
-                return
-            if group != 1:
-                return  # depthwise: its channels are its input's (handled in conv_input)
+            if _is_depthwise(node, weight):
+                return  # its channels are its input's (handled in conv_input)
             space = self.new_space(weight.shape[0], node)
+            if group > 1:  # each group keeps the same number of output channels
+                self.partition(space, group, node)
             layout = Layout((Segment(space, weight.shape[0]),), 1 - rank)
             self.records.append(SliceRecord(node, 1, 0, layout, "producer"))
             if len(node.inputs) > 2 and node.inputs[2] is not None:
@@ -459,8 +476,18 @@ class _Walk:
                 self.records.append(SliceRecord(node, 2, 0, layout, "follower"))
             self.depthwise.append((node, layout))
             self.layouts[node.outputs[0]] = layout
+        elif group > 1 and weight.shape[1] * group == layout.width and self._single_space(layout):
+            # Each output group reads its own block of inputs: blocks must lose equally.
+            self.partition(layout.segments[0].space, group, node)  # type: ignore[arg-type]
+            self.records.append(SliceRecord(node, 1, 1, layout, "sink", groups=group))
+            self.sinks.append(Sink(node, layout))
         else:
-            self.block(layout, f"Conv node {node.name} is a grouped convolution (group={group})")
+            self.block(layout, f"Conv node {node.name} groups them in a way not followed (group={group})")
+
+    @staticmethod
+    def _single_space(layout: Layout) -> bool:
+        """One run of one pruned space, one position per channel."""
+        return len(layout.segments) == 1 and layout.segments[0].space is not None and layout.segments[0].repeat == 1
 
     def matmul_input(self, node: ir.Node, layout: Layout) -> None:
         weight = constant(node.inputs[1])
@@ -501,6 +528,7 @@ def analyse_channels(model: ir.Model) -> ChannelAnalysis:
                 channels=walk.sizes[root],
                 producers=walk.producers.get(root, []),
                 blocked=walk.blocked.get(root),
+                partitions=walk.partitions.get(root, 1),
             )
     for sink in walk.sinks:
         for root in {space_of[s.space] for s in sink.layout.segments if s.space is not None}:

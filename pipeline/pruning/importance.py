@@ -94,6 +94,12 @@ def _input_weight_norms(node: ir.Node, layout: Layout) -> np.ndarray:
     """L2 norm of a sink's weights on each input position."""
     weight = constant(node.inputs[1])
     assert weight is not None
+    group = node.attributes.get("group")
+    if node.op_type == "Conv" and group is not None and group.value > 1:
+        # Each output group's rows read its own block of inputs.
+        groups = int(group.value)
+        rows = weight.astype(np.float64).reshape(groups, weight.shape[0] // groups, weight.shape[1], -1)
+        return np.sqrt((rows**2).sum(axis=(1, 3))).reshape(layout.width)
     if node.op_type == "Conv":
         axis = 1
     elif node.op_type == "Gemm":

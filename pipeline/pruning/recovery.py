@@ -204,8 +204,11 @@ def _unsupported(node: ir.Node) -> str | None:
     if node.op_type == "Conv":
         weight = constant(node.inputs[1])
         auto_pad = node.attributes.get("auto_pad")
+        group = node.attributes.get("group")
         if weight is None or weight.ndim != 4:
             return "only 2-D convolutions are re-fitted"
+        if group is not None and group.value != 1:
+            return "grouped convolutions are not re-fitted"
         if auto_pad is not None and auto_pad.value not in ("NOTSET", ""):
             return "convolutions with auto_pad are not re-fitted"
     if node.op_type == "Gemm":

@@ -24,16 +24,16 @@ def kept_count(channels: int, ratio: float, round_to: int) -> int:
     return int(min(channels, max(1, math.floor(keep + 0.5))))
 
 
-def global_kept_counts(scores: dict[int, np.ndarray], ratio: float, round_to: int) -> dict[int, int]:
+def global_kept_counts(scores: dict[int, np.ndarray], ratio: float, multiples: dict[int, int]) -> dict[int, int]:
     """Channels each group keeps when the lowest-scoring `ratio` of all their channels go.
 
     Each group's scores are divided by their mean first, since layers differ in scale; a group
-    whose channels all rank low still keeps one `round_to` block (or one channel).
+    whose channels all rank low still keeps one block (or one channel).
 
     Args:
         scores: Channel scores by group space.
         ratio: Share of all the groups' channels to remove.
-        round_to: Kept counts are rounded to a multiple of this.
+        multiples: Per group space, kept counts are rounded to a multiple of this.
 
     Returns:
         Kept channel count by group space.
@@ -47,14 +47,22 @@ def global_kept_counts(scores: dict[int, np.ndarray], ratio: float, round_to: in
     counts = {}
     for space, values in normalised.items():
         share_removed = 1.0 - float((values > threshold).sum()) / len(values)
-        counts[space] = kept_count(len(values), min(share_removed, 1.0 - 1e-9), round_to)
+        counts[space] = kept_count(len(values), min(share_removed, 1.0 - 1e-9), multiples[space])
     return counts
 
 
-def choose_channels(scores: np.ndarray, keep: int) -> np.ndarray:
-    """Indices of the `keep` highest-scoring channels, ascending (ties go to the lower index)."""
-    order = np.argsort(-scores, kind="stable")[:keep]
-    return np.sort(order)
+def choose_channels(scores: np.ndarray, keep: int, partitions: int = 1) -> np.ndarray:
+    """Indices of the `keep` highest-scoring channels, ascending (ties go to the lower index).
+
+    With `partitions`, the channels form that many equal blocks (a grouped convolution's) and
+    each block keeps the same number, its own best; `keep` must then be a multiple of it.
+    """
+    size, each = len(scores) // partitions, keep // partitions
+    chosen = [
+        block * size + np.argsort(-scores[block * size : (block + 1) * size], kind="stable")[:each]
+        for block in range(partitions)
+    ]
+    return np.sort(np.concatenate(chosen))
 
 
 def remove_channels(model: ir.Model, analysis: ChannelAnalysis, kept: dict[int, np.ndarray]) -> None:
@@ -71,7 +79,12 @@ def remove_channels(model: ir.Model, analysis: ChannelAnalysis, kept: dict[int, 
         if positions is not None:
             array = constant(own_input(model.graph, record.node, record.input_index))
             assert array is not None
-            set_constant(record.node.inputs[record.input_index], np.take(array, positions, axis=record.axis))
+            sliced = (
+                _grouped_inputs(array, positions, record.layout.width, record.groups)
+                if record.groups > 1
+                else np.take(array, positions, axis=record.axis)
+            )
+            set_constant(record.node.inputs[record.input_index], sliced)
     for node, layout in analysis.depthwise:
         positions = layout.positions(per_space)
         if positions is not None:
@@ -86,6 +99,17 @@ def remove_channels(model: ir.Model, analysis: ChannelAnalysis, kept: dict[int, 
             own_input(model.graph, node, 1)
             set_constant(node.inputs[1], updated)
     refresh_shapes(model)
+
+
+def _grouped_inputs(weight: np.ndarray, positions: np.ndarray, width: int, groups: int) -> np.ndarray:
+    """A grouped Conv's weight [out, in/groups, ...] with each output group's own inputs kept."""
+    per_group_in, per_group_out = width // groups, weight.shape[0] // groups
+    blocks = []
+    for group in range(groups):
+        local = positions[(positions >= group * per_group_in) & (positions < (group + 1) * per_group_in)]
+        rows = weight[group * per_group_out : (group + 1) * per_group_out]
+        blocks.append(np.take(rows, local - group * per_group_in, axis=1))
+    return np.concatenate(blocks, axis=0)
 
 
 def refresh_shapes(model: ir.Model) -> None:

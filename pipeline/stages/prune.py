@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator, Mapping
 from fnmatch import fnmatchcase
 from typing import Literal
@@ -124,13 +125,17 @@ class PruneStage:
         else:
             norm: Literal["l1", "l2"] = "l2" if spec.criterion == "l2" else "l1"
             scores = {group.space: weight_scores(group, norm) for group in candidates}
-        counts = {group.space: kept_count(group.channels, ratios[group.space], spec.round_to) for group in candidates}
+        # Kept counts are multiples of round_to and of any grouped convolution's group count.
+        multiples = {group.space: math.lcm(spec.round_to, group.partitions) for group in candidates}
+        counts = {
+            group.space: kept_count(group.channels, ratios[group.space], multiples[group.space]) for group in candidates
+        }
         if spec.scope == "global":
             # Groups without a per-layer ratio share one ranking across layers.
             shared = [g.space for g in candidates if not _matches(g.names(), list(spec.layers))]
-            counts.update(global_kept_counts({space: scores[space] for space in shared}, spec.ratio, spec.round_to))
+            counts.update(global_kept_counts({space: scores[space] for space in shared}, spec.ratio, multiples))
         kept = {
-            group.space: choose_channels(scores[group.space], counts[group.space])
+            group.space: choose_channels(scores[group.space], counts[group.space], group.partitions)
             for group in candidates
             if counts[group.space] < group.channels
         }

@@ -92,3 +92,16 @@ def copy_model(model: ir.Model) -> ir.Model:
 def exported(tmp_path: Path) -> Callable[[nn.Module, torch.Tensor], ir.Model]:
     torch.manual_seed(0)
     return lambda module, example: export(module, example, tmp_path)
+
+
+class GroupedNet(nn.Module):
+    """A grouped convolution (4 groups) between two ordinary ones."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Conv2d(3, 16, 3, padding=1)
+        self.grouped = nn.Conv2d(16, 8, 3, padding=1, groups=4)
+        self.last = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.last(torch.relu(self.grouped(torch.relu(self.first(x)))))

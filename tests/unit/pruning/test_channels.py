@@ -17,7 +17,7 @@ from torch import nn
 from pipeline.pruning.channels import ChannelAnalysis, analyse_channels, layer_name
 from pipeline.pruning.importance import weight_scores
 from pipeline.pruning.structured import choose_channels, global_kept_counts, kept_count, remove_channels
-from tests.unit.pruning.conftest import BranchNet, FeedForward, ResidualNet, copy_model, run
+from tests.unit.pruning.conftest import BranchNet, FeedForward, GroupedNet, ResidualNet, copy_model, run
 
 Exported = Callable[[nn.Module, torch.Tensor], ir.Model]
 
@@ -138,9 +138,38 @@ def test_choose_channels_keeps_the_best_in_order() -> None:
 def test_global_ranking_removes_the_share_across_layers() -> None:
     rng = np.random.default_rng(0)
     scores = {0: rng.random(32) * 10, 1: rng.random(64), 2: np.r_[np.full(56, 0.01), np.ones(8)]}
-    counts = global_kept_counts(scores, 0.5, 1)
+    counts = global_kept_counts(scores, 0.5, {0: 1, 1: 1, 2: 1})
     assert abs(sum(counts.values()) - 80) <= 2  # half of 160 channels, up to ties
     assert counts[2] == 8  # the layer whose channels are mostly idle loses most
     assert all(count >= 1 for count in counts.values())
-    assert global_kept_counts(scores, 0.0, 8) == {0: 32, 1: 64, 2: 64}
-    assert all(count % 8 == 0 for count in global_kept_counts(scores, 0.5, 8).values())
+    assert global_kept_counts(scores, 0.0, {0: 8, 1: 8, 2: 8}) == {0: 32, 1: 64, 2: 64}
+    assert all(count % 8 == 0 for count in global_kept_counts(scores, 0.5, {0: 8, 1: 8, 2: 8}).values())
+
+
+def test_grouped_convolution_loses_the_same_count_per_group(exported: Exported) -> None:
+    net = GroupedNet()
+    kill(net.first, [1, 6, 9, 12])  # one dead input channel in each of the 4 groups of 4
+    kill(net.grouped, [0, 3, 5, 7])  # one dead output channel in each of the 4 groups of 2
+    model = exported(net, torch.randn(2, 3, 6, 6))
+    original = copy_model(model)
+    analysis = analyse_channels(model)
+    first = next(g for g in analysis.groups if g.name == "first")
+    grouped = next(g for g in analysis.groups if g.name == "grouped")
+    assert (first.partitions, grouped.partitions) == (4, 4)
+    kept = {
+        g.space: choose_channels(weight_scores(g, "l1"), 12 if g is first else 4, g.partitions)
+        for g in (first, grouped)
+    }
+    assert kept[first.space].tolist() == [0, 2, 3, 4, 5, 7, 8, 10, 11, 13, 14, 15]
+    remove_channels(model, analysis, kept)
+    shapes = weight_shapes(model)
+    assert shapes["first.weight"] == (12, 3, 3, 3)
+    assert shapes["grouped.weight"] == (4, 3, 3, 3)  # 4 groups, 3 inputs and 1 output each
+    assert shapes["last.weight"] == (2, 4, 1, 1)
+    x = np.random.default_rng(3).standard_normal((2, 3, 6, 6)).astype(np.float32)
+    np.testing.assert_allclose(run(model, x), run(original, x), atol=1e-5)
+
+
+def test_kept_counts_honour_grouped_blocks() -> None:
+    scores = np.array([5, 1, 1, 1, 1, 1, 1, 5], dtype=float)  # two blocks of 4
+    assert choose_channels(scores, 2, partitions=2).tolist() == [0, 7]
