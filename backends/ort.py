@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from backends.base import Availability, Capabilities
 from pipeline.errors import BackendError
+from pipeline.threads import job_threads
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +138,8 @@ class OrtBackend:
             raise BackendError(self.name, availability.reason, availability.hint)
         spec = options if isinstance(options, SessionOptionsSpec) else self.options_model()
         session_options = ort.SessionOptions()
-        session_options.intra_op_num_threads = spec.intra_op_threads
+        # 0 means the job's share of the cores in a batch, else all of them.
+        session_options.intra_op_num_threads = spec.intra_op_threads or job_threads()
         session_options.inter_op_num_threads = spec.inter_op_threads
         session_options.graph_optimization_level = _OPT_LEVELS[spec.graph_optimization_level]
         session_options.log_severity_level = 3  # errors only; warnings go through our logging

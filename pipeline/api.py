@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
-from pipeline.batch.executor import JobOutcome, LocalExecutor
+from pipeline.batch.executor import Executor, JobOutcome, make_executor
 from pipeline.job import ConversionJob, load_job
 from pipeline.result import ConversionResult
 from pipeline.runner import ProgressCallback, run_job
@@ -55,6 +56,8 @@ def convert_many(
     memory_limit_mb: int | None = None,
     on_event: ProgressCallback | None = None,
     resume: bool = False,
+    executor: Literal["local", "ray"] | Executor = "local",
+    ray_address: str | None = None,
 ) -> list[JobOutcome]:
     """Convert many jobs, each in its own process; one bad job never raises out of the batch.
 
@@ -67,9 +70,25 @@ def convert_many(
             of address space: leave headroom).
         on_event: Receives every job's `StageEvent`s.
         resume: Restore unchanged stage outputs from the cache (see `convert`).
+        executor: "local" (spawned processes), "ray" (Ray tasks; needs the `ray` extra), or an
+            `Executor` object (then the settings above are its own).
+        ray_address: With "ray": the cluster to use (None: a local Ray instance).
 
     Returns:
         One `JobOutcome` per job, in order: passed, parity_failed, failed, crashed or timeout.
+
+    Raises:
+        JobError: A job file does not validate (nothing has run).
+        BackendError: The executor is unknown, or Ray is missing or unreachable.
     """
     resolved = [job if isinstance(job, ConversionJob) else load_job(job) for job in jobs]
-    return LocalExecutor(workers, timeout_s, memory_limit_mb, resume).run(resolved, on_event)
+    if isinstance(executor, str):
+        executor = make_executor(
+            executor,
+            workers=workers,
+            timeout_s=timeout_s,
+            memory_limit_mb=memory_limit_mb,
+            resume=resume,
+            ray_address=ray_address,
+        )
+    return executor.run(resolved, on_event)

@@ -13,15 +13,15 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
-from rich.progress import Progress
+from rich.progress import Progress, TaskID
 from rich.table import Table
 
 from backends.registry import list_backends
 from pipeline.api import convert as convert_job
-from pipeline.batch.executor import LocalExecutor
+from pipeline.batch.executor import JobOutcome, make_executor
 from pipeline.batch.manifest import load_manifest
 from pipeline.batch.report import write_summary
-from pipeline.errors import BackendError, ExitCode, JobError, OnnxforgeError, ParityError
+from pipeline.errors import ExitCode, JobError, OnnxforgeError, ParityError
 from pipeline.job import load_job
 from pipeline.parity.report import ParityReport, format_value
 from pipeline.runner import StageEvent
@@ -128,7 +128,13 @@ def _prune_overrides(job_file: Path, ratio: float | None, sparsity: str | None) 
 def batch(
     manifest: Annotated[Path, typer.Argument(help="The batch manifest (TOML).", show_default=False)],
     workers: Annotated[int | None, typer.Option("--workers", "-w", help="Jobs at once (default: manifest).")] = None,
-    executor: Annotated[str, typer.Option(help="Where jobs run: 'local' (spawned processes).")] = "local",
+    executor: Annotated[
+        str | None,
+        typer.Option(help="Where jobs run: 'local' (spawned processes) or 'ray' (Ray tasks). Default: manifest."),
+    ] = None,
+    ray_address: Annotated[
+        str | None, typer.Option("--ray-address", help="Ray cluster address (default: manifest, else a local Ray).")
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Restore unchanged stages from the stage cache.")] = False,
     events: Annotated[
@@ -137,32 +143,41 @@ def batch(
 ) -> None:
     """Convert every job of a manifest, each in its own process; write summary.json/.md and junit.xml.
 
-    Exit codes: 0 every job passed, 1 a parity gate failed, 2 bad manifest, 3 a job failed,
-    crashed or timed out.
+    Exit codes: 0 every job passed, 1 a parity gate failed, 2 bad manifest or executor, 3 a job
+    failed, crashed or timed out.
     """
     _configure_logging(verbose=False)
-    if executor != "local":
-        _fail(BackendError(executor, "unknown executor; available: local", "use --executor local"))
     try:
         settings, jobs = load_manifest(manifest)
+        runner = make_executor(
+            executor or settings.executor,
+            workers=workers or settings.workers,
+            timeout_s=settings.timeout_s,
+            memory_limit_mb=settings.memory_limit_mb,
+            resume=resume,
+            ray_address=ray_address or settings.ray_address,
+        )
     except OnnxforgeError as e:
         _fail(e)
     log = EventLog(events)
     with Progress(console=stderr, disable=quiet, transient=True) as progress:
-        task = progress.add_task("jobs", total=len(jobs))
+        board = _BatchProgress(progress, len(jobs))
 
-        def show(event: StageEvent) -> None:
+        def on_event(event: StageEvent) -> None:
             log.write({"job": event.job, "stage": event.stage, "status": event.status})
-            if event.stage == "validate" and event.status == "finished":
-                progress.advance(task)
-            progress.update(task, description=f"{event.job}: {event.stage}")
+            board.stage(event)
 
-        executor_ = LocalExecutor(workers or settings.workers, settings.timeout_s, settings.memory_limit_mb, resume)
-        outcomes = executor_.run(jobs, show)
-    for outcome in outcomes:
-        log.write(
-            {"job": outcome.job, "outcome": outcome.status, "seconds": outcome.seconds, "message": outcome.message}
-        )
+        def on_outcome(outcome: JobOutcome) -> None:
+            log.write(
+                {"job": outcome.job, "outcome": outcome.status, "seconds": outcome.seconds, "message": outcome.message}
+            )
+            board.done(outcome)
+
+        try:
+            outcomes = runner.run(jobs, on_event, on_outcome)
+        except OnnxforgeError as e:  # the executor itself (e.g. Ray unreachable), not a job
+            progress.stop()
+            _fail(e)
     summary = write_summary(outcomes, jobs, settings.summary_dir)
     table = Table(title=f"batch: {len(outcomes)} jobs")
     for column in ("job", "status", "seconds", "message"):
@@ -178,6 +193,34 @@ def batch(
         raise typer.Exit(int(ExitCode.INTERNAL_ERROR))
     if "parity_failed" in statuses:
         raise typer.Exit(int(ExitCode.PARITY_FAILED))
+
+
+class _BatchProgress:
+    """The batch's rich display: jobs done and failed, and one line per running job with its stage."""
+
+    def __init__(self, progress: Progress, jobs: int) -> None:
+        self._progress = progress
+        self._overall = progress.add_task("jobs: 0 done, 0 failed", total=jobs)
+        self._lines: dict[str, TaskID] = {}
+        self._done = self._failed = 0
+
+    def stage(self, event: StageEvent) -> None:
+        """A running job reached a stage."""
+        line = self._lines.get(event.job)
+        if line is None:
+            line = self._lines[event.job] = self._progress.add_task("", total=None)
+        self._progress.update(line, description=f"  {escape(event.job)}: {event.stage} {event.status}")
+
+    def done(self, outcome: JobOutcome) -> None:
+        """A job finished (whatever its outcome)."""
+        if outcome.status == "passed":
+            self._done += 1
+        else:
+            self._failed += 1
+        line = self._lines.pop(outcome.job, None)
+        if line is not None:
+            self._progress.remove_task(line)
+        self._progress.update(self._overall, advance=1, description=f"jobs: {self._done} done, {self._failed} failed")
 
 
 class EventLog:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing as mp
+import os
 import queue
 import shutil
 import signal
@@ -19,10 +20,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel
 
+from pipeline.batch.worker import convert_one, limit_process
+from pipeline.errors import BackendError
 from pipeline.job import ConversionJob
 from pipeline.runner import StageEvent
 
@@ -62,59 +65,95 @@ class _Running:
 
 
 def _child(
-    job_json: str, source_file: str | None, result_file: str, events: Any, memory_limit_mb: int | None, resume: bool
+    job_json: str,
+    source_file: str | None,
+    result_file: str,
+    events: Any,
+    memory_limit_mb: int | None,
+    threads: int | None,
+    resume: bool,
 ) -> None:
     """Runs in the spawned process: convert one job, write the outcome as JSON."""
-    if memory_limit_mb is not None:
-        import resource
+    limit_process(memory_limit_mb, threads)
 
-        limit = memory_limit_mb * 2**20
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    import pipeline
-    from pipeline.errors import OnnxforgeError, ParityError
+    def emit(job: str, stage: str, status: str) -> None:
+        events.put((job, stage, status))
 
-    outcome: dict[str, Any] = {"status": "passed", "message": ""}
-    try:
-        job = pipeline.validate_job(json.loads(job_json), origin=source_file or "batch job")
-        if source_file:
-            job = job.model_copy(update={"source_file": Path(source_file)})
-        result = pipeline.convert(
-            job, on_event=lambda event: events.put((event.job, event.stage, event.status)), resume=resume
-        )
-        outcome["verdicts"] = result.report.verdicts()
-    except ParityError as e:
-        outcome = {"status": "parity_failed", "message": str(e)}
-        if e.result is not None:
-            outcome["verdicts"] = e.result.report.verdicts()  # type: ignore[attr-defined]
-    except OnnxforgeError as e:
-        outcome = {"status": "failed", "message": f"{type(e).__name__}: {e}"}
-    except MemoryError:
-        outcome = {"status": "crashed", "message": f"out of memory (limit {memory_limit_mb} MB)"}
-    except Exception as e:  # noqa: BLE001 - the batch reports any failure of a job as its outcome
-        outcome = {"status": "failed", "message": f"internal error: {type(e).__name__}: {e}"}
+    outcome = convert_one(job_json, source_file, resume, emit, memory_limit_mb)
     Path(result_file).write_text(json.dumps(outcome))
 
 
+class Executor(Protocol):
+    """Runs a batch's jobs in isolation and accounts for every one."""
+
+    def run(
+        self,
+        jobs: list[ConversionJob],
+        on_event: Callable[[StageEvent], None] | None = None,
+        on_outcome: Callable[[JobOutcome], None] | None = None,
+    ) -> list[JobOutcome]:
+        """Run every job; one outcome per job, in the jobs' order. Never raises for a job."""
+        ...
+
+
+def make_executor(
+    kind: str,
+    *,
+    workers: int = 1,
+    timeout_s: float = 3600.0,
+    memory_limit_mb: int | None = None,
+    resume: bool = False,
+    ray_address: str | None = None,
+) -> Executor:
+    """The executor named `kind` ("local" or "ray") with these settings.
+
+    Raises:
+        BackendError: An unknown kind, or Ray asked for and not installed.
+    """
+    if kind == "local":
+        return LocalExecutor(workers, timeout_s, memory_limit_mb, resume)
+    if kind == "ray":
+        from pipeline.batch.ray_executor import RayExecutor
+
+        return RayExecutor(ray_address, workers, timeout_s, memory_limit_mb, resume)
+    raise BackendError(kind, "unknown executor; available: local, ray", "use --executor local or --executor ray")
+
+
+def threads_per_job(workers: int) -> int:
+    """Each of `workers` concurrent jobs gets an equal share of this machine's cores."""
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
 class LocalExecutor:
-    """Runs jobs in spawned processes, `workers` at a time.
+    """Runs jobs in spawned processes, `workers` at a time, each with a share of the cores.
 
     Args:
         workers: Jobs run at once.
         timeout_s: Seconds after which a job's process is killed.
         memory_limit_mb: Address-space limit per job process (None: none).
         resume: Restore unchanged stage outputs from the stage cache.
+        threads: CPU threads per job (None: the cores divided by `workers`).
     """
 
     def __init__(
-        self, workers: int = 1, timeout_s: float = 3600.0, memory_limit_mb: int | None = None, resume: bool = False
+        self,
+        workers: int = 1,
+        timeout_s: float = 3600.0,
+        memory_limit_mb: int | None = None,
+        resume: bool = False,
+        threads: int | None = None,
     ) -> None:
         self._workers = workers
         self._timeout_s = timeout_s
         self._memory_limit_mb = memory_limit_mb
         self._resume = resume
+        self._threads = threads or threads_per_job(workers)
 
     def run(
-        self, jobs: list[ConversionJob], on_event: Callable[[StageEvent], None] | None = None
+        self,
+        jobs: list[ConversionJob],
+        on_event: Callable[[StageEvent], None] | None = None,
+        on_outcome: Callable[[JobOutcome], None] | None = None,
     ) -> list[JobOutcome]:
         """Run every job; return one outcome per job, in the jobs' order. Never raises for a job."""
         context = mp.get_context("spawn")  # fresh interpreters: no inherited threads or state
@@ -133,6 +172,9 @@ class LocalExecutor:
                         running.remove(item)
                         outcomes[item.job.name] = outcome
                         logger.info("job %s: %s %s", outcome.job, outcome.status, outcome.message)
+                        self._drain(events, on_event)  # the job's last events before its outcome
+                        if on_outcome is not None:
+                            on_outcome(outcome)
                 time.sleep(_POLL_SECONDS)
             self._drain(events, on_event)
         return [outcomes[job.name] for job in jobs]
@@ -147,6 +189,7 @@ class LocalExecutor:
                 str(result_file),
                 events,
                 self._memory_limit_mb,
+                self._threads,
                 self._resume,
             ),
             name=f"onnxforge-{job.name}",
@@ -163,26 +206,14 @@ class LocalExecutor:
                 return None
             process.kill()
             process.join()
-            _remove_staging(item.job)
-            return self._outcome(item, "timeout", f"killed after {self._timeout_s:g} s", elapsed)
+            remove_staging(item.job)
+            return job_outcome(item.job, "timeout", f"killed after {self._timeout_s:g} s", elapsed)
         process.join()
         if item.result_file.is_file():
             data = json.loads(item.result_file.read_text())
-            return self._outcome(item, data["status"], data["message"], elapsed, data.get("verdicts", {}))
-        _remove_staging(item.job)
-        return self._outcome(item, "crashed", _death_cause(process.exitcode), elapsed)
-
-    def _outcome(
-        self, item: _Running, status: JobStatus, message: str, seconds: float, verdicts: dict[str, str] | None = None
-    ) -> JobOutcome:
-        return JobOutcome(
-            job=item.job.name,
-            status=status,
-            seconds=round(seconds, 3),
-            message=message,
-            output_dir=str(item.job.output_dir),
-            verdicts=verdicts or {},
-        )
+            return job_outcome(item.job, data["status"], data["message"], elapsed, data.get("verdicts", {}))
+        remove_staging(item.job)
+        return job_outcome(item.job, "crashed", _death_cause(process.exitcode), elapsed)
 
     @staticmethod
     def _drain(events: Any, on_event: Callable[[StageEvent], None] | None) -> None:
@@ -206,7 +237,21 @@ def _death_cause(exitcode: int | None) -> str:
     return f"the job's process exited with code {exitcode} without a result"
 
 
-def _remove_staging(job: ConversionJob) -> None:
+def job_outcome(
+    job: ConversionJob, status: JobStatus, message: str, seconds: float, verdicts: dict[str, str] | None = None
+) -> JobOutcome:
+    """A job's outcome record."""
+    return JobOutcome(
+        job=job.name,
+        status=status,
+        seconds=round(seconds, 3),
+        message=message,
+        output_dir=str(job.output_dir),
+        verdicts=verdicts or {},
+    )
+
+
+def remove_staging(job: ConversionJob) -> None:
     """A killed job leaves its hidden staging folder beside the output: remove it."""
     out = job.output_dir
     for leftover in out.parent.glob(f".{out.name}.staging-*"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -21,6 +21,8 @@ class BatchSettings(BaseModel):
         timeout_s: A job still running after this many seconds is killed and reported "timeout".
         memory_limit_mb: Address-space limit of each job's process (None: no limit).
         summary_dir: Where summary.json, summary.md and junit.xml go (relative to the manifest).
+        executor: ``local`` (spawned processes on this machine) or ``ray`` (Ray tasks).
+        ray_address: The Ray cluster to use (unset: a local Ray instance).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
@@ -29,6 +31,8 @@ class BatchSettings(BaseModel):
     timeout_s: float = Field(default=3600.0, gt=0)
     memory_limit_mb: int | None = Field(default=None, ge=64)
     summary_dir: Path = Field(default=Path("batch-summary"), strict=False)
+    executor: Literal["local", "ray"] = "local"
+    ray_address: str | None = None
 
 
 def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

@@ -8,7 +8,6 @@ batch size and the model, not on the number of samples.
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +20,7 @@ import onnxruntime as ort
 
 from pipeline.calibration.histogram import TensorHistogram
 from pipeline.onnx_io import PROTOBUF_LIMIT_BYTES
+from pipeline.threads import cpu_threads, session_options
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def collect_statistics(
 
     with (
         tempfile.TemporaryDirectory(dir=model_dir, prefix=".calibration-") as folder,
-        ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool,
+        ThreadPoolExecutor(max_workers=cpu_threads()) as pool,
     ):
         session = _session(_save_augmented(model, tensors, Path(folder)), threads)
         for feeds in batches:
@@ -157,7 +157,5 @@ def _save_augmented(model: onnx.ModelProto, tensors: list[str], folder: Path) ->
 
 
 def _session(path: Path, threads: int) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3
+    options = session_options(threads)
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

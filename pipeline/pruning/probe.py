@@ -10,6 +10,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from pipeline.onnx_io import PROTOBUF_LIMIT_BYTES, initializer_bytes
+from pipeline.threads import session_options
 
 
 class Probe:
@@ -40,9 +41,7 @@ class Probe:
         del proto.graph.output[:]
         proto.graph.output.extend(ir.serde.serialize_value(values[name]) for name in tensors)
         _keep_needed(proto.graph, set(tensors))
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.log_severity_level = 3
+        options = session_options(threads)
         self.tensors = tensors
         self._session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
         self._inputs = [i.name for i in self._session.get_inputs()]

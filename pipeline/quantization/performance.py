@@ -13,6 +13,7 @@ from pydantic import BaseModel
 
 from backends.base import Session
 from pipeline.quantization.cpu import int8_dot_product_flags
+from pipeline.threads import session_options
 
 _QDQ_OPS = {"QuantizeLinear", "DequantizeLinear"}
 
@@ -63,10 +64,9 @@ def unfused_qdq_count(model: Path) -> int | None:
 
     with tempfile.TemporaryDirectory() as folder:
         optimized = Path(folder) / "optimized.onnx"
-        options = ort.SessionOptions()
+        options = session_options()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.optimized_model_filepath = str(optimized)
-        options.log_severity_level = 3
         try:
             ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
             graph = onnx.load(str(optimized), load_external_data=False).graph

@@ -24,6 +24,7 @@ from pipeline.onnx_io import check_model, load_graph_only, model_artifact, save_
 from pipeline.outputs import named_outputs
 from pipeline.stage_cache import content_key
 from pipeline.stages.base import StageContext, torch_inputs
+from pipeline.threads import session_options
 
 logger = logging.getLogger(__name__)
 
@@ -154,9 +155,7 @@ class ExportStage:
     ) -> None:
         """Output names, order and shapes of the saved model against PyTorch on the example."""
         job = ctx.job
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
         names = [output.name for output in session.get_outputs()]
         expected = [name for name, _ in reference]
         if names != expected:

@@ -28,6 +28,7 @@ from pipeline.quantization.qdq import QdqSettings, quantize_qdq
 from pipeline.quantization.recipe import Recipe, choose_recipe, irregular_tensor_nodes
 from pipeline.stage_cache import content_key
 from pipeline.stages.base import StageContext, Target
+from pipeline.threads import session_options
 
 logger = logging.getLogger(__name__)
 
@@ -297,8 +298,7 @@ class _PolicyJudge:
 
 
 def _session(model: Path | onnx.ModelProto) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options = session_options()
     if isinstance(model, onnx.ModelProto):
         if model.ByteSize() >= PROTOBUF_LIMIT_BYTES:
             raise StageError("quantize", "", "mixed precision cannot judge a model over 2 GiB in memory")

@@ -49,14 +49,28 @@ def batch_manifest(tmp_path: Path, digits_job: dict[str, Any]) -> Path:
     return path
 
 
-def test_bad_jobs_are_isolated_and_reported(batch_manifest: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "executor",
+    [
+        pytest.param("local", id="local"),
+        # The same manifest on a local Ray instance (the `ray` extra, installed with `dev`).
+        pytest.param("ray", id="ray", marks=pytest.mark.slow),
+    ],
+)
+def test_bad_jobs_are_isolated_and_reported(batch_manifest: Path, tmp_path: Path, executor: str) -> None:
+    if executor == "ray":
+        pytest.importorskip("ray", reason="the ray extra is not installed")
     events = tmp_path / "events.jsonl"
-    result = CliRunner().invoke(app, ["batch", str(batch_manifest), "--quiet", "--events", str(events)])
+    result = CliRunner().invoke(
+        app, ["batch", str(batch_manifest), "--quiet", "--events", str(events), "--executor", executor]
+    )
     assert result.exit_code == 3, result.output  # a job failed / crashed / timed out
     summary = json.loads((tmp_path / "batch-summary" / "summary.json").read_text())
     status = {outcome["job"]: outcome for outcome in summary["outcomes"]}
     assert status["healthy_a"]["status"] == "passed" and status["healthy_b"]["status"] == "passed"
-    assert status["segfaults"]["status"] == "crashed" and "SIGSEGV" in status["segfaults"]["message"]
+    assert status["healthy_a"]["verdicts"] == {"export@cpu": "pass", "simplify@cpu": "pass", "quantize@cpu": "pass"}
+    crash_cause = "SIGSEGV" if executor == "local" else "WorkerCrashedError"
+    assert status["segfaults"]["status"] == "crashed" and crash_cause in status["segfaults"]["message"]
     assert status["hangs"]["status"] == "timeout"
     assert status["corrupt"]["status"] == "failed" and "JobError" in status["corrupt"]["message"]
     assert summary["counts"] == {"crashed": 1, "failed": 1, "passed": 2, "timeout": 1}
