@@ -6,6 +6,7 @@ import hashlib
 import logging
 import os
 import shutil
+import socket
 import tempfile
 import time
 import uuid
@@ -91,7 +92,8 @@ def run_job(
     checked = preflight(job)
     _check_output_dir(job)
     job.output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{job.output_dir.name}.staging-", dir=job.output_dir.parent))
+    _remove_abandoned_staging(job.output_dir)
+    staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(job.output_dir), dir=job.output_dir.parent))
     try:
         staging.chmod(DIR_MODE)
         ctx = checked.context(job, staging)
@@ -242,6 +244,34 @@ def _manifest(job: ConversionJob, ctx: StageContext, records: list[StageRecord],
         parity=report.verdicts(),
         verdict=report.verdict,
     )
+
+
+def _staging_prefix(output_dir: Path) -> str:
+    """Hidden, beside the output, naming this host and process: ``.out.staging-host-1234-``."""
+    return f".{output_dir.name}.staging-{socket.gethostname()}-{os.getpid()}-"
+
+
+def _remove_abandoned_staging(output_dir: Path) -> None:
+    """Delete staging folders of this output left by killed runs on this host (their process is gone).
+
+    Folders of live processes, or of other hosts sharing the storage, are left alone.
+    """
+    host_prefix = f".{output_dir.name}.staging-{socket.gethostname()}-"
+    for folder in output_dir.parent.glob(f"{host_prefix}*"):
+        pid = folder.name[len(host_prefix) :].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            logger.info("removing %s, left by a run that was killed", folder.name)
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 def _publish(staging: Path, output_dir: Path) -> None:

@@ -15,7 +15,7 @@ import pipeline
 from pipeline.cli import app
 from tests.conftest import DIGITS_DIR
 
-_BAD_FACTORIES = '''
+_BAD_FACTORIES = """
 import ctypes
 import time
 
@@ -26,7 +26,7 @@ def segfault():
 
 def hang():
     time.sleep(600)
-'''
+"""
 
 
 @pytest.fixture
@@ -89,8 +89,13 @@ def test_bad_jobs_are_isolated_and_reported(batch_manifest: Path, tmp_path: Path
 
 def test_convert_many_never_raises_for_a_bad_job(tmp_path: Path) -> None:
     good = pipeline.load_job(DIGITS_DIR / "job.toml", output_dir=str(tmp_path / "good"))
-    bad = good.model_copy(update={"name": "bad", "output_dir": tmp_path / "bad", "model": good.model.model_copy(
-        update={"factory": None, "onnx": tmp_path / "missing.onnx"})})
+    bad = good.model_copy(
+        update={
+            "name": "bad",
+            "output_dir": tmp_path / "bad",
+            "model": good.model.model_copy(update={"factory": None, "onnx": tmp_path / "missing.onnx"}),
+        }
+    )
     outcomes = pipeline.convert_many([good, bad], workers=2, timeout_s=120)
     assert [o.status for o in outcomes] == ["passed", "failed"]
     assert outcomes[0].verdicts["quantize@cpu"] == "pass"
