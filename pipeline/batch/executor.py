@@ -33,6 +33,16 @@ logger = logging.getLogger(__name__)
 
 JobStatus = Literal["passed", "parity_failed", "failed", "crashed", "timeout"]
 _POLL_SECONDS = 0.1
+# Imported once by the fork server (names it cannot import are skipped): the pipeline, and what
+# torch and ONNX Runtime otherwise import lazily on a job's first export and quantization.
+_PRELOAD = [
+    "pipeline",
+    "pipeline.batch.worker",
+    "torch._dynamo",
+    "torch.onnx._internal.exporter._core",
+    "onnxscript.optimizer",
+    "onnxruntime.quantization",
+]
 
 
 class JobOutcome(BaseModel):
@@ -156,7 +166,7 @@ class LocalExecutor:
         on_outcome: Callable[[JobOutcome], None] | None = None,
     ) -> list[JobOutcome]:
         """Run every job; return one outcome per job, in the jobs' order. Never raises for a job."""
-        context = mp.get_context("spawn")  # fresh interpreters: no inherited threads or state
+        context = _job_process_context()
         events = context.Queue()
         pending = list(jobs)
         running: list[_Running] = []
@@ -224,6 +234,20 @@ class LocalExecutor:
                 return
             if on_event is not None:
                 on_event(StageEvent(job, stage, status))
+
+
+def _job_process_context() -> Any:
+    """Where job processes come from: forked from a server that has imported the pipeline once.
+
+    Each job still gets its own process (a crash stays there), but not a fresh interpreter that
+    imports torch and ONNX Runtime again: the fork server imports them once, single-threaded,
+    before any model is loaded. Platforms without fork (Windows) spawn fresh interpreters.
+    """
+    if "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
+    context = mp.get_context("forkserver")
+    context.set_forkserver_preload(_PRELOAD)
+    return context
 
 
 def _death_cause(exitcode: int | None) -> str:
