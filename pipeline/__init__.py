@@ -1,7 +1,7 @@
 """onnxforge's public Python API: convert trained PyTorch models to validated int8 ONNX."""
 
 from pipeline.api import convert, convert_many
-from pipeline.batch.executor import JobOutcome
+from pipeline.batch.executor import Executor, JobOutcome, LocalExecutor
 from pipeline.errors import (
     BackendError,
     ExitCode,
@@ -19,8 +19,12 @@ from pipeline.job import (
     Int8Policy,
     ModelSource,
     ParityPolicy,
+    PruneOptions,
+    PrunePolicy,
     QuantizeOptions,
     SimplifyOptions,
+    SparsityOptions,
+    StructuredPruning,
     TargetSpec,
     load_job,
     validate_job,
@@ -35,19 +39,25 @@ __all__ = [
     "ConversionResult",
     "DataSource",
     "ExitCode",
+    "Executor",
     "ExportOptions",
     "Fp32Policy",
     "InputSpec",
     "JobOutcome",
     "Int8Policy",
     "JobError",
+    "LocalExecutor",
     "ModelSource",
     "OnnxforgeError",
     "ParityError",
     "ParityPolicy",
     "ParityReport",
+    "PruneOptions",
+    "PrunePolicy",
     "QuantizeOptions",
     "SimplifyOptions",
+    "SparsityOptions",
+    "StructuredPruning",
     "StageError",
     "StageEvent",
     "TargetSpec",

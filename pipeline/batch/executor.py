@@ -125,7 +125,9 @@ def make_executor(
     if kind == "ray":
         from pipeline.batch.ray_executor import RayExecutor
 
-        return RayExecutor(ray_address, workers, timeout_s, memory_limit_mb, resume)
+        return RayExecutor(
+            ray_address, workers=workers, timeout_s=timeout_s, memory_limit_mb=memory_limit_mb, resume=resume
+        )
     raise BackendError(kind, "unknown executor; available: local, ray", "use --executor local or --executor ray")
 
 
@@ -134,15 +136,15 @@ def threads_per_job(workers: int) -> int:
     return max(1, (os.cpu_count() or 1) // workers)
 
 
-class LocalExecutor:
-    """Runs jobs in spawned processes, `workers` at a time, each with a share of the cores.
+class IsolatingExecutor:
+    """Settings shared by the executors that run each job in a process of its own.
 
     Args:
         workers: Jobs run at once.
         timeout_s: Seconds after which a job's process is killed.
         memory_limit_mb: Address-space limit per job process (None: none).
         resume: Restore unchanged stage outputs from the stage cache.
-        threads: CPU threads per job (None: the cores divided by `workers`).
+        threads: CPU threads per job (None: this machine's cores divided by `workers`).
     """
 
     def __init__(
@@ -158,6 +160,10 @@ class LocalExecutor:
         self._memory_limit_mb = memory_limit_mb
         self._resume = resume
         self._threads = threads or threads_per_job(workers)
+
+
+class LocalExecutor(IsolatingExecutor):
+    """Runs jobs in processes of their own on this machine, `workers` at a time (see `IsolatingExecutor`)."""
 
     def run(
         self,

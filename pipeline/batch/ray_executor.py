@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from pipeline.batch.executor import JobOutcome, job_outcome, remove_staging, threads_per_job
+from pipeline.batch.executor import IsolatingExecutor, JobOutcome, job_outcome, remove_staging
 from pipeline.batch.worker import convert_one, limit_process
 from pipeline.errors import BackendError
 from pipeline.job import ConversionJob
@@ -42,43 +42,27 @@ def _task(
     return convert_one(job_json, source_file, resume, emit, memory_limit_mb)
 
 
-class RayExecutor:
-    """Runs jobs as Ray tasks, `workers` at a time.
+class RayExecutor(IsolatingExecutor):
+    """Runs jobs as Ray tasks, `workers` at a time (a timed-out task is cancelled, its worker killed).
 
     Args:
         address: A running cluster (``ray.init(address=...)``, e.g. ``"auto"`` or
             ``"ray://head:10001"``); None starts a local instance with `workers` CPUs, stopped
             when the batch ends.
-        workers: Jobs in flight at once.
-        timeout_s: Seconds after which a job's task is cancelled (its worker killed).
-        memory_limit_mb: Address-space limit per job process (None: none).
-        resume: Restore unchanged stage outputs from the stage cache.
-        threads: CPU threads per job (None: the local cores divided by `workers`).
+        **settings: `IsolatingExecutor`'s.
 
     Raises:
         BackendError: Ray is not installed, or the cluster cannot be reached.
     """
 
-    def __init__(
-        self,
-        address: str | None = None,
-        workers: int = 1,
-        timeout_s: float = 3600.0,
-        memory_limit_mb: int | None = None,
-        resume: bool = False,
-        threads: int | None = None,
-    ) -> None:
+    def __init__(self, address: str | None = None, **settings: Any) -> None:
         try:
             import ray
         except ImportError as e:
             raise BackendError("ray", "Ray is not installed", INSTALL_HINT) from e
+        super().__init__(**settings)
         self._ray = ray
         self._address = address
-        self._workers = workers
-        self._timeout_s = timeout_s
-        self._memory_limit_mb = memory_limit_mb
-        self._resume = resume
-        self._threads = threads or threads_per_job(workers)
 
     def run(
         self,

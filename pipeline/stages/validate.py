@@ -163,7 +163,9 @@ class ValidateStage:
                 step = _Step("export", target.name, PYTORCH, fp32)
                 step.comparators = _comparators(len(stream.output_names), ctx.job.parity.fp32.rtol, stream.classifier)
                 step.update(runs)
-                comparisons.append(self._comparison(ctx.job, step, stream).model_copy(update={"shape": dict(sizes)}))
+                # Accuracy is measured on the evaluation data only, not on these resized copies.
+                comparison = self._comparison(ctx.job, step, stream)
+                comparisons.append(comparison.model_copy(update={"shape": dict(sizes), "accuracy": None}))
         return comparisons
 
     def _performance(self, ctx: StageContext, sessions: Sessions) -> list[PerformanceCheck]:
