@@ -16,8 +16,8 @@ the candidate's own value against its Q/DQ copy (exact, whatever went wrong upst
 the noise power its output has beyond its worst input's (noise powers add). Ranked by local SQNR,
 lowest first, the steps name the layers responsible, with the nodes whose exclusion from
 quantization removes the error (a node: itself; a quantized tensor: its producer and its
-consumers, since the quantizer puts Q/DQ on a tensor when any of them is quantized). The first tensor in graph order whose SQNR falls
-below the threshold is where the outputs start to diverge.
+consumers, since the quantizer puts Q/DQ on a tensor when any of them is quantized). The first
+tensor in graph order whose SQNR falls below the threshold is where the outputs start to diverge.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import logging
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import onnx_ir as ir
@@ -306,7 +306,7 @@ def _tensor_parity(
         node = shared.producers[name]
         inputs = [seen[v.name] for v in node.inputs if v is not None and v.name in seen]
         worst_input = min(inputs) if inputs else EXACT_DB
-        common = {"tensor": name, "node": node.name or "", "op_type": node.op_type, "order": order}
+        common: dict[str, Any] = {"tensor": name, "node": node.name or "", "op_type": node.op_type, "order": order}
         result.append(
             TensorParity(
                 **common,
