@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated, NoReturn
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
@@ -21,9 +22,11 @@ from pipeline.api import convert as convert_job
 from pipeline.batch.executor import JobOutcome, make_executor
 from pipeline.batch.manifest import load_manifest
 from pipeline.batch.report import write_summary
-from pipeline.errors import ExitCode, JobError, OnnxforgeError, ParityError
-from pipeline.job import load_job
-from pipeline.parity.report import ParityReport, format_value
+from pipeline.errors import ExitCode, JobError, OnnxforgeError, ParityError, first_line
+from pipeline.job import Fp32Policy, TaskPolicy, load_job
+from pipeline.parity.compare import compare_models
+from pipeline.parity.localize import Localisation
+from pipeline.parity.report import ParityReport, format_value, write_reports
 from pipeline.runner import StageEvent
 
 app = typer.Typer(
@@ -235,6 +238,90 @@ class EventLog:
             return
         with self._path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+
+
+@app.command()
+def parity(
+    reference: Annotated[Path, typer.Argument(help="The reference model (.onnx).", show_default=False)],
+    candidate: Annotated[Path, typer.Argument(help="The candidate model (.onnx).", show_default=False)],
+    data: Annotated[Path, typer.Option("--data", help="An .npz with one array per model input.", show_default=False)],
+    backend_a: Annotated[str, typer.Option("--backend-a", help="Backend for the reference.")] = "cpu",
+    backend_b: Annotated[str, typer.Option("--backend-b", help="Backend for the candidate.")] = "cpu",
+    labels: Annotated[str | None, typer.Option(help="The .npz array of class labels (top-1 accuracy).")] = None,
+    min_cosine: Annotated[float, typer.Option(help="Task gate: lowest mean cosine per output.")] = 0.99,
+    max_accuracy_drop: Annotated[
+        float | None, typer.Option(help="Task gate: largest top-1 drop in points (needs --labels).")
+    ] = None,
+    atol: Annotated[
+        float | None, typer.Option(help="Element-wise gate instead: |b - a| <= atol + rtol*|a| everywhere.")
+    ] = None,
+    rtol: Annotated[float, typer.Option(help="With --atol.")] = 1e-3,
+    batch_size: Annotated[int, typer.Option(help="Samples per run.")] = 32,
+    localize: Annotated[
+        bool | None,
+        typer.Option("--localize/--no-localize", help="Find where the error enters (default: when the gate fails)."),
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write report.json and report.md here.")] = None,
+) -> None:
+    """Compare any two models on any two backends; say where the error enters when they differ.
+
+    Exit codes: 0 the gate passed, 1 it failed, 2 bad input (model, data, backend), 3 internal error.
+    """
+    _configure_logging(verbose=False)
+    try:
+        report = compare_models(
+            reference,
+            candidate,
+            data,
+            reference_backend=backend_a,
+            candidate_backend=backend_b,
+            policy=TaskPolicy(min_cosine=min_cosine, max_accuracy_drop=max_accuracy_drop),
+            exact=Fp32Policy(atol=atol, rtol=rtol) if atol is not None else None,
+            labels=labels,
+            batch_size=batch_size,
+            localise=localize,
+        )
+    except OnnxforgeError as e:
+        _fail(e)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        write_reports(report, out)
+    _print_report(report)
+    for localisation in report.localisations:
+        _print_localisation(localisation)
+    if report.verdict != "pass":
+        raise typer.Exit(int(ExitCode.PARITY_FAILED))
+
+
+@app.command()
+def report(
+    output_dir: Annotated[Path, typer.Argument(help="A conversion's output folder (or any folder with report.json).")],
+) -> None:
+    """Re-render report.md from report.json (after an upgrade, or to regenerate a deleted file)."""
+    source = output_dir / "report.json"
+    try:
+        loaded = ParityReport.model_validate_json(source.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        _fail(JobError(source, "<file>", "no report.json here: pass a conversion's output folder"))
+    except (OSError, ValidationError) as e:
+        _fail(JobError(source, "<file>", f"not a readable onnxforge report: {first_line(e)}"))
+    write_reports(loaded, output_dir)
+    stdout.print(f"[green]wrote[/] {output_dir / 'report.md'} (from report.json, schema {loaded.schema_version})")
+
+
+def _print_localisation(localisation: Localisation) -> None:
+    first = localisation.first_diverging
+    where = f"`{first.tensor}` ({first.op_type} {first.node}), {first.sqnr_db:.1f} dB" if first else "nowhere"
+    stdout.print(f"error enters first at {escape(where)}", highlight=False)
+    for step in localisation.ranked[:3]:
+        stdout.print(
+            f"  {step.local_sqnr_db:6.1f} dB local SQNR: {escape(step.tensor)} ({step.kind}, {step.op_type}); "
+            f"exclude {escape(', '.join(step.culprits))}",
+            highlight=False,
+        )
+    culprits = localisation.responsible_nodes(5)
+    if culprits:
+        stdout.print(f"to keep in float: quantize.exclude_nodes = {escape(str(culprits))}", highlight=False)
 
 
 @app.command()

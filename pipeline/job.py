@@ -370,11 +370,22 @@ class PrunePolicy(TaskPolicy):
 
 
 class ParityPolicy(_Spec):
-    """Pass/fail rules per precision."""
+    """Pass/fail rules per precision, and when to localise the error.
+
+    Attributes:
+        fp32: Export and simplify.
+        prune: The pruned model.
+        int8: The quantized model.
+        localize: Compare intermediate tensors to find where the error enters: ``on_failure``
+            (for each failed comparison between two ONNX models), ``always``, or ``never``.
+        localize_batches: Evaluation batches the localisation runs on.
+    """
 
     fp32: Fp32Policy = Field(default_factory=Fp32Policy)
     prune: PrunePolicy = Field(default_factory=PrunePolicy)
     int8: Int8Policy = Field(default_factory=Int8Policy)
+    localize: Literal["on_failure", "always", "never"] = "on_failure"
+    localize_batches: int = Field(default=1, ge=1)
 
 
 class ConversionJob(_Spec):
@@ -465,7 +476,7 @@ class ConversionJob(_Spec):
         if value.enabled and needs_data and info.data.get("calibration") is None and "calibration" in info.data:
             raise ValueError(
                 "structured pruning with recovery or the activation criterion needs [calibration] data; "
-                "add one, or set structured.recovery = false and structured.criterion = \"l1\""
+                'add one, or set structured.recovery = false and structured.criterion = "l1"'
             )
         return value
 

@@ -29,7 +29,7 @@ _UNSAFE_PT2_PREFIXES = ("custom_obj_", "opaque_obj_")
 _SAFETENSORS_SUFFIXES = (".safetensors",)
 _TO_SAFETENSORS = (
     "if you trust the file, convert it once to safetensors in a trusted environment: "
-    "python -c \"import torch, safetensors.torch as st; "
+    'python -c "import torch, safetensors.torch as st; '
     "st.save_file(torch.load('IN.pt', weights_only=False), 'OUT.safetensors')\" "
     "and set model.weights to the .safetensors file"
 )

@@ -9,7 +9,8 @@ compared, so the loss of quantizing a tensor is told apart from the loss of comp
 
 Tensors are exposed a chunk at a time, chunks sized by an element budget measured on one sample
 first, so memory stays bounded whatever the model's size; each chunk runs only the part of the
-graph it needs (see `Probe`).
+graph it needs (see `Probe`). Graphs run as written, without ONNX Runtime's fusions: a QDQ model
+computes in float with fake quantization, so the figures are the quantization error itself.
 
 Each step is charged with the error it adds by itself, as a local SQNR: for a quantized tensor,
 the candidate's own value against its Q/DQ copy (exact, whatever went wrong upstream); for a node,
@@ -163,9 +164,14 @@ class _Shared:
     names: list[str] = field(default_factory=list)
     producers: dict[str, ir.Node] = field(default_factory=dict)
     dequantized: dict[str, str] = field(default_factory=dict)
+    # Produced by another op in the candidate (the quantizer drops a Relu before a QuantizeLinear
+    # and renames the Conv's output): only the dequantized copy is comparable.
+    rewritten: set[str] = field(default_factory=set)
+    candidate_producers: dict[str, str] = field(default_factory=dict)
 
     def candidate_names(self, chunk: list[str]) -> list[str]:
-        return [*chunk, *(self.dequantized[name] for name in chunk if name in self.dequantized)]
+        own = [name for name in chunk if name not in self.rewritten]
+        return [*own, *(self.dequantized[name] for name in chunk if name in self.dequantized)]
 
 
 def localize(
@@ -203,16 +209,19 @@ def localize(
     # The Q/DQ copy against the candidate's own value: the error of quantizing that tensor alone.
     local = {name: _Sums() for name in shared.dequantized}
     for chunk in _chunks(reference, shared.names, feeds[0], element_budget):
-        reference_probe = Probe(reference, chunk)
-        candidate_probe = Probe(candidate, shared.candidate_names(chunk))
+        # Graphs as written: fused kernels would rewire or drop the tensors being compared.
+        reference_probe = Probe(reference, chunk, optimize=False)
+        candidate_probe = Probe(candidate, shared.candidate_names(chunk), optimize=False)
         for batch in feeds:
             expected, actual = reference_probe.run(batch), candidate_probe.run(batch)
             for name in chunk:
-                sums[name].update(expected[name], actual[name])
+                if name not in shared.rewritten:
+                    sums[name].update(expected[name], actual[name])
                 if name in shared.dequantized:
                     copy = shared.dequantized[name]
                     sums[copy].update(expected[name], actual[copy])
-                    local[name].update(actual[name], actual[copy])
+                    if name not in shared.rewritten:
+                        local[name].update(actual[name], actual[copy])
             del expected, actual
         del reference_probe, candidate_probe
     tensors = _tensor_parity(reference, shared, sums, local)
@@ -241,16 +250,22 @@ def localize(
 
 
 def _shared_tensors(reference: ir.Model, candidate: ir.Model) -> _Shared:
-    produced = {value.name for node in candidate.graph for value in node.outputs}
-    shared = _Shared()
+    produced = {value.name: node.op_type for node in candidate.graph for value in node.outputs}
+    shared = _Shared(candidate_producers={v.name or "": n.name or "" for n in candidate.graph for v in n.outputs})
     for node in reference.graph:
         for value in node.outputs:
             name = value.name or ""
-            if name in produced and value.dtype in _FLOAT:
-                shared.names.append(name)
-                shared.producers[name] = node
-                if name + DEQUANTIZED_SUFFIX in produced:
-                    shared.dequantized[name] = name + DEQUANTIZED_SUFFIX
+            if name not in produced or value.dtype not in _FLOAT:
+                continue
+            has_copy = name + DEQUANTIZED_SUFFIX in produced
+            if produced[name] != node.op_type:
+                if not has_copy:
+                    continue
+                shared.rewritten.add(name)
+            shared.names.append(name)
+            shared.producers[name] = node
+            if has_copy:
+                shared.dequantized[name] = name + DEQUANTIZED_SUFFIX
     return shared
 
 
@@ -263,7 +278,7 @@ def _chunks(model: ir.Model, names: list[str], feeds: Mapping[str, np.ndarray], 
     batch = int(next(iter(feeds.values())).shape[0]) or 1
     sizes: dict[str, int] = {}
     for start in range(0, len(names), 64):
-        measured = Probe(model, names[start : start + 64]).run(one)
+        measured = Probe(model, names[start : start + 64], optimize=False).run(one)
         sizes.update({name: int(array.size) for name, array in measured.items()})
     chunks: list[list[str]] = [[]]
     total = 0
@@ -277,6 +292,43 @@ def _chunks(model: ir.Model, names: list[str], feeds: Mapping[str, np.ndarray], 
     return [chunk for chunk in chunks if chunk]
 
 
+def _node_culprits(node: ir.Node, shared: _Shared, consumers: dict[str, list[str]]) -> list[str]:
+    """A node computing from quantized inputs: itself, and what keeps each input quantized.
+
+    Its loss comes from its inputs' (and weights') quantization as much as from itself; the
+    quantizer keeps a tensor quantized while its producer or any consumer is quantized.
+    """
+    culprits = {node.name or "": None}
+    for value in node.inputs:
+        name = value.name if value is not None else None
+        if name is not None and name in shared.dequantized:
+            culprits[shared.candidate_producers[name]] = None
+            culprits.update(dict.fromkeys(consumers.get(name, [])))
+    return list(culprits)
+
+
+class _Upstream:
+    """The worst SQNR reaching a node: of its compared inputs, or of the nearest compared tensors above."""
+
+    def __init__(self, seen: dict[str, float]) -> None:
+        self._seen = seen
+        self._memo: dict[str, float] = {}
+
+    def worst(self, node: ir.Node) -> float:
+        return min((self._value(v) for v in node.inputs if v is not None), default=EXACT_DB)
+
+    def _value(self, value: ir.Value) -> float:
+        name = value.name or ""
+        if name in self._seen:
+            return self._seen[name]
+        producer = value.producer()
+        if producer is None:  # a graph input or a weight: the same in both models
+            return EXACT_DB
+        if name not in self._memo:
+            self._memo[name] = self.worst(producer)
+        return self._memo[name]
+
+
 def _local_db(output_db: float, input_db: float) -> float:
     """SQNR of the noise a step adds, if noise powers add: out noise minus the worst input's."""
     added = 10 ** (-output_db / 10) - 10 ** (-input_db / 10)
@@ -287,39 +339,43 @@ def _tensor_parity(
     reference: ir.Model, shared: _Shared, sums: dict[str, _Sums], local: dict[str, _Sums]
 ) -> list[TensorParity]:
     """Per compared tensor, the SQNR lost by its node and, when quantized, by its Q/DQ pair."""
-    computed = {name: sums[name].sqnr_db() for name in shared.names if not sums[name].shape_mismatch}
+    compared = [name for name in shared.names if not sums[shared.dequantized.get(name, name)].shape_mismatch]
+    computed = {name: sums[name].sqnr_db() for name in compared if name not in shared.rewritten}
     # What consumers read: the dequantized copy when there is one.
     seen = {
-        name: sums[shared.dequantized[name]].sqnr_db() if name in shared.dequantized else db
-        for name, db in computed.items()
+        name: sums[shared.dequantized[name]].sqnr_db() if name in shared.dequantized else computed[name]
+        for name in compared
     }
     consumers = {
         name: [c.name or "" for c in value.consumers()]
         for node in reference.graph
         for value in node.outputs
-        if (name := value.name or "") in computed
+        if (name := value.name or "") in shared.producers
     }
+    upstream = _Upstream(seen)
     result = []
     for order, name in enumerate(shared.names):
-        if name not in computed:
+        if name not in seen:
             continue
         node = shared.producers[name]
-        inputs = [seen[v.name] for v in node.inputs if v is not None and v.name in seen]
-        worst_input = min(inputs) if inputs else EXACT_DB
+        worst_input = upstream.worst(node)
         common: dict[str, Any] = {"tensor": name, "node": node.name or "", "op_type": node.op_type, "order": order}
-        result.append(
-            TensorParity(
-                **common,
-                kind="computed",
-                sqnr_db=round(computed[name], 3),
-                cosine=sums[name].cosine(),
-                max_abs=sums[name].max_abs,
-                local_sqnr_db=round(_local_db(computed[name], worst_input), 3),
-                culprits=[node.name or ""],
+        if name in computed:
+            result.append(
+                TensorParity(
+                    **common,
+                    kind="computed",
+                    sqnr_db=round(computed[name], 3),
+                    cosine=sums[name].cosine(),
+                    max_abs=sums[name].max_abs,
+                    local_sqnr_db=round(_local_db(computed[name], worst_input), 3),
+                    culprits=_node_culprits(node, shared, consumers),
+                )
             )
-        )
         if name in shared.dequantized:
             copy = sums[shared.dequantized[name]]
+            # Rewritten: no own value to isolate the Q/DQ pair, so charge it with what it adds to its inputs.
+            alone = local[name].sqnr_db() if name in computed else _local_db(seen[name], worst_input)
             result.append(
                 TensorParity(
                     **common,
@@ -327,8 +383,8 @@ def _tensor_parity(
                     sqnr_db=round(seen[name], 3),
                     cosine=copy.cosine(),
                     max_abs=copy.max_abs,
-                    local_sqnr_db=round(local[name].sqnr_db(), 3),
-                    culprits=[node.name or "", *consumers[name]],
+                    local_sqnr_db=round(alone, 3),
+                    culprits=[shared.candidate_producers[name], *consumers[name]],
                 )
             )
     return result

@@ -187,7 +187,6 @@ class OutputComparator:
             worst=self._worst,
         )
 
-
     def _whole_output_cosine(self) -> float:
         denominator = math.sqrt(self._sum_sq_ref * self._sum_sq_cand)
         if denominator == 0:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
 from pipeline.artifacts import write_atomic
+from pipeline.parity.localize import EXACT_DB, Localisation
 from pipeline.parity.metrics import OutputMetrics
 from pipeline.parity.policy import Check, Precision
 from pipeline.pruning.summary import PruningSummary
@@ -111,6 +113,7 @@ class ParityReport(_Record):
         comparisons: Each comparison, in chain order per target.
         performance: int8 vs float latency per target (informational, not a gate).
         pruning: What the prune stage removed (None: the job does not prune).
+        localisations: Where the error enters, per localised pair of models.
         verdict: "pass" when every check passed, else "fail".
         failures: One line per failed check.
     """
@@ -123,11 +126,12 @@ class ParityReport(_Record):
     comparisons: list[Comparison]
     performance: list[PerformanceCheck] = []
     pruning: PruningSummary | None = None
+    localisations: list[Localisation] = []
     verdict: str
     failures: list[str]
 
     def verdicts(self) -> dict[str, str]:
-        """"pass" / "fail" per comparison, keyed ``label@target`` (e.g. ``quantize@cpu``)."""
+        """ "pass" / "fail" per comparison, keyed ``label@target`` (e.g. ``quantize@cpu``)."""
         return {f"{c.label}@{c.target}": "pass" if c.passed else "fail" for c in self.comparisons}
 
     @classmethod
@@ -140,6 +144,7 @@ class ParityReport(_Record):
         comparisons: list[Comparison],
         performance: list[PerformanceCheck] | None = None,
         pruning: PruningSummary | None = None,
+        localisations: list[Localisation] | None = None,
     ) -> ParityReport:
         """Assemble a report and derive its verdict from the comparisons."""
         failures = [line for comparison in comparisons for line in comparison.failures()]
@@ -151,6 +156,7 @@ class ParityReport(_Record):
             comparisons=comparisons,
             performance=performance or [],
             pruning=pruning,
+            localisations=localisations or [],
             verdict="fail" if failures else "pass",
             failures=failures,
         )
@@ -243,6 +249,8 @@ def render_markdown(report: ParityReport) -> str:
                 lines.append(f"\nint8 is not faster on {check.target}: {'; '.join(check.reasons)}.")
     if report.pruning is not None:
         lines += ["", *render_pruning(report.pruning)]
+    for localisation in report.localisations:
+        lines += ["", *render_localisation(localisation)]
     if report.failures:
         lines += ["", "## Failed checks", ""] + [f"- {line}" for line in report.failures]
     return "\n".join(lines) + "\n"
@@ -297,6 +305,49 @@ def render_pruning(summary: PruningSummary) -> list[str]:
         lines += [f"- {layer}: {why}" for layer, why in summary.blocked.items()]
     if summary.skipped:
         lines += ["", "Skipped by the job: " + ", ".join(summary.skipped)]
+    return lines
+
+
+def render_localisation(localisation: Localisation, rows: int = 10) -> list[str]:
+    """Where the error enters: the first diverging tensor and the worst steps with their culprits."""
+    lines = [
+        f"## Where the error enters: {localisation.candidate} vs {localisation.reference}",
+        "",
+        f"{localisation.compared} intermediate tensors compared on {localisation.samples} samples"
+        + (f" ({localisation.skipped} shared tensors of another shape skipped)" if localisation.skipped else "")
+        + ".",
+    ]
+    first = localisation.first_diverging
+    if first is None:
+        lines.append(f"No tensor falls below {localisation.threshold_db:g} dB SQNR.")
+    else:
+        lines.append(
+            f"First below {localisation.threshold_db:g} dB SQNR: `{first.tensor}` ({first.op_type} node "
+            f"`{first.node}`, {first.kind}), {first.sqnr_db:.1f} dB."
+        )
+    steps = [t for t in localisation.ranked[:rows] if t.local_sqnr_db < EXACT_DB]
+    if not steps:
+        lines += ["", "Every compared tensor matches exactly (within float rounding)."]
+        return lines
+    lines += ["", "Steps adding the most error (lowest local SQNR first):", ""]
+    lines += _markdown_table(
+        ["tensor", "step", "op", "SQNR dB", "local SQNR dB", "cosine", "exclude to remove"],
+        [
+            [
+                f"`{t.tensor}`",
+                t.kind,
+                t.op_type,
+                f"{t.sqnr_db:.1f}",
+                f"{t.local_sqnr_db:.1f}",
+                format_value(t.cosine),
+                ", ".join(f"`{node}`" for node in t.culprits),
+            ]
+            for t in steps
+        ],
+    )
+    culprits = localisation.responsible_nodes(rows)
+    if culprits:
+        lines += ["", "To keep them in float: `quantize.exclude_nodes = " + json.dumps(culprits) + "`"]
     return lines
 
 

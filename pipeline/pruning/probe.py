@@ -19,13 +19,16 @@ class Probe:
     The copy is serialised in memory, so the model must be under the 2 GiB protobuf limit.
     """
 
-    def __init__(self, model: ir.Model, tensors: list[str], threads: int = 0) -> None:
+    def __init__(self, model: ir.Model, tensors: list[str], threads: int = 0, optimize: bool = True) -> None:
         """Build the session.
 
         Args:
             model: The model (value types known for the tensors; run shape inference first).
             tensors: Names of the values to return.
-            threads: ONNX Runtime intra-op threads (0: its default).
+            threads: ONNX Runtime intra-op threads (0: the job's budget).
+            optimize: Let ONNX Runtime optimise the graph. Off, the graph runs as written: a QDQ
+                model computes in float with fake quantization, and no fusion rewires a tensor
+                (e.g. a Relu before a QuantizeLinear is removed when optimising).
 
         Raises:
             ValueError: A tensor is not in the graph, or the model is too big to probe in memory.
@@ -42,6 +45,8 @@ class Probe:
         proto.graph.output.extend(ir.serde.serialize_value(values[name]) for name in tensors)
         _keep_needed(proto.graph, set(tensors))
         options = session_options(threads)
+        if not optimize:
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         self.tensors = tensors
         self._session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
         self._inputs = [i.name for i in self._session.get_inputs()]

@@ -150,9 +150,7 @@ class ExportStage:
         for spec in job.inputs:
             _check_dynamic_axes(spec, graph_inputs.get(spec.name), job.name, self.name)
 
-    def _check_against_pytorch(
-        self, path: Path, ctx: StageContext, reference: list[tuple[str, torch.Tensor]]
-    ) -> None:
+    def _check_against_pytorch(self, path: Path, ctx: StageContext, reference: list[tuple[str, torch.Tensor]]) -> None:
         """Output names, order and shapes of the saved model against PyTorch on the example."""
         job = ctx.job
         session = ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])

@@ -5,13 +5,16 @@ from __future__ import annotations
 import logging
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from itertools import islice
 
 import numpy as np
+import onnx_ir as ir
 
 from backends.base import Session
 from pipeline.artifacts import Artifact, sha256_file
-from pipeline.errors import BackendError, StageError
+from pipeline.errors import BackendError, StageError, first_line
 from pipeline.job import ConversionJob, DataSource
+from pipeline.parity.localize import Localisation, localize
 from pipeline.parity.metrics import AccuracyCounter, OutputComparator
 from pipeline.parity.policy import Precision, accuracy_drop_check, fp32_checks, task_checks
 from pipeline.parity.report import AccuracyParity, Comparison, OutputParity, ParityReport, write_reports
@@ -94,6 +97,7 @@ class ValidateStage:
             comparisons = [self._comparison(ctx.job, step, stream) for step in steps]
             comparisons += self._shape_checks(ctx, sessions, stream)
             performance = self._performance(ctx, sessions)
+        localisations = self._localise(ctx, comparisons)
         pruning = None
         if "prune" in ctx.artifacts:
             pruning = PruningSummary.model_validate(ctx.artifacts["prune"].metadata["summary"])
@@ -105,6 +109,7 @@ class ValidateStage:
             comparisons=comparisons,
             performance=performance,
             pruning=pruning,
+            localisations=localisations,
         )
         report_path = write_reports(report, ctx.workdir)
         logger.info("parity %s: %s", ctx.job.name, report.verdict)
@@ -134,9 +139,7 @@ class ValidateStage:
             stream.samples += batch.size
         return stream
 
-    def _run_all(
-        self, ctx: StageContext, sessions: Sessions, feeds: dict[str, np.ndarray], stream: _Stream
-    ) -> Runs:
+    def _run_all(self, ctx: StageContext, sessions: Sessions, feeds: dict[str, np.ndarray], stream: _Stream) -> Runs:
         """Outputs of PyTorch (when there is a module) and of every session, on one batch."""
         if not stream.output_names:
             stream.output_names = next(iter(sessions.values())).output_names
@@ -167,6 +170,35 @@ class ValidateStage:
                 comparison = self._comparison(ctx.job, step, stream)
                 comparisons.append(comparison.model_copy(update={"shape": dict(sizes), "accuracy": None}))
         return comparisons
+
+    def _localise(self, ctx: StageContext, comparisons: list[Comparison]) -> list[Localisation]:
+        """Where the error enters, for each pair of ONNX models the policy asks about (once per pair)."""
+        mode = ctx.job.parity.localize
+        pairs = {
+            (c.reference, c.candidate): None
+            for c in comparisons
+            if c.reference != PYTORCH
+            and c.shape is None
+            and (mode == "always" or (mode == "on_failure" and not c.passed))
+        }
+        if mode == "never" or not pairs:
+            return []
+        batches = [batch.feeds for batch in islice(ctx.evaluation, ctx.job.parity.localize_batches)]
+        results = []
+        for reference, candidate in pairs:
+            try:
+                results.append(
+                    localize(
+                        ir.load(ctx.workdir / reference),
+                        ir.load(ctx.workdir / candidate),
+                        batches,
+                        reference_name=reference,
+                        candidate_name=candidate,
+                    )
+                )
+            except Exception as e:  # noqa: BLE001 - a diagnostic: report why, keep the verdict
+                logger.warning("localisation of %s vs %s failed: %s", candidate, reference, first_line(e))
+        return results
 
     def _performance(self, ctx: StageContext, sessions: Sessions) -> list[PerformanceCheck]:
         """int8 vs the model it was quantized from, timed on each target on the first batch."""
