@@ -1,68 +1,83 @@
-"""onnxforge's public Python API: convert trained PyTorch models to validated int8 ONNX."""
+"""onnxforge's public Python API: convert trained PyTorch models to validated int8 ONNX.
 
-from pipeline.api import convert, convert_many
-from pipeline.batch.executor import Executor, JobOutcome, LocalExecutor
-from pipeline.errors import (
-    BackendError,
-    ExitCode,
-    JobError,
-    OnnxforgeError,
-    ParityError,
-    StageError,
-)
-from pipeline.job import (
-    ConversionJob,
-    DataSource,
-    ExportOptions,
-    Fp32Policy,
-    InputSpec,
-    Int8Policy,
-    ModelSource,
-    ParityPolicy,
-    PruneOptions,
-    PrunePolicy,
-    QuantizeOptions,
-    SimplifyOptions,
-    SparsityOptions,
-    StructuredPruning,
-    TargetSpec,
-    load_job,
-    validate_job,
-)
-from pipeline.parity.report import ParityReport
-from pipeline.result import ConversionResult
-from pipeline.runner import StageEvent
+Names are imported on first use, so ``import pipeline.parity.localize`` (or the CLI's report
+command) does not pay for importing torch.
+"""
 
-__all__ = [
-    "BackendError",
-    "ConversionJob",
-    "ConversionResult",
-    "DataSource",
-    "ExitCode",
-    "Executor",
-    "ExportOptions",
-    "Fp32Policy",
-    "InputSpec",
-    "JobOutcome",
-    "Int8Policy",
-    "JobError",
-    "LocalExecutor",
-    "ModelSource",
-    "OnnxforgeError",
-    "ParityError",
-    "ParityPolicy",
-    "ParityReport",
-    "PruneOptions",
-    "PrunePolicy",
-    "QuantizeOptions",
-    "SimplifyOptions",
-    "SparsityOptions",
-    "StructuredPruning",
-    "StageError",
-    "StageEvent",
-    "TargetSpec",
-    "convert",
-    "convert_many",
-    "load_job",
-    "validate_job",
-]
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# Public name -> the module defining it.
+_EXPORTS = {
+    "convert": "pipeline.api",
+    "convert_many": "pipeline.api",
+    "Executor": "pipeline.batch.executor",
+    "JobOutcome": "pipeline.batch.executor",
+    "LocalExecutor": "pipeline.batch.executor",
+    "BackendError": "pipeline.errors",
+    "ExitCode": "pipeline.errors",
+    "JobError": "pipeline.errors",
+    "OnnxforgeError": "pipeline.errors",
+    "ParityError": "pipeline.errors",
+    "StageError": "pipeline.errors",
+    "ConversionJob": "pipeline.job",
+    "DataSource": "pipeline.job",
+    "ExportOptions": "pipeline.job",
+    "Fp32Policy": "pipeline.job",
+    "InputSpec": "pipeline.job",
+    "Int8Policy": "pipeline.job",
+    "ModelSource": "pipeline.job",
+    "ParityPolicy": "pipeline.job",
+    "PruneOptions": "pipeline.job",
+    "PrunePolicy": "pipeline.job",
+    "QuantizeOptions": "pipeline.job",
+    "SimplifyOptions": "pipeline.job",
+    "SparsityOptions": "pipeline.job",
+    "StructuredPruning": "pipeline.job",
+    "TargetSpec": "pipeline.job",
+    "load_job": "pipeline.job",
+    "validate_job": "pipeline.job",
+    "ParityReport": "pipeline.parity.report",
+    "ConversionResult": "pipeline.result",
+    "StageEvent": "pipeline.runner",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'pipeline' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ imports on demand
+    from pipeline.api import convert, convert_many  # noqa: F401
+    from pipeline.batch.executor import Executor, JobOutcome, LocalExecutor  # noqa: F401
+    from pipeline.errors import BackendError, ExitCode, JobError, OnnxforgeError, ParityError, StageError  # noqa: F401
+    from pipeline.job import (  # noqa: F401
+        ConversionJob,
+        DataSource,
+        ExportOptions,
+        Fp32Policy,
+        InputSpec,
+        Int8Policy,
+        ModelSource,
+        ParityPolicy,
+        PruneOptions,
+        PrunePolicy,
+        QuantizeOptions,
+        SimplifyOptions,
+        SparsityOptions,
+        StructuredPruning,
+        TargetSpec,
+        load_job,
+        validate_job,
+    )
+    from pipeline.parity.report import ParityReport  # noqa: F401
+    from pipeline.result import ConversionResult  # noqa: F401
+    from pipeline.runner import StageEvent  # noqa: F401

@@ -36,7 +36,7 @@ _POLL_SECONDS = 0.1
 # Imported once by the fork server (names it cannot import are skipped): the pipeline, and what
 # torch and ONNX Runtime otherwise import lazily on a job's first export and quantization.
 _PRELOAD = [
-    "pipeline",
+    "pipeline.api",
     "pipeline.batch.worker",
     "torch._dynamo",
     "torch.onnx._internal.exporter._core",

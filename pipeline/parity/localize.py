@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import logging
 import math
+import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -35,7 +37,7 @@ from onnx_ir.passes.common import ShapeInferencePass
 from pydantic import BaseModel, ConfigDict
 
 from pipeline.calibration.histogram import HUGE
-from pipeline.pruning.probe import Probe
+from pipeline.pruning.probe import Probe, external_copy
 
 logger = logging.getLogger(__name__)
 
@@ -204,26 +206,17 @@ def localize(
         ShapeInferencePass()(model)
     feeds = [dict(batch) for batch in batches]
     shared = _shared_tensors(reference, candidate)
-    sums = {name: _Sums() for name in shared.names}
-    sums.update({copy: _Sums() for copy in shared.dequantized.values()})
-    # The Q/DQ copy against the candidate's own value: the error of quantizing that tensor alone.
-    local = {name: _Sums() for name in shared.dequantized}
-    for chunk in _chunks(reference, shared.names, feeds[0], element_budget):
-        # Graphs as written: fused kernels would rewire or drop the tensors being compared.
-        reference_probe = Probe(reference, chunk, optimize=False)
-        candidate_probe = Probe(candidate, shared.candidate_names(chunk), optimize=False)
-        for batch in feeds:
-            expected, actual = reference_probe.run(batch), candidate_probe.run(batch)
-            for name in chunk:
-                if name not in shared.rewritten:
-                    sums[name].update(expected[name], actual[name])
-                if name in shared.dequantized:
-                    copy = shared.dequantized[name]
-                    sums[copy].update(expected[name], actual[copy])
-                    if name not in shared.rewritten:
-                        local[name].update(actual[name], actual[copy])
-            del expected, actual
-        del reference_probe, candidate_probe
+    with tempfile.TemporaryDirectory(prefix="onnxforge-localize-") as scratch:
+        # Weights on disk: each probe writes only its graph, ONNX Runtime reads what it needs.
+        folder = Path(scratch)
+        sums, local = _compare(
+            external_copy(reference, folder, "reference"),
+            external_copy(candidate, folder, "candidate"),
+            shared,
+            feeds,
+            element_budget,
+            folder,
+        )
     tensors = _tensor_parity(reference, shared, sums, local)
     first = next((t for t in tensors if t.sqnr_db < threshold_db), None)
     ranked = sorted(tensors, key=lambda t: (t.local_sqnr_db, t.order))[:keep]
@@ -249,6 +242,38 @@ def localize(
     )
 
 
+def _compare(
+    reference: ir.Model,
+    candidate: ir.Model,
+    shared: _Shared,
+    feeds: list[dict[str, np.ndarray]],
+    element_budget: int,
+    folder: Path,
+) -> tuple[dict[str, _Sums], dict[str, _Sums]]:
+    """Stream the batches through both models a chunk of tensors at a time; the sums per tensor."""
+    sums = {name: _Sums() for name in shared.names}
+    sums.update({copy: _Sums() for copy in shared.dequantized.values()})
+    # The Q/DQ copy against the candidate's own value: the error of quantizing that tensor alone.
+    local = {name: _Sums() for name in shared.dequantized}
+    for chunk in _chunks(reference, shared.names, feeds[0], element_budget, folder):
+        # Graphs as written: fused kernels would rewire or drop the tensors being compared.
+        reference_probe = Probe(reference, chunk, optimize=False, folder=folder)
+        candidate_probe = Probe(candidate, shared.candidate_names(chunk), optimize=False, folder=folder)
+        for batch in feeds:
+            expected, actual = reference_probe.run(batch), candidate_probe.run(batch)
+            for name in chunk:
+                if name not in shared.rewritten:
+                    sums[name].update(expected[name], actual[name])
+                if name in shared.dequantized:
+                    copy = shared.dequantized[name]
+                    sums[copy].update(expected[name], actual[copy])
+                    if name not in shared.rewritten:
+                        local[name].update(actual[name], actual[copy])
+            del expected, actual
+        del reference_probe, candidate_probe
+    return sums, local
+
+
 def _shared_tensors(reference: ir.Model, candidate: ir.Model) -> _Shared:
     produced = {value.name: node.op_type for node in candidate.graph for value in node.outputs}
     shared = _Shared(candidate_producers={v.name or "": n.name or "" for n in candidate.graph for v in n.outputs})
@@ -269,7 +294,9 @@ def _shared_tensors(reference: ir.Model, candidate: ir.Model) -> _Shared:
     return shared
 
 
-def _chunks(model: ir.Model, names: list[str], feeds: Mapping[str, np.ndarray], budget: int) -> list[list[str]]:
+def _chunks(
+    model: ir.Model, names: list[str], feeds: Mapping[str, np.ndarray], budget: int, folder: Path
+) -> list[list[str]]:
     """Split the names so each chunk's tensors stay under `budget` elements for the batch.
 
     Sizes are measured on the batch's first sample, a few dozen tensors at a time.
@@ -278,7 +305,7 @@ def _chunks(model: ir.Model, names: list[str], feeds: Mapping[str, np.ndarray], 
     batch = int(next(iter(feeds.values())).shape[0]) or 1
     sizes: dict[str, int] = {}
     for start in range(0, len(names), 64):
-        measured = Probe(model, names[start : start + 64], optimize=False).run(one)
+        measured = Probe(model, names[start : start + 64], optimize=False, folder=folder).run(one)
         sizes.update({name: int(array.size) for name, array in measured.items()})
     chunks: list[list[str]] = [[]]
     total = 0

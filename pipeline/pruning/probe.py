@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -16,10 +18,14 @@ from pipeline.threads import session_options
 class Probe:
     """An ONNX Runtime session over a copy of the model whose outputs are the named tensors.
 
-    The copy is serialised in memory, so the model must be under the 2 GiB protobuf limit.
+    The copy is serialised in memory, so the model must be under the 2 GiB protobuf limit, unless
+    its weights live in an external data file (`external_copy`): then only the graph is written
+    and ONNX Runtime reads the weights it needs from that file.
     """
 
-    def __init__(self, model: ir.Model, tensors: list[str], threads: int = 0, optimize: bool = True) -> None:
+    def __init__(
+        self, model: ir.Model, tensors: list[str], threads: int = 0, optimize: bool = True, folder: Path | None = None
+    ) -> None:
         """Build the session.
 
         Args:
@@ -29,11 +35,13 @@ class Probe:
             optimize: Let ONNX Runtime optimise the graph. Off, the graph runs as written: a QDQ
                 model computes in float with fake quantization, and no fusion rewires a tensor
                 (e.g. a Relu before a QuantizeLinear is removed when optimising).
+            folder: Where the model's external data file is (see `external_copy`): the probe's
+                graph is written there, next to it, instead of being passed as bytes.
 
         Raises:
             ValueError: A tensor is not in the graph, or the model is too big to probe in memory.
         """
-        if initializer_bytes(model) >= PROTOBUF_LIMIT_BYTES:
+        if folder is None and initializer_bytes(model) >= PROTOBUF_LIMIT_BYTES:
             raise ValueError("the model's weights exceed 2 GiB; probing intermediate tensors needs a smaller model")
         values = {value.name: value for node in model.graph for value in node.outputs}
         values.update({value.name: value for value in model.graph.inputs})
@@ -48,7 +56,15 @@ class Probe:
         if not optimize:
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         self.tensors = tensors
-        self._session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        if folder is None:
+            self._session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        else:
+            path = folder / f"probe-{uuid.uuid4().hex}.onnx"
+            onnx.save_model(proto, str(path))
+            try:
+                self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            finally:
+                path.unlink()
         self._inputs = [i.name for i in self._session.get_inputs()]
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -60,6 +76,17 @@ class Probe:
         """The exposed tensors on each batch in turn."""
         for feeds in batches:
             yield self.run(feeds)
+
+
+def external_copy(model: ir.Model, folder: Path, name: str) -> ir.Model:
+    """Save the model into `folder` with its weights in one external file; load it back lazily.
+
+    Probes of the copy then serialise only the graph (the weights stay on disk until ONNX
+    Runtime reads the ones a probe needs), which keeps repeated probing of a big model cheap.
+    """
+    path = folder / f"{name}.onnx"
+    ir.save(model, path, external_data=f"{name}.onnx.data", size_threshold_bytes=1024)
+    return ir.load(path)
 
 
 def _keep_needed(graph: onnx.GraphProto, tensors: set[str]) -> None:
