@@ -369,6 +369,20 @@ class PrunePolicy(TaskPolicy):
     max_accuracy_drop: float | None = Field(default=1.0, ge=0)
 
 
+class OutputPolicy(_Spec):
+    """Rules for one output that replace the job-wide ones (unset: the job-wide rule).
+
+    Attributes:
+        fp32: Export and simplify.
+        prune: The pruned model.
+        int8: The quantized model.
+    """
+
+    fp32: Fp32Policy | None = None
+    prune: PrunePolicy | None = None
+    int8: Int8Policy | None = None
+
+
 class ParityPolicy(_Spec):
     """Pass/fail rules per precision, and when to localise the error.
 
@@ -376,6 +390,7 @@ class ParityPolicy(_Spec):
         fp32: Export and simplify.
         prune: The pruned model.
         int8: The quantized model.
+        outputs: Per-output rules by output name, e.g. ``[parity.outputs.logits.int8]``.
         localize: Compare intermediate tensors to find where the error enters: ``on_failure``
             (for each failed comparison between two ONNX models), ``always``, or ``never``.
         localize_batches: Evaluation batches the localisation runs on.
@@ -384,6 +399,7 @@ class ParityPolicy(_Spec):
     fp32: Fp32Policy = Field(default_factory=Fp32Policy)
     prune: PrunePolicy = Field(default_factory=PrunePolicy)
     int8: Int8Policy = Field(default_factory=Int8Policy)
+    outputs: dict[Identifier, OutputPolicy] = Field(default_factory=dict)
     localize: Literal["on_failure", "always", "never"] = "on_failure"
     localize_batches: int = Field(default=1, ge=1)
 

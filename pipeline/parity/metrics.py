@@ -11,6 +11,11 @@ from pydantic import BaseModel, ConfigDict
 _REL_FLOOR = 1e-6
 
 
+# Error histogram: 20 bins per decade from 1e-9 to 1e3 (a bin's edges differ by 12%).
+_LOW_EXPONENT, _PER_DECADE, _DECADES = -9, 20, 12
+_BINS = _PER_DECADE * _DECADES
+
+
 class WorstElement(BaseModel):
     """The element that needs the largest absolute tolerance to pass.
 
@@ -27,6 +32,35 @@ class WorstElement(BaseModel):
     candidate: float
 
 
+class ErrorHistogram(BaseModel):
+    """Absolute errors in log-spaced bins: bin i spans [10^(low + i/per_decade), 10^(low + (i+1)/per_decade)).
+
+    Attributes:
+        low_exponent: log10 of the first bin's lower edge (smaller non-zero errors count in bin 0).
+        per_decade: Bins per factor of ten.
+        counts: Elements per bin (errors past the last edge count in the last bin).
+        zeros: Elements with no error at all.
+    """
+
+    low_exponent: int
+    per_decade: int
+    counts: list[int]
+    zeros: int
+
+    def edges(self) -> np.ndarray:
+        """The bins' edges, one more than the bins."""
+        return 10.0 ** (self.low_exponent + np.arange(len(self.counts) + 1) / self.per_decade)
+
+    def quantile(self, q: float) -> float:
+        """An upper bound of the q-quantile of the errors: the upper edge of the bin holding it."""
+        total = self.zeros + sum(self.counts)
+        rank = q * total
+        if total == 0 or rank <= self.zeros:
+            return 0.0
+        cumulative = self.zeros + np.cumsum(self.counts)
+        return float(self.edges()[1 + int(np.searchsorted(cumulative, rank))])
+
+
 class OutputMetrics(BaseModel):
     """How one output of a candidate compares to the reference over all evaluation samples.
 
@@ -36,6 +70,8 @@ class OutputMetrics(BaseModel):
         max_abs: Largest absolute error.
         max_rel: Largest relative error ``|c - r| / max(|r|, 1e-6)``.
         mean_abs: Mean absolute error.
+        p99_abs: 99th percentile of the absolute error (upper bound from the histogram: at most
+            12% above the exact value).
         cosine_mean: Mean over samples of the cosine similarity of each flattened sample. For
             outputs with one value per sample (a per-sample cosine is only a sign), the cosine of
             the whole output instead.
@@ -49,6 +85,7 @@ class OutputMetrics(BaseModel):
             for the rtol the metrics were computed with.
         rtol: The rtol `min_atol` refers to.
         worst: The element that sets `min_atol`.
+        error_histogram: The absolute errors, binned (for plots).
     """
 
     model_config = ConfigDict(ser_json_inf_nan="strings")
@@ -58,6 +95,7 @@ class OutputMetrics(BaseModel):
     max_abs: float
     max_rel: float
     mean_abs: float
+    p99_abs: float = 0.0
     cosine_mean: float
     cosine_min: float
     snr_db: float
@@ -67,6 +105,7 @@ class OutputMetrics(BaseModel):
     min_atol: float
     rtol: float
     worst: WorstElement | None
+    error_histogram: ErrorHistogram | None = None
 
 
 class OutputComparator:
@@ -95,6 +134,8 @@ class OutputComparator:
         self._inf = 0
         self._worst_needed = -math.inf
         self._worst: WorstElement | None = None
+        self._histogram = np.zeros(_BINS, dtype=np.int64)
+        self._zeros = 0
 
     def update(self, reference: np.ndarray, candidate: np.ndarray) -> None:
         """Add one batch of outputs (same shape; first axis = samples)."""
@@ -111,6 +152,7 @@ class OutputComparator:
             error = np.where(finite, np.abs(cand - ref), np.where(same_special, 0.0, np.inf))
         self._track_worst(ref, cand, error)
         finite_error = np.where(finite, error, 0.0)
+        self._bin(error)
         self._max_abs = max(self._max_abs, float(error.max(initial=0.0)))
         self._max_rel = max(self._max_rel, float((error / np.maximum(np.abs(ref), _REL_FLOOR)).max(initial=0.0)))
         self._sum_abs += float(finite_error.sum())
@@ -119,6 +161,15 @@ class OutputComparator:
         self._update_per_sample(np.where(finite, ref, 0.0), np.where(finite, cand, 0.0))
         self._elements += ref.size
         self._samples += ref.shape[0] if ref.ndim else 1
+
+    def _bin(self, error: np.ndarray) -> None:
+        flat = error.ravel()
+        nonzero = flat[flat > 0]
+        self._zeros += int(flat.size - nonzero.size)
+        with np.errstate(divide="ignore"):
+            index = np.floor((np.log10(nonzero) - _LOW_EXPONENT) * _PER_DECADE)
+        index = np.clip(np.nan_to_num(index, posinf=_BINS - 1), 0, _BINS - 1).astype(np.int64)
+        self._histogram += np.bincount(index, minlength=_BINS)
 
     def _track_worst(self, ref: np.ndarray, cand: np.ndarray, error: np.ndarray) -> None:
         if error.size == 0:
@@ -160,6 +211,9 @@ class OutputComparator:
     def result(self) -> OutputMetrics:
         """The metrics over everything added so far."""
         samples = max(self._samples, 1)
+        histogram = ErrorHistogram(
+            low_exponent=_LOW_EXPONENT, per_decade=_PER_DECADE, counts=self._histogram.tolist(), zeros=self._zeros
+        )
         if self._elements > self._samples:
             cosine_mean, cosine_min = self._cosine_sum / samples, self._cosine_min if self._samples else 1.0
         else:
@@ -185,6 +239,8 @@ class OutputComparator:
             min_atol=max(self._worst_needed, 0.0),
             rtol=self._rtol,
             worst=self._worst,
+            p99_abs=histogram.quantile(0.99),
+            error_histogram=histogram,
         )
 
     def _whole_output_cosine(self) -> float:

@@ -195,7 +195,16 @@ def render_markdown(report: ParityReport) -> str:
         "",
     ]
     lines += [f"> {note}" for note in report.notes] + ([""] if report.notes else [])
-    header = ["stage", "target", "candidate vs reference", "output", "max abs", "cosine (mean/min)", "SNR dB"]
+    header = [
+        "stage",
+        "target",
+        "candidate vs reference",
+        "output",
+        "max abs",
+        "p99 abs",
+        "cosine (mean/min)",
+        "SNR dB",
+    ]
     rows = [
         [
             comparison.label,
@@ -203,6 +212,7 @@ def render_markdown(report: ParityReport) -> str:
             f"{comparison.candidate} vs {comparison.reference}",
             output.name,
             format_value(output.metrics.max_abs),
+            format_value(output.metrics.p99_abs),
             f"{format_value(output.metrics.cosine_mean)} / {format_value(output.metrics.cosine_min)}",
             format_value(output.metrics.snr_db),
             format_value(output.metrics.top1_agreement),

@@ -12,7 +12,7 @@ import onnx_ir as ir
 
 from backends.base import Session
 from pipeline.artifacts import Artifact, sha256_file
-from pipeline.errors import BackendError, StageError, first_line
+from pipeline.errors import BackendError, JobError, StageError, first_line
 from pipeline.job import ConversionJob, DataSource
 from pipeline.parity.localize import Localisation, localize
 from pipeline.parity.metrics import AccuracyCounter, OutputComparator
@@ -94,6 +94,7 @@ class ValidateStage:
                 for path in models
             }
             stream = self._stream(ctx, sessions, steps)
+            _check_output_overrides(ctx.job, stream.output_names)
             comparisons = [self._comparison(ctx.job, step, stream) for step in steps]
             comparisons += self._shape_checks(ctx, sessions, stream)
             performance = self._performance(ctx, sessions)
@@ -231,7 +232,12 @@ class ValidateStage:
         outputs = []
         for name, comparator in zip(stream.output_names, step.comparators, strict=True):
             metrics = comparator.result()
-            checks = fp32_checks(metrics, job.parity.fp32) if precision == "fp32" else task_checks(metrics, task_policy)
+            override = job.parity.outputs.get(name)
+            if precision == "fp32":
+                checks = fp32_checks(metrics, (override and override.fp32) or job.parity.fp32)
+            else:
+                own = override and (override.prune if precision == "pruned" else override.int8)
+                checks = task_checks(metrics, own or task_policy)
             outputs.append(OutputParity(name=name, metrics=metrics, checks=checks))
         accuracy = None
         reference = stream.accuracy.get((step.target, step.reference))
@@ -255,6 +261,15 @@ class ValidateStage:
             outputs=outputs,
             accuracy=accuracy,
         )
+
+
+def _check_output_overrides(job: ConversionJob, output_names: list[str]) -> None:
+    """Every [parity.outputs.NAME] must name an output of the model."""
+    for name in job.parity.outputs:
+        if name not in output_names:
+            raise JobError(
+                job.origin, f"parity.outputs.{name}", f"the model has no output {name!r}; its outputs: {output_names}"
+            )
 
 
 def _comparators(count: int, rtol: float, classifier: int | None) -> list[OutputComparator]:
