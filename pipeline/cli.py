@@ -26,7 +26,8 @@ from pipeline.errors import ExitCode, JobError, OnnxforgeError, ParityError, fir
 from pipeline.job import Fp32Policy, TaskPolicy, load_job
 from pipeline.parity.compare import compare_models
 from pipeline.parity.localize import Localisation
-from pipeline.parity.report import ParityReport, format_value, write_reports
+from pipeline.parity.report import ParityReport, format_value
+from pipeline.parity.writers import write_reports
 from pipeline.runner import StageEvent
 
 app = typer.Typer(

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
-from pipeline.artifacts import write_atomic
 from pipeline.parity.localize import EXACT_DB, Localisation
 from pipeline.parity.metrics import OutputMetrics
 from pipeline.parity.policy import Check, Precision
@@ -371,11 +369,3 @@ def _markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
         "|" + "---|" * len(header),
         *("| " + " | ".join(row) + " |" for row in rows),
     ]
-
-
-def write_reports(report: ParityReport, folder: Path) -> Path:
-    """Write report.json and report.md atomically into `folder`; return the report.json path."""
-    json_path = folder / "report.json"
-    write_atomic(json_path, report.model_dump_json(indent=2))
-    write_atomic(folder / "report.md", render_markdown(report))
-    return json_path

@@ -17,7 +17,8 @@ from pipeline.job import ConversionJob, DataSource
 from pipeline.parity.localize import Localisation, localize
 from pipeline.parity.metrics import AccuracyCounter, OutputComparator
 from pipeline.parity.policy import Precision, accuracy_drop_check, fp32_checks, task_checks
-from pipeline.parity.report import AccuracyParity, Comparison, OutputParity, ParityReport, write_reports
+from pipeline.parity.report import AccuracyParity, Comparison, OutputParity, ParityReport
+from pipeline.parity.writers import write_reports
 from pipeline.pruning.summary import PruningSummary
 from pipeline.quantization.performance import PerformanceCheck, performance_check
 from pipeline.stages.base import StageContext, Target, resize_feeds, run_torch

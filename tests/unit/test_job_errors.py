@@ -584,9 +584,7 @@ def test_bad_target_options(digits_job: Raw, write_job: WriteJob, tmp_path: Path
 
     error = convert_fails(job_file, tmp_path)
 
-    assert_names(
-        error, job_file, "targets[0].options.graph_optimization_level", "backend 'cpu'", "'all'", "turbo"
-    )
+    assert_names(error, job_file, "targets[0].options.graph_optimization_level", "backend 'cpu'", "'all'", "turbo")
 
 
 def test_output_dir_not_an_onnxforge_output(digits_job: Raw, write_job: WriteJob, tmp_path: Path) -> None:

@@ -23,8 +23,8 @@ from pipeline.parity.report import (
     ParityReport,
     format_value,
     render_markdown,
-    write_reports,
 )
+from pipeline.parity.writers import write_reports
 
 
 def make_metrics(**overrides: Any) -> OutputMetrics:
