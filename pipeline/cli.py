@@ -381,7 +381,7 @@ def _print_report(report: ParityReport) -> None:
                 format_value(metrics.snr_db),
                 format_value(metrics.top1_agreement),
                 f"{100 * accuracy.candidate:.2f}%" if shows_accuracy and accuracy else "-",
-                "[green]pass[/]" if output.passed else "[red]FAIL[/]",
+                {"pass": "[green]pass[/]", "FAIL": "[red]FAIL[/]"}.get(output.result, output.result),
             )
     stdout.print(table)
     if (pruning := report.pruning) is not None:

@@ -58,7 +58,9 @@ def _comparisons(report: ParityReport) -> str:
     for comparison in report.comparisons:
         for output in comparison.outputs:
             m = output.metrics
-            result = '<span class="pass">pass</span>' if output.passed else '<span class="fail">FAIL</span>'
+            result = {"pass": '<span class="pass">pass</span>', "FAIL": '<span class="fail">FAIL</span>'}.get(
+                output.result, output.result
+            )
             rows.append(
                 [
                     escape(comparison.label),

@@ -33,6 +33,13 @@ class OutputParity(_Record):
         """Every check passed."""
         return all(check.passed for check in self.checks)
 
+    @property
+    def result(self) -> str:
+        """For tables: "pass", "FAIL", or "measured" when no rule applies (not gated)."""
+        if not self.checks:
+            return "measured"
+        return "pass" if self.passed else "FAIL"
+
 
 class AccuracyParity(_Record):
     """Top-1 accuracy on labelled evaluation data, reference and candidate.
@@ -214,7 +221,7 @@ def render_markdown(report: ParityReport) -> str:
             f"{format_value(output.metrics.cosine_mean)} / {format_value(output.metrics.cosine_min)}",
             format_value(output.metrics.snr_db),
             format_value(output.metrics.top1_agreement),
-            "pass" if output.passed else "FAIL",
+            output.result,
         ]
         for comparison in report.comparisons
         for output in comparison.outputs

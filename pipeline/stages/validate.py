@@ -97,7 +97,7 @@ class ValidateStage:
             stream = self._stream(ctx, sessions, steps)
             _check_output_overrides(ctx.job, stream.output_names)
             comparisons = [self._comparison(ctx.job, step, stream) for step in steps]
-            comparisons += self._shape_checks(ctx, sessions, stream)
+            comparisons += self._shape_checks(ctx, sessions, stream, steps)
             performance = self._performance(ctx, sessions)
         localisations = self._localise(ctx, comparisons)
         pruning = None
@@ -154,23 +154,29 @@ class ValidateStage:
             runs[key] = [produced[name] for name in stream.output_names]
         return runs
 
-    def _shape_checks(self, ctx: StageContext, sessions: Sessions, stream: _Stream) -> list[Comparison]:
-        """Export parity (PyTorch vs fp32) at each extra shape the job lists."""
-        if ctx.source.module is None or not ctx.job.export.check_shapes:
-            return []
-        fp32 = ctx.artifacts["export"].path
+    def _shape_checks(
+        self, ctx: StageContext, sessions: Sessions, stream: _Stream, steps: list[_Step]
+    ) -> list[Comparison]:
+        """The whole chain again at each extra shape the job lists (inputs cut or tiled from the example).
+
+        Float links (export, simplify) must hold at any shape and are gated. Pruned and int8 links
+        are measured but not gated here: cut or tiled copies of one batch are not the data their
+        task-level policy is about.
+        """
         example = ctx.example_batch().feeds
         comparisons = []
         for sizes in ctx.job.export.check_shapes:
-            feeds = resize_feeds(example, ctx.job.inputs, sizes)
-            runs = self._run_all(ctx, {key: s for key, s in sessions.items() if key[1] == fp32}, feeds, stream)
-            for target in ctx.targets:
-                step = _Step("export", target.name, PYTORCH, fp32)
+            runs = self._run_all(ctx, sessions, resize_feeds(example, ctx.job.inputs, sizes), stream)
+            for template in steps:
+                step = _Step(template.stage, template.target, template.reference, template.candidate)
                 step.comparators = _comparators(len(stream.output_names), ctx.job.parity.fp32.rtol, stream.classifier)
                 step.update(runs)
                 # Accuracy is measured on the evaluation data only, not on these resized copies.
                 comparison = self._comparison(ctx.job, step, stream)
-                comparisons.append(comparison.model_copy(update={"shape": dict(sizes), "accuracy": None}))
+                update: dict[str, object] = {"shape": dict(sizes), "accuracy": None}
+                if comparison.precision != "fp32":
+                    update["outputs"] = [output.model_copy(update={"checks": []}) for output in comparison.outputs]
+                comparisons.append(comparison.model_copy(update=update))
         return comparisons
 
     def _localise(self, ctx: StageContext, comparisons: list[Comparison]) -> list[Localisation]:
@@ -297,8 +303,11 @@ def _notes(ctx: StageContext, stream: _Stream) -> list[str]:
         notes.append("The job has no [evaluation] data: parity was measured on the calibration data.")
     if ctx.source.module is None:
         notes.append("The model came as an ONNX file: the chain starts at it; there is no PyTorch reference.")
-        if job.export.check_shapes:
-            notes.append("export.check_shapes needs a PyTorch reference and was not checked.")
+    if job.export.check_shapes and any(stage in ctx.artifacts for stage in ("prune", "quantize")):
+        notes.append(
+            "At the export.check_shapes sizes, pruned and int8 models are measured but not gated: their inputs are "
+            "cut or tiled copies of one evaluation batch, not the data the task-level policy is about."
+        )
     reason = "no [samples, classes] classifier output" if stream.classifier is None else "no labels in the data"
     for stage, policy in (("prune", job.parity.prune), ("quantize", job.parity.int8)):
         if stage in ctx.artifacts and policy.max_accuracy_drop is not None and not stream.accuracy:

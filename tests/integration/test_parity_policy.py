@@ -44,3 +44,11 @@ def test_p99_is_a_tight_upper_bound() -> None:
     exact = float(np.quantile(np.abs(error), 0.99))
     assert exact <= metrics.p99_abs <= exact * 1.13
     assert metrics.error_histogram is not None and sum(metrics.error_histogram.counts) == error.size
+
+
+def test_every_listed_shape_is_checked_along_the_whole_chain(digits_job: Raw, write_job) -> None:  # type: ignore[no-untyped-def]
+    digits_job["export"] = {"check_shapes": [{"batch": 1}, {"batch": 7}]}
+    result = pipeline.convert(write_job(digits_job))
+    shaped = [(c.stage, c.shape["batch"]) for c in result.report.comparisons if c.shape is not None]
+    assert shaped == [(s, b) for b in (1, 7) for s in ("export", "simplify", "quantize")]
+    assert all(c.passed for c in result.report.comparisons)
