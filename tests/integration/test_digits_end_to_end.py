@@ -35,6 +35,7 @@ def test_writes_every_artifact_and_nothing_else(digits_result: pipeline.Conversi
         "model.fp32.onnx",
         "model.int8.onnx",
         "model.simplified.onnx",
+        "report.html",
         "report.json",
         "report.md",
     ]

@@ -33,6 +33,7 @@ ARTIFACTS = {
     "model.int8.onnx",
     "report.json",
     "report.md",
+    "report.html",
     "manifest.json",
 }
 CUDA_PRESENT = "CUDAExecutionProvider" in onnxruntime.get_available_providers()

@@ -259,9 +259,12 @@ def test_render_markdown_has_table_rows_and_failed_checks() -> None:
     assert "**Verdict: FAIL** on evaluation data (x.npz) (8 samples)." in text
     assert "> a caveat" in text
     assert "| stage | target | candidate vs reference | output |" in text
-    assert "| export | cpu | model.onnx vs pytorch | logits | 2e-06 | 1.0000 / 1.0000 | inf | 1.0000 | pass |" in text
+    # max abs, p99 abs (0: these hand-made metrics carry no histogram), cosine, SNR, top-1, result
     assert (
-        "| quantize | cpu | model.int8.onnx vs model.simplified.onnx | logits | 0 | 0.5000 / 0.2500 "
+        "| export | cpu | model.onnx vs pytorch | logits | 2e-06 | 0 | 1.0000 / 1.0000 | inf | 1.0000 | pass |" in text
+    )
+    assert (
+        "| quantize | cpu | model.int8.onnx vs model.simplified.onnx | logits | 0 | 0 | 0.5000 / 0.2500 "
         "| 3.0000 | 0.5000 | FAIL |"
     ) in text
     assert "| quantize | cpu | logits | 90.00% | 50.00% | 40.00 |" in text
@@ -308,7 +311,7 @@ def test_write_reports_round_trips(tmp_path: Path) -> None:
     json_path = write_reports(report, tmp_path)
 
     assert json_path == tmp_path / "report.json"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json", "report.md"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.html", "report.json", "report.md"]
     raw = json_path.read_text()
     assert json.loads(raw)["comparisons"][0]["outputs"][0]["metrics"]["snr_db"] == "Infinity"
     loaded = ParityReport.model_validate_json(raw)
