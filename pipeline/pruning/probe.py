@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -71,11 +71,6 @@ class Probe:
         """The exposed tensors on one batch."""
         outputs = self._session.run(self.tensors, {name: feeds[name] for name in self._inputs})
         return dict(zip(self.tensors, outputs, strict=True))
-
-    def stream(self, batches: list[Mapping[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
-        """The exposed tensors on each batch in turn."""
-        for feeds in batches:
-            yield self.run(feeds)
 
 
 def external_copy(model: ir.Model, folder: Path, name: str) -> ir.Model:
