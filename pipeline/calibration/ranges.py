@@ -82,14 +82,21 @@ def _entropy_threshold(histogram: TensorHistogram, quantized_bins: int) -> float
         return max(-histogram.minimum, histogram.maximum)
     if usable_bins < folded.size:
         folded = folded.reshape(usable_bins, -1).sum(axis=1)
+    # The exact zeros of a ReLU output (or a sparse input) pile up in the first bin and would
+    # dominate P: like NVIDIA's implementation, count that bin as its neighbour does.
+    folded[0] = folded[1]
     width = histogram.half_range / folded.size
     best, best_threshold = np.inf, histogram.half_range
     for stop in np.unique(np.linspace(quantized_bins, folded.size, _CANDIDATES).astype(int)):
-        reference = folded[:stop].copy()
+        kept = folded[:stop]
+        reference = kept.copy()
         reference[-1] += folded[stop:].sum()  # outliers fold into the last kept bin
         if reference.sum() == 0:
             continue
-        candidate = _quantize_and_expand(reference, quantized_bins)
+        # Q quantizes the kept bins *without* the outliers (TensorRT's algorithm): clipping then
+        # costs divergence. Built from the folded reference, Q would equal P when `stop` equals
+        # `quantized_bins`, and the smallest threshold would always win.
+        candidate = _quantize_and_expand(kept, quantized_bins)
         divergence = _kl(reference, candidate)
         if divergence < best:
             best, best_threshold = divergence, stop * width

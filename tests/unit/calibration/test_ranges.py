@@ -180,3 +180,25 @@ def test_attention_mask_values_give_finite_ranges(method: RangeMethod, masked: f
     assert math.isfinite(low) and math.isfinite(high)
     assert -30.0 < low < 0 < high < 30.0  # the scores' range, untouched by the mask value
     assert (mask_low, mask_high) == (0.0, 0.0)  # the mask's finite values are all zeros
+
+
+def test_entropy_keeps_the_bulk_of_a_relu_output() -> None:
+    # Half exact zeros, half |N(0, 1)|: a ReLU output. The zeros must not drag the threshold down
+    # (it fell to 0.5 for such tensors, and the digits CNN to chance accuracy, before the fix).
+    rng = np.random.default_rng(7)
+    values = np.concatenate([np.zeros(100_000), np.abs(rng.normal(size=100_000))]).astype(np.float32)
+
+    low, high = compute_range(histogram_of(values), "entropy")
+
+    assert low == 0.0
+    assert np.count_nonzero(values <= high) / values.size > 0.995
+
+
+def test_entropy_does_not_clip_a_bounded_sparse_input() -> None:
+    # Pixel intensities in [0, 1], most of them 0: nothing is an outlier, nothing may be clipped away.
+    rng = np.random.default_rng(8)
+    values = np.where(rng.random(200_000) < 0.6, 0.0, rng.random(200_000)).astype(np.float32)
+
+    low, high = compute_range(histogram_of(values), "entropy")
+
+    assert (low, high) == (0.0, pytest.approx(values.max(), rel=0.05))
