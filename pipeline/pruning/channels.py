@@ -341,7 +341,7 @@ class _Walk:
         output = node.outputs[0]
         rank = len(output.shape) if output.shape is not None else None
         if node.op_type == "Conv" and rank is not None:
-            group = _attribute(node, "group", 1)
+            group = attribute(node, "group", 1)
             if _is_depthwise(node, weight):
                 return  # its channels are its input's (handled in conv_input)
             space = self.new_space(weight.shape[0], node)
@@ -352,12 +352,12 @@ class _Walk:
             if len(node.inputs) > 2 and node.inputs[2] is not None:
                 self.records.append(SliceRecord(node, 2, 0, layout, "producer"))
             self.layouts[output] = layout
-        elif node.op_type == "Gemm" and not _attribute(node, "transA", 0) and weight.ndim == 2:
-            trans_b = bool(_attribute(node, "transB", 0))
-            channels = weight.shape[0] if trans_b else weight.shape[1]
+        elif node.op_type == "Gemm" and not attribute(node, "transA", 0) and weight.ndim == 2:
+            out_axis = weight_axes(node)[1]
+            channels = weight.shape[out_axis]
             space = self.new_space(channels, node)
             layout = Layout((Segment(space, channels),), -1)
-            self.records.append(SliceRecord(node, 1, 0 if trans_b else 1, layout, "producer"))
+            self.records.append(SliceRecord(node, 1, out_axis, layout, "producer"))
             bias = node.inputs[2] if len(node.inputs) > 2 else None
             if bias is not None and constant(bias) is None:
                 self.block(layout, f"Gemm node {node.name} adds a non-constant C")
@@ -403,7 +403,7 @@ class _Walk:
     def concat(self, node: ir.Node, tracked: list[tuple[int, Layout]]) -> None:
         output = node.outputs[0]
         rank = len(output.shape) if output.shape is not None else None
-        axis = _attribute(node, "axis", 0)
+        axis = attribute(node, "axis", 0)
         layouts = dict(tracked)
         channel_axis = tracked[0][1].axis
         if rank is None or (axis - rank if axis >= 0 else axis) != channel_axis:
@@ -438,7 +438,7 @@ class _Walk:
             return
         spatial = math.prod(dim for dim in trailing if dim is not None)
         if node.op_type == "Flatten":
-            ok = _attribute(node, "axis", 1) in (first, first - rank)
+            ok = attribute(node, "axis", 1) in (first, first - rank)
         else:
             shape = constant(node.inputs[1])
             ok = (
@@ -448,7 +448,7 @@ class _Walk:
                 and int(shape[first]) in (-1, layout.width * spatial)
                 and all(
                     int(d) == -1
-                    or (int(d) == 0 and not _attribute(node, "allowzero", 0))
+                    or (int(d) == 0 and not attribute(node, "allowzero", 0))
                     or int(d) == _static_dim(source, i - rank)
                     for i, d in enumerate(shape[:first])
                 )
@@ -466,7 +466,7 @@ class _Walk:
         if weight is None or not self._channel_first(node.inputs[0], layout):
             self.block(layout, f"Conv node {node.name} has no constant weight or another layout")
             return
-        group = _attribute(node, "group", 1)
+        group = attribute(node, "group", 1)
         if group == 1 and weight.shape[1] == layout.width:
             self.records.append(SliceRecord(node, 1, 1, layout, "sink"))
             self.sinks.append(Sink(node, layout))
@@ -496,11 +496,10 @@ class _Walk:
                 layout, f"{node.op_type} node {node.name} multiplies them with a non-constant or by another axis"
             )
             return
-        if node.op_type == "Gemm" and _attribute(node, "transA", 0):
+        if node.op_type == "Gemm" and attribute(node, "transA", 0):
             self.block(layout, f"Gemm node {node.name} transposes its input")
             return
-        trans_b = node.op_type == "Gemm" and bool(_attribute(node, "transB", 0))
-        self.records.append(SliceRecord(node, 1, 1 if trans_b else 0, layout, "sink"))
+        self.records.append(SliceRecord(node, 1, weight_axes(node)[0], layout, "sink"))
         self.sinks.append(Sink(node, layout))
 
     def _channel_first(self, value: ir.Value | None, layout: Layout) -> bool:
@@ -542,13 +541,24 @@ def analyse_channels(model: ir.Model) -> ChannelAnalysis:
     )
 
 
-def _attribute(node: ir.Node, name: str, default: int) -> int:
-    attribute = node.attributes.get(name)
-    return int(attribute.value) if attribute is not None else default
+def attribute(node: ir.Node, name: str, default: int) -> int:
+    """An integer attribute of a node, or `default` when it is not set."""
+    value = node.attributes.get(name)
+    return int(value.value) if value is not None else default
+
+
+def weight_axes(node: ir.Node) -> tuple[int, int]:
+    """(input-channel axis, output-channel axis) of a Conv, Gemm or MatMul's weight (input 1).
+
+    Conv: [out, in / group, *kernel]; Gemm with transB: [out, in]; Gemm and MatMul: [in, out].
+    """
+    if node.op_type == "Conv" or (node.op_type == "Gemm" and attribute(node, "transB", 0)):
+        return 1, 0
+    return 0, 1
 
 
 def _is_depthwise(node: ir.Node, weight: np.ndarray) -> bool:
-    group = _attribute(node, "group", 1)
+    group = attribute(node, "group", 1)
     return group > 1 and weight.shape[1] == 1 and weight.shape[0] == group
 
 

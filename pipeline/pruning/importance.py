@@ -8,20 +8,10 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
-from pipeline.pruning.channels import ChannelAnalysis, ChannelGroup, Layout, constant
+from pipeline.pruning.channels import ChannelAnalysis, ChannelGroup, Layout, attribute, constant, weight_axes
 from pipeline.pruning.probe import Probe, channel_rows
 
 Criterion = Literal["l1", "l2", "activation"]
-
-
-def output_axis(node: ir.Node) -> int:
-    """The weight axis that indexes a producer's output channels."""
-    if node.op_type == "Conv":
-        return 0
-    if node.op_type == "Gemm":
-        transposed = node.attributes.get("transB")
-        return 0 if transposed is not None and transposed.value else 1
-    return 1  # MatMul: [K, N]
 
 
 def weight_scores(group: ChannelGroup, norm: Literal["l1", "l2"]) -> np.ndarray:
@@ -33,7 +23,7 @@ def weight_scores(group: ChannelGroup, norm: Literal["l1", "l2"]) -> np.ndarray:
     for node in group.producers:
         weight = constant(node.inputs[1])
         assert weight is not None
-        moved = np.moveaxis(weight.astype(np.float64), output_axis(node), 0).reshape(group.channels, -1)
+        moved = np.moveaxis(weight.astype(np.float64), weight_axes(node)[1], 0).reshape(group.channels, -1)
         per_channel = np.abs(moved).sum(axis=1) if norm == "l1" else np.sqrt((moved**2).sum(axis=1))
         total += per_channel / max(per_channel.mean(), 1e-30)
     return total
@@ -94,20 +84,12 @@ def _input_weight_norms(node: ir.Node, layout: Layout) -> np.ndarray:
     """L2 norm of a sink's weights on each input position."""
     weight = constant(node.inputs[1])
     assert weight is not None
-    group = node.attributes.get("group")
-    if node.op_type == "Conv" and group is not None and group.value > 1:
+    groups = attribute(node, "group", 1) if node.op_type == "Conv" else 1
+    if groups > 1:
         # Each output group's rows read its own block of inputs.
-        groups = int(group.value)
         rows = weight.astype(np.float64).reshape(groups, weight.shape[0] // groups, weight.shape[1], -1)
         return np.sqrt((rows**2).sum(axis=(1, 3))).reshape(layout.width)
-    if node.op_type == "Conv":
-        axis = 1
-    elif node.op_type == "Gemm":
-        transposed = node.attributes.get("transB")
-        axis = 1 if transposed is not None and transposed.value else 0
-    else:
-        axis = 0
-    moved = np.moveaxis(weight.astype(np.float64), axis, 0).reshape(layout.width, -1)
+    moved = np.moveaxis(weight.astype(np.float64), weight_axes(node)[0], 0).reshape(layout.width, -1)
     return np.sqrt((moved**2).sum(axis=1))
 
 

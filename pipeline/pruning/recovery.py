@@ -18,7 +18,7 @@ import onnx_ir as ir
 import torch
 import torch.nn.functional as F  # noqa: N812 - the conventional name
 
-from pipeline.pruning.channels import Sink, constant
+from pipeline.pruning.channels import Sink, attribute, constant, weight_axes
 from pipeline.pruning.probe import Probe, channel_rows
 from pipeline.pruning.structured import own_input, set_constant
 
@@ -204,10 +204,9 @@ def _unsupported(node: ir.Node) -> str | None:
     if node.op_type == "Conv":
         weight = constant(node.inputs[1])
         auto_pad = node.attributes.get("auto_pad")
-        group = node.attributes.get("group")
         if weight is None or weight.ndim != 4:
             return "only 2-D convolutions are re-fitted"
-        if group is not None and group.value != 1:
+        if attribute(node, "group", 1) != 1:
             return "grouped convolutions are not re-fitted"
         if auto_pad is not None and auto_pad.value not in ("NOTSET", ""):
             return "convolutions with auto_pad are not re-fitted"
@@ -229,8 +228,7 @@ def _as_matrix(node: ir.Node) -> np.ndarray:
 
 def _transposed(node: ir.Node) -> bool:
     """Whether a Gemm stores its weight as [outputs, inputs] (transB)."""
-    attribute = node.attributes.get("transB")
-    return node.op_type == "Gemm" and attribute is not None and bool(attribute.value)
+    return node.op_type == "Gemm" and weight_axes(node)[0] == 1
 
 
 def _rows(node: ir.Node, x: np.ndarray, mask: np.ndarray | None) -> np.ndarray:

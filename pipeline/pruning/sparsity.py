@@ -15,7 +15,7 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
-from pipeline.pruning.channels import constant, layer_name
+from pipeline.pruning.channels import constant, layer_name, weight_axes
 from pipeline.pruning.structured import own_input, set_constant
 
 Pattern = Literal["unstructured", "n:m"]
@@ -133,13 +133,8 @@ def _weight_axis(node: ir.Node) -> int | None:
     weight = constant(node.inputs[1]) if len(node.inputs) > 1 else None
     if weight is None or weight.ndim < 2 or node.domain not in ("", "ai.onnx"):
         return None
-    if node.op_type == "Conv":
-        return 1
-    if node.op_type == "Gemm" and weight.ndim == 2:
-        transposed = node.attributes.get("transB")
-        return 1 if transposed is not None and transposed.value else 0
-    if node.op_type == "MatMul" and weight.ndim == 2:
-        return 0
+    if node.op_type == "Conv" or (node.op_type in ("Gemm", "MatMul") and weight.ndim == 2):
+        return weight_axes(node)[0]
     return None
 
 
