@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,6 +23,11 @@ _INLINE_TENSOR_BYTES = 1024
 def initializer_bytes(model: ir.Model) -> int:
     """Bytes of weight data in a model's main graph."""
     return sum(value.const_value.nbytes for value in model.graph.initializers.values() if value.const_value is not None)
+
+
+def parameter_count(model: ir.Model) -> int:
+    """Elements of every initializer in a model's main graph."""
+    return int(sum(math.prod(v.shape.numpy()) for v in model.graph.initializers.values() if v.shape is not None))
 
 
 def external_data_name(target: Path) -> str:

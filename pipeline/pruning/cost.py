@@ -36,11 +36,6 @@ class LayerCost:
     macs: int
 
 
-def model_parameters(model: ir.Model) -> int:
-    """Elements of every initializer."""
-    return int(sum(math.prod(v.shape.numpy()) for v in model.graph.initializers.values() if v.shape is not None))
-
-
 def layer_costs(model: ir.Model, example: Mapping[str, np.ndarray]) -> dict[str, LayerCost]:
     """Cost of every Conv / Gemm / MatMul node for one sample shaped like `example`'s first.
 

@@ -16,9 +16,9 @@ from pipeline.artifacts import Artifact
 from pipeline.errors import StageError, first_line
 from pipeline.feeds import FeedSource
 from pipeline.job import ConversionJob, SparsityOptions, StructuredPruning
-from pipeline.onnx_io import check_model, model_artifact, save_model
+from pipeline.onnx_io import check_model, model_artifact, parameter_count, save_model
 from pipeline.pruning.channels import ChannelGroup, analyse_channels, layer_name
-from pipeline.pruning.cost import LayerCost, layer_costs, model_parameters
+from pipeline.pruning.cost import LayerCost, layer_costs
 from pipeline.pruning.importance import activation_scores, weight_scores
 from pipeline.pruning.recovery import recover
 from pipeline.pruning.sparsity import compressed_weight_bytes, sparsify
@@ -76,7 +76,7 @@ class PruneStage:
             ShapeInferencePass()(model)
             example = ctx.example_batch().feeds
             before = layer_costs(model, example)
-            parameters_before = model_parameters(model)
+            parameters_before = parameter_count(model)
             summary: dict[str, object] = {}
             layer_sparsity: dict[str, float] = {}
             if options.structured is not None:
@@ -87,7 +87,7 @@ class PruneStage:
             after = layer_costs(model, example)
             record = PruningSummary(
                 input_shape={name: list(array[:1].shape) for name, array in example.items()},
-                parameters=(parameters_before, model_parameters(model)),
+                parameters=(parameters_before, parameter_count(model)),
                 macs=(sum(c.macs for c in before.values()), sum(c.macs for c in after.values())),
                 layers=_changes(before, after, layer_sparsity),
                 note=_note(options.structured is not None, options.sparsity),

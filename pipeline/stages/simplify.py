@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 from collections import Counter
 
-import numpy as np
 import onnx_ir as ir
 import onnxscript.optimizer
 from onnx_ir.passes.common import RemoveUnusedNodesPass
@@ -14,7 +13,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 from pipeline.artifacts import Artifact
 from pipeline.errors import StageError, first_line
 from pipeline.job import ConversionJob
-from pipeline.onnx_io import check_model, model_artifact, save_model
+from pipeline.onnx_io import check_model, model_artifact, parameter_count, save_model
 from pipeline.stage_cache import content_key
 from pipeline.stages.base import StageContext
 
@@ -63,9 +62,8 @@ class SimplifyStage:
 
 def graph_counts(model: ir.Model) -> dict[str, int]:
     """Node, initializer and parameter (initializer element) counts of a model's main graph."""
-    initializers = model.graph.initializers.values()
     return {
         "nodes": sum(1 for _ in model.graph),
         "initializers": len(model.graph.initializers),
-        "parameters": int(sum(np.prod(v.shape.numpy()) for v in initializers if v.shape is not None)),
+        "parameters": parameter_count(model),
     }
