@@ -23,12 +23,13 @@ Feeds = dict[str, np.ndarray]
 
 
 def npz_batches(
-    path: Path, inputs: list[str], batch_size: int, labels: str | None
+    path: Path, inputs: dict[str, ir.Value], batch_size: int, labels: str | None
 ) -> Iterator[tuple[Feeds, np.ndarray | None]]:
     """Batches of an .npz whose arrays are named like the model inputs (first axis: samples).
 
     Raises:
-        JobError: The file is missing or unreadable, or lacks an input or the labels.
+        JobError: The file is missing or unreadable, lacks an input or the labels, or holds an
+            input of another element type or rank than the model's.
     """
     try:
         data = np.load(path, allow_pickle=False)
@@ -37,7 +38,17 @@ def npz_batches(
     missing = [name for name in [*inputs, *([labels] if labels else [])] if name not in data.files]
     if missing:
         raise JobError(path, "--data", f"no array named {', '.join(missing)}; it has {', '.join(data.files)}")
-    samples = data[inputs[0]].shape[0]
+    for name, value in inputs.items():
+        array, expected = data[name], np.dtype(value.dtype.numpy()) if value.dtype is not None else None
+        if (expected is not None and array.dtype != expected) or (value.shape and array.ndim != len(value.shape)):
+            rank = len(value.shape) if value.shape else "any"
+            raise JobError(
+                path,
+                "--data",
+                f"array {name!r} is {array.dtype} with {array.ndim} dims; "
+                f"the model's input takes {expected}, {rank} dims",
+            )
+    samples = data[next(iter(inputs))].shape[0]
     for start in range(0, samples, batch_size):
         feeds = {name: data[name][start : start + batch_size] for name in inputs}
         yield feeds, (data[labels][start : start + batch_size] if labels else None)
@@ -83,7 +94,7 @@ def compare_models(
         names = first.output_names
         if second.output_names != names:
             raise JobError(candidate, "<model>", f"outputs {second.output_names} differ from the reference's {names}")
-        inputs = [str(value.name) for value in ir.load(reference).graph.inputs]
+        inputs = {str(value.name): value for value in ir.load(reference).graph.inputs}
         # Top-1 agreement on the first output when the data has labels (a classifier).
         comparators = [
             OutputComparator(exact.rtol if exact else 1e-3, classifier=labels is not None and index == 0)

@@ -54,13 +54,17 @@ def test_bad_inputs_exit_2(converted: tuple[pipeline.ConversionResult, Path], tm
     fp32 = result.path("simplify")
     wrong = tmp_path / "wrong.npz"
     np.savez(wrong, pixels=np.zeros((2, 1, 8, 8), np.float32))
-    for args in (
-        [str(fp32), str(tmp_path / "missing.onnx"), "--data", str(data)],
-        [str(fp32), str(fp32), "--data", str(wrong)],
-        [str(fp32), str(fp32), "--data", str(data), "--backend-b", "nosuch"],
+    doubles = tmp_path / "doubles.npz"
+    np.savez(doubles, image=np.zeros((2, 1, 8, 8), np.float64))
+    for args, says in (
+        ([str(fp32), str(tmp_path / "missing.onnx"), "--data", str(data)], "model file not found"),
+        ([str(fp32), str(fp32), "--data", str(wrong)], "no array named image"),
+        ([str(fp32), str(fp32), "--data", str(doubles)], "'image' is float64 with 4 dims"),
+        ([str(fp32), str(fp32), "--data", str(data), "--backend-b", "nosuch"], "nosuch"),
     ):
         run = CliRunner().invoke(app, ["parity", *args])
         assert run.exit_code == 2, (args, run.output)
+        assert says in " ".join(run.output.split()), (says, run.output)
 
 
 def test_report_rerenders_markdown(converted: tuple[pipeline.ConversionResult, Path], tmp_path: Path) -> None:
