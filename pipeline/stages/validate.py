@@ -94,8 +94,9 @@ class ValidateStage:
                 for target in ctx.targets
                 for path in models
             }
+            # Before the data streams through: a misnamed override is bad input, found at once.
+            _check_output_overrides(ctx.job, next(iter(sessions.values())).output_names)
             stream = self._stream(ctx, sessions, steps)
-            _check_output_overrides(ctx.job, stream.output_names)
             comparisons = [self._comparison(ctx.job, step, stream) for step in steps]
             comparisons += self._shape_checks(ctx, sessions, stream, steps)
             performance = self._performance(ctx, sessions)
