@@ -12,7 +12,7 @@ from html import escape
 
 from pipeline.parity.localize import EXACT_DB, Localisation
 from pipeline.parity.metrics import ErrorHistogram
-from pipeline.parity.report import ParityReport, format_value, render_pruning
+from pipeline.parity.report import ParityReport, comparison_table, render_pruning
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 1100px; }
@@ -52,30 +52,10 @@ def render_html(report: ParityReport) -> str:
 
 
 def _comparisons(report: ParityReport) -> str:
-    header = ["stage", "target", "candidate vs reference", "output", "max abs", "p99 abs", "cosine mean / min",
-              "SNR dB", "top-1 agree", "result"]  # fmt: skip
-    rows = []
-    for comparison in report.comparisons:
-        for output in comparison.outputs:
-            m = output.metrics
-            result = {"pass": '<span class="pass">pass</span>', "FAIL": '<span class="fail">FAIL</span>'}.get(
-                output.result, output.result
-            )
-            rows.append(
-                [
-                    escape(comparison.label),
-                    escape(comparison.target),
-                    f"{escape(comparison.candidate)} vs {escape(comparison.reference)}",
-                    escape(output.name),
-                    format_value(m.max_abs),
-                    format_value(m.p99_abs),
-                    f"{format_value(m.cosine_mean)} / {format_value(m.cosine_min)}",
-                    format_value(m.snr_db),
-                    format_value(m.top1_agreement),
-                    result,
-                ]
-            )
-    return "<h2>Comparisons</h2>" + _table(header, rows)
+    header, rows = comparison_table(report)
+    styled = {"pass": '<span class="pass">pass</span>', "FAIL": '<span class="fail">FAIL</span>'}
+    cells = [[*(escape(cell) for cell in row[:-1]), styled.get(row[-1], row[-1])] for row in rows]
+    return "<h2>Comparisons</h2>" + _table(header, cells)
 
 
 def _histograms(report: ParityReport) -> str:

@@ -191,25 +191,22 @@ def format_value(value: float | None) -> str:
     return f"{value:.4g}" if abs(value) < 1e-3 or abs(value) >= 1e4 else f"{value:.4f}"
 
 
-def render_markdown(report: ParityReport) -> str:
-    """The report as Markdown: a summary, one table row per (comparison, output), the failures."""
-    lines = [
-        f"# Parity report: {report.job}",
-        "",
-        f"**Verdict: {report.verdict.upper()}** on {report.data} ({report.samples} samples).",
-        "",
-    ]
-    lines += [f"> {note}" for note in report.notes] + ([""] if report.notes else [])
-    header = [
-        "stage",
-        "target",
-        "candidate vs reference",
-        "output",
-        "max abs",
-        "p99 abs",
-        "cosine (mean/min)",
-        "SNR dB",
-    ]
+COMPARISON_COLUMNS = [
+    "stage",
+    "target",
+    "candidate vs reference",
+    "output",
+    "max abs",
+    "p99 abs",
+    "cosine (mean/min)",
+    "SNR dB",
+    "top-1 agree",
+    "result",
+]
+
+
+def comparison_table(report: ParityReport) -> tuple[list[str], list[list[str]]]:
+    """The comparisons as a table of plain text: one row per (comparison, output); last cell the result."""
     rows = [
         [
             comparison.label,
@@ -226,7 +223,19 @@ def render_markdown(report: ParityReport) -> str:
         for comparison in report.comparisons
         for output in comparison.outputs
     ]
-    lines += _markdown_table([*header, "top-1 agree", "result"], rows)
+    return COMPARISON_COLUMNS, rows
+
+
+def render_markdown(report: ParityReport) -> str:
+    """The report as Markdown: a summary, one table row per (comparison, output), the failures."""
+    lines = [
+        f"# Parity report: {report.job}",
+        "",
+        f"**Verdict: {report.verdict.upper()}** on {report.data} ({report.samples} samples).",
+        "",
+    ]
+    lines += [f"> {note}" for note in report.notes] + ([""] if report.notes else [])
+    lines += _markdown_table(*comparison_table(report))
     accuracy_rows = [
         [
             comparison.label,
