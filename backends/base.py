@@ -9,7 +9,12 @@ from types import TracebackType
 from typing import Protocol, Self, runtime_checkable
 
 import numpy as np
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
+
+from backends.estimate import AcceleratorPlan
+
+# Ops that only convert between int8 and float; not counted as compute when placing nodes.
+QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
 
 
 @dataclass(frozen=True)
@@ -20,11 +25,13 @@ class Availability:
         ok: The backend can open models on this machine.
         reason: Why not (empty when ok).
         hint: How to make it available (empty when ok or nothing can be done).
+        detail: How it runs when it is available in a reduced form (e.g. emulated), else empty.
     """
 
     ok: bool
     reason: str = ""
     hint: str = ""
+    detail: str = ""
 
 
 @dataclass(frozen=True)
@@ -51,10 +58,86 @@ class Capabilities:
     Attributes:
         dtypes: Tensor element types it runs natively.
         quantization: Constraints on int8 models.
+        measured_latency: Wall-clock time of its sessions is the device's latency (False for an
+            emulator, whose latency comes from a cost model instead).
     """
 
     dtypes: tuple[str, ...]
     quantization: QuantizationConstraints
+    measured_latency: bool = True
+
+
+class NodePlacement(BaseModel):
+    """Where one node of a model runs.
+
+    Attributes:
+        node: The node name.
+        op_type: Its operator.
+        device: The execution provider (or accelerator) that runs it.
+        reason: Why it is not on the backend's preferred device (empty when it is).
+    """
+
+    node: str
+    op_type: str
+    device: str
+    reason: str = ""
+
+
+class PlacementReport(BaseModel):
+    """Which node runs where on one backend, and how much falls back.
+
+    Attributes:
+        backend: The backend name.
+        model: The model file name.
+        preferred: The device the backend wants nodes on (its first execution provider).
+        nodes: Every node the backend runs, with its device.
+        compute_nodes: Nodes counted for the fallback share (all but QuantizeLinear /
+            DequantizeLinear, which only convert between int8 and float).
+        fallback_nodes: Compute nodes that run somewhere other than `preferred`.
+        fallback_share: fallback_nodes / compute_nodes (0 for an empty graph).
+        unfused_qdq: QuantizeLinear / DequantizeLinear left as separate conversions on the
+            target (None when the backend cannot say).
+        notes: Anything else a reader needs (how the assignment was obtained, what is estimated).
+        accelerator: An accelerator's cost and memory estimate (None for backends without one).
+    """
+
+    backend: str
+    model: str
+    preferred: str
+    nodes: list[NodePlacement]
+    compute_nodes: int
+    fallback_nodes: int
+    fallback_share: float
+    unfused_qdq: int | None = None
+    notes: list[str] = Field(default_factory=list)
+    accelerator: AcceleratorPlan | None = None
+
+    @classmethod
+    def from_nodes(
+        cls,
+        backend: str,
+        model: str,
+        preferred: str,
+        nodes: list[NodePlacement],
+        unfused_qdq: int | None = None,
+        notes: list[str] | None = None,
+        accelerator: AcceleratorPlan | None = None,
+    ) -> PlacementReport:
+        """Build a report, counting compute nodes and the share that falls back."""
+        compute = [node for node in nodes if node.op_type not in QDQ_OPS]
+        fallback = sum(node.device != preferred for node in compute)
+        return cls(
+            backend=backend,
+            model=model,
+            preferred=preferred,
+            nodes=nodes,
+            compute_nodes=len(compute),
+            fallback_nodes=fallback,
+            fallback_share=fallback / len(compute) if compute else 0.0,
+            unfused_qdq=unfused_qdq,
+            notes=notes or [],
+            accelerator=accelerator,
+        )
 
 
 @runtime_checkable
@@ -85,6 +168,41 @@ class Session(Protocol):
     ) -> None: ...
 
 
+class SessionBase:
+    """Names and the context-manager protocol, shared by our `Session` implementations.
+
+    Subclasses set `_inputs` and `_outputs` and implement `run` and `close`.
+    """
+
+    _inputs: list[str]
+    _outputs: list[str]
+
+    @property
+    def input_names(self) -> list[str]:
+        """The model's input names, in order."""
+        return list(self._inputs)
+
+    @property
+    def output_names(self) -> list[str]:
+        """The model's output names, in order."""
+        return list(self._outputs)
+
+    def close(self) -> None:
+        """Release what the session holds."""
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
 @runtime_checkable
 class Backend(Protocol):
     """A target that converted models run on.
@@ -111,6 +229,14 @@ class Backend(Protocol):
         Args:
             model: The ONNX file.
             options: An instance of `options_model` (defaults when None).
+
+        Raises:
+            BackendError: The backend is unavailable or could not load the model.
+        """
+        ...
+
+    def placement(self, model: Path, options: BaseModel | None = None) -> PlacementReport:
+        """Say which node of `model` runs on which device, and what falls back.
 
         Raises:
             BackendError: The backend is unavailable or could not load the model.

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import logging
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from types import TracebackType
-from typing import Any, ClassVar, Literal, Self
+from typing import Any, ClassVar, Literal
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 from pydantic import BaseModel, ConfigDict, Field
 
-from backends.base import Availability, Capabilities
+from backends.base import QDQ_OPS, Availability, Capabilities, NodePlacement, PlacementReport, SessionBase
 from pipeline.errors import BackendError
-from pipeline.threads import job_threads
+from pipeline.threads import job_threads, session_options
 
 logger = logging.getLogger(__name__)
 
@@ -42,23 +43,13 @@ class SessionOptionsSpec(BaseModel):
     graph_optimization_level: Literal["disable", "basic", "extended", "all"] = "all"
 
 
-class OrtSession:
+class OrtSession(SessionBase):
     """An ONNX Runtime InferenceSession behind the `Session` protocol."""
 
     def __init__(self, session: ort.InferenceSession) -> None:
         self._session: ort.InferenceSession | None = session
         self._inputs = [node.name for node in session.get_inputs()]
         self._outputs = [node.name for node in session.get_outputs()]
-
-    @property
-    def input_names(self) -> list[str]:
-        """The model's input names, in order."""
-        return list(self._inputs)
-
-    @property
-    def output_names(self) -> list[str]:
-        """The model's output names, in order."""
-        return list(self._outputs)
 
     @property
     def providers(self) -> list[str]:
@@ -78,17 +69,6 @@ class OrtSession:
         if self._session is None:
             raise RuntimeError("session is closed")
         return self._session
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 class OrtBackend:
@@ -116,9 +96,13 @@ class OrtBackend:
             hint=self.install_hint,
         )
 
+    def providers(self, options: SessionOptionsSpec) -> list[str]:
+        """The execution providers a session with `options` asks for, in priority order."""
+        return list(self.execution_providers)
+
     def provider_options(self, options: SessionOptionsSpec) -> list[dict[str, Any]]:
-        """Options per execution provider, in `execution_providers` order."""
-        return [{} for _ in self.execution_providers]
+        """Options per execution provider, in `providers(options)` order."""
+        return [{} for _ in self.providers(options)]
 
     def open(self, model: Path, options: BaseModel | None = None) -> OrtSession:
         """Open `model` on this backend's providers.
@@ -133,24 +117,85 @@ class OrtBackend:
         Raises:
             BackendError: Unavailable here, or ONNX Runtime could not load the model.
         """
+        return OrtSession(self._session(model, self._spec(options)))
+
+    def placement(self, model: Path, options: BaseModel | None = None) -> PlacementReport:
+        """Which provider ONNX Runtime assigns each node to, from its graph assignment record.
+
+        Raises:
+            BackendError: Unavailable here, or ONNX Runtime could not load the model.
+        """
+        spec = self._spec(options)
+        session = self._session(model, spec, record_assignment=True)
+        providers = self.providers(spec)
+        nodes = [
+            NodePlacement(
+                node=node.name,
+                op_type=node.op_type,
+                device=subgraph.ep_name,
+                reason="" if subgraph.ep_name == providers[0] else f"{providers[0]} did not take it",
+            )
+            for subgraph in session.get_provider_graph_assignment_info()
+            for node in subgraph.get_nodes()
+        ]
+        notes = [
+            "Assignment as ONNX Runtime recorded it when partitioning the graph "
+            f"(optimization level {spec.graph_optimization_level}); "
+            "nodes folded away before partitioning are not listed."
+        ]
+        return PlacementReport.from_nodes(
+            self.name,
+            model.name,
+            providers[0],
+            nodes,
+            unfused_qdq=unfused_qdq_count(model, providers, self.provider_options(spec)),
+            notes=notes,
+        )
+
+    def _spec(self, options: BaseModel | None) -> SessionOptionsSpec:
+        return options if isinstance(options, SessionOptionsSpec) else self.options_model()
+
+    def _session(self, model: Path, spec: SessionOptionsSpec, record_assignment: bool = False) -> ort.InferenceSession:
         availability = self.availability()
         if not availability.ok:
             raise BackendError(self.name, availability.reason, availability.hint)
-        spec = options if isinstance(options, SessionOptionsSpec) else self.options_model()
         session_options = ort.SessionOptions()
         # 0 means the job's share of the cores in a batch, else all of them.
         session_options.intra_op_num_threads = spec.intra_op_threads or job_threads()
         session_options.inter_op_num_threads = spec.inter_op_threads
         session_options.graph_optimization_level = _OPT_LEVELS[spec.graph_optimization_level]
         session_options.log_severity_level = 3  # errors only; warnings go through our logging
+        if record_assignment:
+            session_options.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
         try:
             session = ort.InferenceSession(
                 str(model),
                 sess_options=session_options,
-                providers=list(self.execution_providers),
+                providers=self.providers(spec),
                 provider_options=self.provider_options(spec),
             )
         except Exception as e:  # noqa: BLE001 - ORT raises several unrelated exception types
             raise BackendError(self.name, f"ONNX Runtime could not load {model.name}: {e}") from e
         logger.debug("opened %s on %s", model.name, session.get_providers())
-        return OrtSession(session)
+        return session
+
+
+def unfused_qdq_count(
+    model: Path, providers: list[str] | None = None, provider_options: list[dict[str, Any]] | None = None
+) -> int | None:
+    """Q/DQ nodes that survive ONNX Runtime's graph optimisations on `providers` (None if ORT cannot say).
+
+    Each one is a float <-> int8 conversion done as a separate op instead of inside a fused int8 kernel.
+    """
+    providers = providers or ["CPUExecutionProvider"]
+    with tempfile.TemporaryDirectory() as folder:
+        optimized = Path(folder) / "optimized.onnx"
+        options = session_options()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.optimized_model_filepath = str(optimized)
+        try:
+            ort.InferenceSession(str(model), options, providers=providers, provider_options=provider_options)
+            graph = onnx.load(str(optimized), load_external_data=False).graph
+        except Exception:  # noqa: BLE001 - diagnostics only: say "unknown" rather than fail the job
+            return None
+    return sum(node.op_type in QDQ_OPS for node in graph.node)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -12,10 +11,8 @@ import onnx
 from pydantic import BaseModel
 
 from backends.base import Session
+from backends.ort import unfused_qdq_count
 from pipeline.quantization.cpu import int8_dot_product_flags
-from pipeline.threads import session_options
-
-_QDQ_OPS = {"QuantizeLinear", "DequantizeLinear"}
 
 
 class PerformanceCheck(BaseModel):
@@ -56,23 +53,6 @@ def best_latency_ms(session: Session, feeds: Mapping[str, np.ndarray], repeats: 
         session.run(feeds)
         best = min(best, time.perf_counter() - start)
     return 1000.0 * best
-
-
-def unfused_qdq_count(model: Path) -> int | None:
-    """Q/DQ nodes that survive ONNX Runtime's CPU graph optimisations (None if ORT cannot say)."""
-    import onnxruntime as ort
-
-    with tempfile.TemporaryDirectory() as folder:
-        optimized = Path(folder) / "optimized.onnx"
-        options = session_options()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.optimized_model_filepath = str(optimized)
-        try:
-            ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
-            graph = onnx.load(str(optimized), load_external_data=False).graph
-        except Exception:  # noqa: BLE001 - diagnostics only: say "unknown" rather than fail the job
-            return None
-    return sum(node.op_type in _QDQ_OPS for node in graph.node)
 
 
 def float_compute_nodes(model: Path) -> int:
