@@ -18,6 +18,7 @@ ENTRY_POINT_GROUP = "onnxforge.backends"
 BUILTIN_BACKENDS: dict[str, str] = {
     "cpu": "backends.cpu:CpuBackend",
     "cuda": "backends.cuda:CudaBackend",
+    "fpga": "backends.fpga:FpgaBackend",
 }
 
 

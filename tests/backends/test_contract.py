@@ -22,7 +22,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from pydantic import ValidationError
 
-from backends.base import Capabilities, QuantizationConstraints
+from backends.base import Capabilities, PlacementReport, QuantizationConstraints
 
 ENTRIES = {entry.name: entry for entry in backends.list_backends()}
 
@@ -65,7 +65,7 @@ def tiny_model(tmp_path: Path) -> Path:
 
 
 def test_registry_lists_the_builtins() -> None:
-    assert {"cpu", "cuda"} <= set(ENTRIES)
+    assert {"cpu", "cuda", "fpga"} <= set(ENTRIES)
     assert ENTRIES["cpu"].origin == "builtin"
     assert ENTRIES["cpu"].availability.ok
 
@@ -166,3 +166,30 @@ def test_opening_on_unavailable_cuda_raises_with_install_hint(tiny_model: Path) 
     assert error.reason == cuda.availability().reason
     assert "onnxruntime-gpu" in error.hint
     assert "onnxruntime-gpu" in str(error)
+
+
+def test_places_every_node(backend: backends.Backend, tiny_model: Path) -> None:
+    report = backend.placement(tiny_model)
+
+    assert isinstance(report, PlacementReport)
+    assert report.backend == backend.name
+    assert report.model == tiny_model.name
+    assert report.nodes and all(node.device for node in report.nodes)
+    assert report.compute_nodes == sum(
+        node.op_type not in ("QuantizeLinear", "DequantizeLinear") for node in report.nodes
+    )
+    assert 0 <= report.fallback_nodes <= report.compute_nodes
+    assert 0.0 <= report.fallback_share <= 1.0
+    for node in report.nodes:
+        if node.device != report.preferred and node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            assert node.reason, node
+
+
+def test_placement_of_a_corrupt_model_raises_backend_error(backend: backends.Backend, tmp_path: Path) -> None:
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(b"\x08\x07not a model")
+
+    with pytest.raises(pipeline.BackendError) as caught:
+        backend.placement(corrupt)
+
+    assert caught.value.backend == backend.name

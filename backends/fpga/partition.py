@@ -1,0 +1,321 @@
+"""The partitioner: which nodes of a QDQ model run on the accelerator, which fall back to the CPU, and why."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from backends.base import QDQ_OPS
+from backends.fpga.profile import FpgaProfile, OpLimits
+
+CPU = "CPUExecutionProvider"
+
+# What each input of a supported op must be: an int8 activation (DequantizeLinear of int8), a
+# constant int8 weight, a constant int32 bias, or a plain constant (shapes, axes, clip bounds).
+Role = Literal["activation", "weight", "bias", "constant"]
+_ROLES: dict[str, tuple[Role, ...]] = {
+    "Conv": ("activation", "weight", "bias"),
+    "Gemm": ("activation", "weight", "bias"),
+    "MatMul": ("activation", "weight"),
+    "Add": ("activation", "activation"),
+    "Reshape": ("activation", "constant"),
+    "Squeeze": ("activation", "constant"),
+    "Unsqueeze": ("activation", "constant"),
+    "Clip": ("activation", "constant", "constant"),
+}
+_SPATIAL = {"Conv", "MaxPool", "AveragePool"}
+
+
+@dataclass(frozen=True)
+class Fixed:
+    """An integer tensor with a power-of-two scale: value = tensor * 2**-frac_bits.
+
+    Attributes:
+        tensor: Name of the integer tensor (a QuantizeLinear output or an initializer).
+        frac_bits: Fraction bits: the scale is 2**-frac_bits.
+    """
+
+    tensor: str
+    frac_bits: int
+
+
+@dataclass
+class AcceleratorNode:
+    """A compute node the accelerator runs on integers.
+
+    Attributes:
+        node: The ONNX node (its float inputs are DequantizeLinear outputs).
+        inputs: Per input: the integer tensor it reads, or None for a plain constant / absent input.
+        outputs: The int8 tensors (QuantizeLinear outputs of its result) it writes directly.
+    """
+
+    node: onnx.NodeProto
+    inputs: list[Fixed | None]
+    outputs: list[Fixed]
+
+
+@dataclass
+class Segment:
+    """A run of consecutive nodes (in graph order) on one device.
+
+    Attributes:
+        device: "accelerator" or "cpu".
+        cpu_nodes: The nodes of a CPU segment.
+        accelerator_nodes: The nodes of an accelerator segment.
+    """
+
+    device: Literal["accelerator", "cpu"]
+    cpu_nodes: list[onnx.NodeProto] = field(default_factory=list)
+    accelerator_nodes: list[AcceleratorNode] = field(default_factory=list)
+
+
+@dataclass
+class PartitionPlan:
+    """The partition of one model.
+
+    Attributes:
+        decisions: Per node name: (device, reason); device is "accelerator", "cpu" or "absorbed"
+            (a Q/DQ node the accelerator does not need: int8 flows between its own nodes).
+        segments: What to run, in order.
+        constants: Every constant of the graph by name (initializers and Constant nodes).
+    """
+
+    decisions: dict[str, tuple[str, str]]
+    segments: list[Segment]
+    constants: dict[str, np.ndarray]
+
+
+class _Graph:
+    """Producers, consumers and constants of a graph, looked up by tensor name."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        graph = model.graph
+        self.nodes = list(graph.node)
+        self.outputs = {output.name for output in graph.output}
+        self.constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+        for node in self.nodes:
+            value = _constant_value(node) if node.op_type == "Constant" else None
+            if value is not None:
+                self.constants[node.output[0]] = value
+        self.producer = {name: node for node in self.nodes for name in node.output}
+        self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+        for node in self.nodes:
+            for name in node.input:
+                self.consumers[name].append(node)
+
+    def fixed_scale(self, node: onnx.NodeProto, dtype: type[np.integer]) -> tuple[int | None, str]:
+        """Fraction bits of a Q/DQ node's scale, or None and why it does not fit the accelerator."""
+        scale = self.constants.get(node.input[1])
+        zero = self.constants.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        if scale is None or zero is None:
+            return None, "its scale or zero point is not a constant"
+        if scale.size != 1:
+            return None, "it has per-channel scales (the accelerator takes one scale per tensor)"
+        if zero.dtype != dtype or np.any(zero != 0):
+            return None, f"it is not symmetric {np.dtype(dtype).name} (zero point 0)"
+        mantissa, exponent = math.frexp(float(scale.reshape(())))
+        if mantissa != 0.5:
+            return None, f"its scale {float(scale.reshape(())):g} is not a power of two"
+        return 1 - exponent, ""
+
+
+def partition(model: onnx.ModelProto, profile: FpgaProfile) -> PartitionPlan:
+    """Split a (QDQ) model into accelerator and CPU segments, with a reason for every CPU node.
+
+    Decisions are keyed by node name, so unnamed (or twice-named) nodes of `model` are named in place.
+    """
+    name_nodes(model)
+    graph = _Graph(model)
+    decisions: dict[str, tuple[str, str]] = {}
+    accelerated: dict[str, AcceleratorNode] = {}
+    for node in graph.nodes:
+        if node.op_type in QDQ_OPS or node.op_type == "Constant":
+            continue
+        found = _accelerate(graph, node, profile)
+        if isinstance(found, str):
+            decisions[node.name] = ("cpu", found)
+        else:
+            decisions[node.name] = ("accelerator", "")
+            accelerated[node.name] = found
+    # A Q/DQ node is not needed when only accelerator nodes touch it: int8 flows between them directly.
+    for node in graph.nodes:
+        if node.op_type == "Constant":
+            known = node.output[0] in graph.constants
+            decisions[node.name] = ("absorbed", "a constant") if known else ("cpu", "")
+        elif node.op_type == "QuantizeLinear":
+            producer = graph.producer.get(node.input[0])
+            on_chip = producer is not None and producer.name in accelerated
+            decisions[node.name] = ("absorbed", "written by the accelerator") if on_chip else ("cpu", "")
+        elif node.op_type == "DequantizeLinear":
+            users = graph.consumers[node.output[0]]
+            on_chip = bool(users) and all(user.name in accelerated for user in users)
+            on_chip = on_chip and node.output[0] not in graph.outputs
+            decisions[node.name] = ("absorbed", "read by the accelerator as int8") if on_chip else ("cpu", "")
+    return PartitionPlan(decisions, _segments(graph, decisions, accelerated), graph.constants)
+
+
+def name_nodes(model: onnx.ModelProto) -> None:
+    """Give every unnamed or duplicate-named node a stable name: ``<op or name>_<index>``."""
+    seen: set[str] = set()
+    for index, node in enumerate(model.graph.node):
+        if not node.name or node.name in seen:
+            node.name = f"{node.name or node.op_type}_{index}"
+        seen.add(node.name)
+
+
+def _segments(
+    graph: _Graph, decisions: dict[str, tuple[str, str]], accelerated: dict[str, AcceleratorNode]
+) -> list[Segment]:
+    """Consecutive nodes of one device, in graph (topological) order."""
+    segments: list[Segment] = []
+    for node in graph.nodes:
+        device = decisions[node.name][0]
+        if device == "absorbed":
+            continue
+        if not segments or segments[-1].device != device:
+            segments.append(Segment("accelerator" if device == "accelerator" else "cpu"))
+        if device == "accelerator":
+            segments[-1].accelerator_nodes.append(accelerated[node.name])
+        else:
+            segments[-1].cpu_nodes.append(node)
+    return segments
+
+
+def _accelerate(graph: _Graph, node: onnx.NodeProto, profile: FpgaProfile) -> AcceleratorNode | str:
+    """The node as the accelerator runs it, or why it cannot."""
+    limits = profile.ops.get(node.op_type)
+    if limits is None:
+        return f"{node.op_type} is not in profile {profile.name}'s operators"
+    problem = _attribute_problem(graph, node, limits)
+    if problem:
+        return problem
+    inputs: list[Fixed | None] = []
+    roles = _ROLES.get(node.op_type, ())
+    for index, name in enumerate(node.input):
+        role = roles[index] if index < len(roles) else "activation"
+        found = _input(graph, name, role)
+        if isinstance(found, str):
+            return f"input {index} ({name}): {found}"
+        inputs.append(found)
+    return _with_outputs(graph, node, inputs)
+
+
+def _input(graph: _Graph, name: str, role: Role) -> Fixed | None | str:
+    if not name:
+        return None
+    if role == "constant":
+        return None if name in graph.constants else "must be a constant"
+    producer = graph.producer.get(name)
+    if producer is None or producer.op_type != "DequantizeLinear":
+        return "is float (not quantized)" if name not in graph.constants else "is a float constant (not quantized)"
+    source = producer.input[0]
+    if role in ("weight", "bias") and source not in graph.constants:
+        kind = "weight" if role == "weight" else "bias"
+        return f"the {kind} is computed (the accelerator needs a constant {kind})"
+    frac_bits, problem = graph.fixed_scale(producer, np.int32 if role == "bias" else np.int8)
+    if frac_bits is None:
+        return problem
+    return Fixed(source, frac_bits)
+
+
+def _with_outputs(graph: _Graph, node: onnx.NodeProto, inputs: list[Fixed | None]) -> AcceleratorNode | str:
+    used = [name for name in node.output[1:] if name and (graph.consumers[name] or name in graph.outputs)]
+    if used:
+        return f"its extra output {used[0]} is used"
+    result = node.output[0]
+    if result in graph.outputs:
+        return f"its output {result} is a graph output in float"
+    outputs = []
+    for user in graph.consumers[result]:
+        if user.op_type != "QuantizeLinear":
+            return f"its output {result} is read in float by {user.op_type} node {user.name}"
+        frac_bits, problem = graph.fixed_scale(user, np.int8)
+        if frac_bits is None:
+            return f"the QuantizeLinear of its output: {problem}"
+        outputs.append(Fixed(user.output[0], frac_bits))
+    if not outputs:
+        return f"its output {result} is not quantized"
+    return AcceleratorNode(node, inputs, outputs)
+
+
+def _attribute_problem(graph: _Graph, node: onnx.NodeProto, limits: OpLimits) -> str:
+    """Why the node's attributes are beyond the profile's limits ("" when they are not)."""
+    attrs = {attr.name: onnx.helper.get_attribute_value(attr) for attr in node.attribute}
+    if node.op_type == "MatMul":
+        weight = _constant_behind(graph, node.input[1])
+        if weight is None:
+            return (
+                "both inputs are activations (e.g. attention scores); the accelerator's MatMul needs constant weights"
+            )
+        if weight.ndim != 2:
+            return f"its weight has rank {weight.ndim}; the accelerator's MatMul is a 2-D fully connected layer"
+    if node.op_type == "Gemm" and (
+        attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0
+    ):
+        return "Gemm with transA, alpha or beta other than the defaults"
+    if node.op_type not in _SPATIAL:
+        return ""
+    if attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+        return "auto_pad is set (export with explicit pads)"
+    if attrs.get("ceil_mode", 0):
+        return "ceil_mode = 1"
+    kernel = list(attrs.get("kernel_shape", []))
+    weight = _constant_behind(graph, node.input[1]) if node.op_type == "Conv" else None
+    if node.op_type == "Conv" and weight is not None:
+        kernel = kernel or list(weight.shape[2:])
+    if len(kernel) != 2:
+        return f"only 2-D {node.op_type} runs on the accelerator (kernel {kernel})"
+    checks = (
+        ("kernel", kernel, limits.kernel_max),
+        ("stride", attrs.get("strides", []), limits.stride_max),
+        ("dilation", attrs.get("dilations", []), limits.dilation_max),
+        ("pad", attrs.get("pads", []), limits.pad_max),
+    )
+    for what, values, limit in checks:
+        if limit is not None and values and max(values) > limit:
+            return f"{what} {list(values)} exceeds the profile's {what}_max {limit}"
+    if node.op_type == "AveragePool" and any(attrs.get("pads", [])) and not attrs.get("count_include_pad", 0):
+        return "padded AveragePool without count_include_pad"
+    if node.op_type == "MaxPool" and any(d != 1 for d in attrs.get("dilations", [])):
+        return "dilated MaxPool"
+    if node.op_type == "Conv":
+        return _group_problem(int(attrs.get("group", 1)), weight, limits)
+    return ""
+
+
+def _group_problem(group: int, weight: np.ndarray | None, limits: OpLimits) -> str:
+    if group == 1 or limits.groups == "any":
+        return ""
+    depthwise = weight is not None and weight.shape[1] == 1
+    if limits.groups == "one_or_depthwise" and depthwise:
+        return ""
+    return f"grouped convolution (group {group}) beyond the profile's groups = {limits.groups!r}"
+
+
+def _constant_value(node: onnx.NodeProto) -> np.ndarray | None:
+    """The value of a Constant node given as a tensor or as float / int scalars or lists (else None)."""
+    if len(node.attribute) != 1:
+        return None
+    attr = node.attribute[0]
+    if attr.name == "value":
+        return numpy_helper.to_array(attr.t)
+    dtypes = {"value_float": np.float32, "value_floats": np.float32, "value_int": np.int64, "value_ints": np.int64}
+    if attr.name in dtypes:
+        return np.array(onnx.helper.get_attribute_value(attr), dtype=dtypes[attr.name])
+    return None
+
+
+def _constant_behind(graph: _Graph, name: str) -> np.ndarray | None:
+    """The constant a tensor is, directly or through one DequantizeLinear (None if computed)."""
+    if name in graph.constants:
+        return graph.constants[name]
+    producer = graph.producer.get(name)
+    if producer is not None and producer.op_type == "DequantizeLinear":
+        return graph.constants.get(producer.input[0])
+    return None
