@@ -17,18 +17,20 @@ from rich.markup import escape
 from rich.progress import Progress, TaskID
 from rich.table import Table
 
-from backends.registry import list_backends
+from backends.base import PlacementReport
+from backends.registry import get_backend, list_backends
 from pipeline.api import convert as convert_job
 from pipeline.batch.executor import JobOutcome, make_executor
 from pipeline.batch.manifest import load_manifest
 from pipeline.batch.report import write_summary
-from pipeline.errors import ExitCode, JobError, OnnxforgeError, ParityError, first_line
+from pipeline.errors import BackendError, ExitCode, JobError, OnnxforgeError, ParityError, first_line
 from pipeline.job import Fp32Policy, TaskPolicy, load_job
 from pipeline.parity.compare import compare_models
 from pipeline.parity.localize import Localisation
 from pipeline.parity.report import ParityReport, format_value
+from pipeline.parity.target import render_placement
 from pipeline.parity.writers import write_reports
-from pipeline.runner import StageEvent
+from pipeline.runner import StageEvent, options_help
 
 app = typer.Typer(
     name="onnxforge",
@@ -326,6 +328,48 @@ def _print_localisation(localisation: Localisation) -> None:
 
 
 @app.command()
+def placement(
+    model: Annotated[Path, typer.Argument(help="The ONNX model to place.", exists=True, dir_okay=False)],
+    backend: Annotated[str, typer.Option("--backend", "-b", help="The backend to place it on.")] = "cpu",
+    option: Annotated[
+        list[str] | None,
+        typer.Option("--option", "-o", help="A backend option as key=value (repeatable), e.g. profile=my.toml."),
+    ] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress.")] = False,
+) -> None:
+    """Say which node of MODEL runs where on BACKEND, why nodes fall back, and (FPGA) the cost and memory plan.
+
+    Exit codes: 0 placed, 2 bad input (model, backend, options), 3 internal error.
+    """
+    _configure_logging(verbose)
+    try:
+        chosen = get_backend(backend)
+        options = chosen.options_model.model_validate(_key_values(option or [], backend))
+        report = chosen.placement(model, options)
+    except ValidationError as e:
+        _fail(BackendError(backend, f"bad option: {e.errors(include_url=False)[0]['msg']}", options_help(chosen)))
+    except OnnxforgeError as e:
+        _fail(e)
+    stdout.print("\n".join(render_placement(report, rows=40)), highlight=False, markup=False)
+    _print_placement_line(report)
+
+
+def _key_values(pairs: list[str], backend: str) -> dict[str, object]:
+    """key=value options; list options (cost_dims) collect repeated keys."""
+    values: dict[str, object] = {}
+    dims: list[str] = []
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            _fail(BackendError(backend, f"option {pair!r} is not key=value"))
+        if key == "cost_dims":
+            dims.append(value)
+        else:
+            values[key] = value
+    return {**values, "cost_dims": dims} if dims else values
+
+
+@app.command()
 def backends() -> None:
     """List every backend: execution providers, availability (with reason and install hint), capabilities."""
     table = Table(title="onnxforge backends")
@@ -343,6 +387,8 @@ def backends() -> None:
         )
     stdout.print(table)
     for entry in entries:
+        if entry.availability.ok and entry.availability.detail:
+            stdout.print(f"[bold]{entry.name}[/]: {entry.availability.detail}", highlight=False)
         if not entry.availability.ok:
             stdout.print(f"[bold]{entry.name}[/] unavailable: {entry.availability.reason}", highlight=False)
             if entry.availability.hint:
@@ -359,6 +405,8 @@ def _quant_summary(backend: object | None) -> str:
         parts.append("symmetric")
     if constraints.power_of_two_scales:
         parts.append("pow2 scales")
+    if not constraints.per_channel_weights:
+        parts.append("per-tensor weights")
     return ", ".join(parts)
 
 
@@ -394,8 +442,32 @@ def _print_report(report: ParityReport) -> None:
         speed = f"int8 {check.int8_ms:.1f} ms vs float {check.fp32_ms:.1f} ms ({check.ratio:.2f}x)"
         why = "" if check.faster else f": not faster ({'; '.join(check.reasons)})"
         stdout.print(f"speed on {check.target}, batch {'x'.join(map(str, check.batch_shape))}: {speed}{why}")
+    for placement in report.placements:
+        _print_placement_line(placement)
+    for parity in report.on_target:
+        for item in parity.outputs:
+            stdout.print(
+                f"on {parity.target}, {escape(item.name)}: error {item.target_error:.4g} "
+                f"vs CPU QDQ {item.cpu_error:.4g} (limit {item.limit:.4g}; "
+                f"{item.differing} of {item.elements} values differ from CPU QDQ)",
+                highlight=False,
+            )
     verdict = "[green]PASS[/]" if report.verdict == "pass" else "[red]FAIL[/]"
     stdout.print(f"verdict: {verdict}")
+
+
+def _print_placement_line(placement: PlacementReport) -> None:
+    line = (
+        f"placement on {placement.backend}: {placement.compute_nodes - placement.fallback_nodes} of "
+        f"{placement.compute_nodes} compute nodes on {placement.preferred}, {placement.fallback_share:.0%} fall back"
+    )
+    if (estimate := placement.accelerator) is not None:
+        fits = "fits" if estimate.fits else "does NOT fit"
+        line += (
+            f"; estimate {estimate.latency_us} us, {estimate.cycles} cycles; activation memory peak "
+            f"{estimate.peak_activation_bytes:,} of {estimate.activation_buffer_bytes:,} bytes ({fits})"
+        )
+    stdout.print(line, highlight=False)
 
 
 def _fail(error: OnnxforgeError) -> NoReturn:

@@ -323,10 +323,13 @@ class TargetSpec(_Spec):
     Attributes:
         backend: A registered backend name (see ``onnxforge backends``).
         options: Backend options, validated by that backend's own options model.
+        max_fallback: Fail the job when a larger share of the final model's compute nodes runs
+            somewhere other than the backend's preferred device (unset: report only).
     """
 
     backend: Identifier
     options: dict[str, str | int | float | bool | list[str]] = Field(default_factory=dict)
+    max_fallback: float | None = Field(default=None, ge=0.0, le=1.0)
 
 
 class Fp32Policy(_Spec):

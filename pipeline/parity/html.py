@@ -13,6 +13,7 @@ from html import escape
 from pipeline.parity.localize import EXACT_DB, Localisation
 from pipeline.parity.metrics import ErrorHistogram
 from pipeline.parity.report import ParityReport, comparison_table, render_pruning
+from pipeline.parity.target import render_placement, render_target_parity
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 1100px; }
@@ -44,11 +45,20 @@ def render_html(report: ParityReport) -> str:
         *(_localisation(localisation) for localisation in report.localisations),
     ]
     if report.pruning is not None:
-        parts.append("<h2>Pruning</h2><pre>" + escape("\n".join(render_pruning(report.pruning)[2:])) + "</pre>")
+        parts.append(_preformatted(render_pruning(report.pruning)))
+    parts += [_preformatted(render_placement(placement)) for placement in report.placements]
+    if report.on_target:
+        parts.append(_preformatted(render_target_parity(report.on_target)))
     if report.failures:
         parts.append("<h2>Failed checks</h2><ul>" + "".join(f"<li>{escape(f)}</li>" for f in report.failures) + "</ul>")
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
+
+
+def _preformatted(section: list[str]) -> str:
+    """A Markdown section (a "## title" line, a blank line, then text and tables) as a heading and a <pre>."""
+    title = section[0].removeprefix("## ")
+    return f"<h2>{escape(title)}</h2><pre>" + escape("\n".join(section[2:])) + "</pre>"
 
 
 def _comparisons(report: ParityReport) -> str:

@@ -7,14 +7,17 @@ import math
 
 from pydantic import BaseModel, ConfigDict
 
+from backends.base import PlacementReport
 from pipeline.parity.localize import EXACT_DB, Localisation
 from pipeline.parity.metrics import OutputMetrics
 from pipeline.parity.policy import Check, Precision
+from pipeline.parity.target import TargetParity, fallback_failures, render_placement, render_target_parity
 from pipeline.pruning.summary import PruningSummary
 from pipeline.quantization.performance import PerformanceCheck
 
 # 2: the pruned precision, per-model accuracy references and the pruning summary.
-REPORT_SCHEMA_VERSION = 2
+# 3: placements per target (with the accelerator estimate) and three-way on-target parity.
+REPORT_SCHEMA_VERSION = 3
 
 
 class _Record(BaseModel):
@@ -119,6 +122,8 @@ class ParityReport(_Record):
         performance: int8 vs float latency per target (informational, not a gate).
         pruning: What the prune stage removed (None: the job does not prune).
         localisations: Where the error enters, per localised pair of models.
+        placements: Which node of the final model runs where, per target.
+        on_target: QDQ on each non-CPU target against QDQ on the CPU and float on the CPU.
         verdict: "pass" when every check passed, else "fail".
         failures: One line per failed check.
     """
@@ -132,6 +137,8 @@ class ParityReport(_Record):
     performance: list[PerformanceCheck] = []
     pruning: PruningSummary | None = None
     localisations: list[Localisation] = []
+    placements: list[PlacementReport] = []
+    on_target: list[TargetParity] = []
     verdict: str
     failures: list[str]
 
@@ -150,9 +157,16 @@ class ParityReport(_Record):
         performance: list[PerformanceCheck] | None = None,
         pruning: PruningSummary | None = None,
         localisations: list[Localisation] | None = None,
+        placements: list[PlacementReport] | None = None,
+        on_target: list[TargetParity] | None = None,
+        max_fallback: dict[str, float | None] | None = None,
     ) -> ParityReport:
-        """Assemble a report and derive its verdict from the comparisons."""
+        """Assemble a report; its verdict fails on any failed comparison, on-target check or
+        placement over its target's `max_fallback`."""
         failures = [line for comparison in comparisons for line in comparison.failures()]
+        failures += [line for parity in on_target or [] for line in parity.failures()]
+        limits = max_fallback or {}
+        failures += [line for p in placements or [] for line in fallback_failures(p, limits.get(p.backend))]
         return cls(
             job=job,
             data=data,
@@ -162,6 +176,8 @@ class ParityReport(_Record):
             performance=performance or [],
             pruning=pruning,
             localisations=localisations or [],
+            placements=placements or [],
+            on_target=on_target or [],
             verdict="fail" if failures else "pass",
             failures=failures,
         )
@@ -273,6 +289,10 @@ def render_markdown(report: ParityReport) -> str:
                 lines.append(f"\nint8 is not faster on {check.target}: {'; '.join(check.reasons)}.")
     if report.pruning is not None:
         lines += ["", *render_pruning(report.pruning)]
+    for placement in report.placements:
+        lines += ["", *render_placement(placement)]
+    if report.on_target:
+        lines += ["", *render_target_parity(report.on_target)]
     for localisation in report.localisations:
         lines += ["", *render_localisation(localisation)]
     if report.failures:

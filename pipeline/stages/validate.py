@@ -10,7 +10,8 @@ from itertools import islice
 import numpy as np
 import onnx_ir as ir
 
-from backends.base import Session
+from backends.base import PlacementReport, Session
+from backends.registry import get_backend
 from pipeline.artifacts import Artifact, sha256_file
 from pipeline.errors import BackendError, JobError, StageError, first_line
 from pipeline.job import ConversionJob, DataSource
@@ -18,6 +19,7 @@ from pipeline.parity.localize import Localisation, localize
 from pipeline.parity.metrics import AccuracyCounter, OutputComparator
 from pipeline.parity.policy import Precision, accuracy_drop_check, fp32_checks, task_checks
 from pipeline.parity.report import AccuracyParity, Comparison, OutputParity, ParityReport
+from pipeline.parity.target import ThreeWay
 from pipeline.parity.writers import write_reports
 from pipeline.pruning.summary import PruningSummary
 from pipeline.quantization.performance import PerformanceCheck, performance_check
@@ -26,6 +28,7 @@ from pipeline.stages.base import StageContext, Target, resize_feeds, run_torch
 logger = logging.getLogger(__name__)
 
 PYTORCH = "pytorch"
+CPU = "cpu"  # the reference backend of on-target parity
 # Which policy judges each stage's output against the model before it.
 _PRECISION: dict[str, Precision] = {"export": "fp32", "simplify": "fp32", "prune": "pruned", "quantize": "int8"}
 
@@ -58,6 +61,7 @@ class _Stream:
     output_names: list[str] = field(default_factory=list)
     classifier: int | None = None
     accuracy: dict[tuple[str, str], AccuracyCounter] = field(default_factory=dict)
+    on_target: dict[str, ThreeWay] = field(default_factory=dict)
     samples: int = 0
     comparators_ready: bool = False
 
@@ -94,12 +98,15 @@ class ValidateStage:
                 for target in ctx.targets
                 for path in models
             }
+            output_names = next(iter(sessions.values())).output_names
             # Before the data streams through: a misnamed override is bad input, found at once.
-            _check_output_overrides(ctx.job, next(iter(sessions.values())).output_names)
-            stream = self._stream(ctx, sessions, steps)
+            _check_output_overrides(ctx.job, output_names)
+            stream = _Stream(on_target=self._on_target(ctx, sessions, stack, output_names))
+            self._stream(ctx, sessions, steps, stream)
             comparisons = [self._comparison(ctx.job, step, stream) for step in steps]
             comparisons += self._shape_checks(ctx, sessions, stream, steps)
             performance = self._performance(ctx, sessions)
+        placements = [self._placement(ctx, target, models[-1]) for target in ctx.targets]
         localisations = self._localise(ctx, comparisons)
         pruning = None
         if "prune" in ctx.artifacts:
@@ -113,6 +120,9 @@ class ValidateStage:
             performance=performance,
             pruning=pruning,
             localisations=localisations,
+            placements=placements,
+            on_target=[three_way.result() for three_way in stream.on_target.values()],
+            max_fallback={target.name: target.spec.max_fallback for target in ctx.targets},
         )
         report_path = write_reports(report, ctx.workdir)
         logger.info("parity %s: %s", ctx.job.name, report.verdict)
@@ -123,9 +133,8 @@ class ValidateStage:
             metadata={"verdict": report.verdict},
         )
 
-    def _stream(self, ctx: StageContext, sessions: Sessions, steps: list[_Step]) -> _Stream:
+    def _stream(self, ctx: StageContext, sessions: Sessions, steps: list[_Step], stream: _Stream) -> None:
         """One pass over the data: every model on every target sees each batch once."""
-        stream = _Stream()
         rtol = ctx.job.parity.fp32.rtol
         for batch in ctx.evaluation:
             runs = self._run_all(ctx, sessions, batch.feeds, stream)
@@ -136,11 +145,13 @@ class ValidateStage:
                 stream.comparators_ready = True
             for step in steps:
                 step.update(runs)
+            for target, three_way in stream.on_target.items():
+                before, int8 = _quantized_pair(ctx)
+                three_way.update(runs[(CPU, before)], runs[(CPU, int8)], runs[(target, int8)])
             if stream.classifier is not None and batch.labels is not None:
                 for key, outputs in runs.items():
                     stream.accuracy.setdefault(key, AccuracyCounter()).update(outputs[stream.classifier], batch.labels)
             stream.samples += batch.size
-        return stream
 
     def _run_all(self, ctx: StageContext, sessions: Sessions, feeds: dict[str, np.ndarray], stream: _Stream) -> Runs:
         """Outputs of PyTorch (when there is a module) and of every session, on one batch."""
@@ -209,12 +220,32 @@ class ValidateStage:
                 logger.warning("localisation of %s vs %s failed: %s", candidate, reference, first_line(e))
         return results
 
+    def _on_target(
+        self, ctx: StageContext, sessions: Sessions, stack: ExitStack, output_names: list[str]
+    ) -> dict[str, ThreeWay]:
+        """Three-way accumulators for every non-CPU target, opening the CPU references when no target is CPU."""
+        others = [target for target in ctx.targets if target.name != CPU]
+        if "quantize" not in ctx.artifacts or not others:
+            return {}
+        before, int8 = _quantized_pair(ctx)
+        cpu = get_backend(CPU)
+        for path in (before, int8):
+            if (CPU, path) not in sessions:
+                sessions[(CPU, path)] = stack.enter_context(cpu.open(ctx.workdir / path))
+        return {target.name: ThreeWay(target.name, before, int8, output_names) for target in others}
+
+    def _placement(self, ctx: StageContext, target: Target, model: str) -> PlacementReport:
+        """Where each node of the final model runs on the target."""
+        try:
+            return target.backend.placement(ctx.workdir / model, target.options)
+        except BackendError as e:
+            raise StageError(self.name, ctx.job.name, f"cannot place {model} on {target.name}: {e}") from e
+
     def _performance(self, ctx: StageContext, sessions: Sessions) -> list[PerformanceCheck]:
-        """int8 vs the model it was quantized from, timed on each target on the first batch."""
+        """int8 vs the model it was quantized from, timed on each target whose sessions time the device."""
         if "quantize" not in ctx.artifacts:
             return []
-        int8 = ctx.artifacts["quantize"].path
-        before = next(a.path for a in ctx.artifacts.values() if a.sha256 == ctx.artifacts["quantize"].parent_sha256)
+        before, int8 = _quantized_pair(ctx)
         feeds = ctx.example_batch().feeds
         return [
             performance_check(
@@ -223,9 +254,10 @@ class ValidateStage:
                 sessions[(target.name, int8)],
                 ctx.workdir / int8,
                 feeds,
-                inspect_cpu_graph=target.name == "cpu",
+                inspect_cpu_graph=target.name == CPU,
             )
             for target in ctx.targets
+            if target.backend.capabilities.measured_latency
         ]
 
     def _open(self, ctx: StageContext, target: Target, path: str) -> Session:
@@ -271,6 +303,13 @@ class ValidateStage:
         )
 
 
+def _quantized_pair(ctx: StageContext) -> tuple[str, str]:
+    """The model quantize started from, and the int8 model it wrote."""
+    quantized = ctx.artifacts["quantize"]
+    before = next(a.path for a in ctx.artifacts.values() if a.sha256 == quantized.parent_sha256)
+    return before, quantized.path
+
+
 def _check_output_overrides(job: ConversionJob, output_names: list[str]) -> None:
     """Every [parity.outputs.NAME] must name an output of the model."""
     for name in job.parity.outputs:
@@ -309,6 +348,13 @@ def _notes(ctx: StageContext, stream: _Stream) -> list[str]:
             "At the export.check_shapes sizes, pruned and int8 models are measured but not gated: their inputs are "
             "cut or tiled copies of one evaluation batch, not the data the task-level policy is about."
         )
+    if "quantize" in ctx.artifacts:
+        for target in ctx.targets:
+            if not target.backend.capabilities.measured_latency:
+                notes.append(
+                    f"{target.name} runs on an emulator: its int8 latency is the cost model's estimate in the "
+                    "Placement section, not a timing."
+                )
     reason = "no [samples, classes] classifier output" if stream.classifier is None else "no labels in the data"
     for stage, policy in (("prune", job.parity.prune), ("quantize", job.parity.int8)):
         if stage in ctx.artifacts and policy.max_accuracy_drop is not None and not stream.accuracy:

@@ -131,10 +131,16 @@ SCHEMA_CASES: list[tuple[str, Callable[[Raw], Any], str, tuple[str, ...]]] = [
         ("unknown key", "expected one of:", "per_channel", "activation_type", "weight_type", "exclude_nodes"),
     ),
     (
+        "max-fallback-above-one",
+        lambda raw: raw["targets"][0].update(max_fallback=1.5),
+        "targets[0].max_fallback",
+        ("less than or equal to 1",),
+    ),
+    (
         "unknown-key-in-array-of-tables",
         lambda raw: raw["targets"][0].update(colour="red"),
         "targets[0].colour",
-        ("unknown key", "expected one of: backend, options"),
+        ("unknown key", "expected one of: backend, max_fallback, options"),
     ),
     (
         "shape-float",
@@ -556,7 +562,7 @@ def test_unknown_backend(
 
     error = convert_fails(job_file, tmp_path)
 
-    assert_names(error, job_file, key, "'nosuch'", "unknown backend", "registered: cpu, cuda")
+    assert_names(error, job_file, key, "'nosuch'", "unknown backend", "registered: cpu, cuda, fpga")
 
 
 @pytest.mark.skipif(
@@ -585,6 +591,19 @@ def test_bad_target_options(digits_job: Raw, write_job: WriteJob, tmp_path: Path
     error = convert_fails(job_file, tmp_path)
 
     assert_names(error, job_file, "targets[0].options.graph_optimization_level", "backend 'cpu'", "'all'", "turbo")
+
+
+def test_bad_fpga_profile_stops_the_job_before_anything_is_written(
+    digits_job: Raw, write_job: WriteJob, tmp_path: Path
+) -> None:
+    broken = tmp_path / "broken.toml"
+    broken.write_text("name = 'x'\n[ops.Conv]\nstride_max = 0\n")
+    digits_job["targets"] = [{"backend": "fpga", "options": {"profile": str(broken)}}]
+    job_file = write_job(digits_job)
+
+    error = convert_fails(job_file, tmp_path)  # also checks that nothing was written
+
+    assert_names(error, job_file, "targets[0].options.profile", "backend 'fpga'", "ops.Conv.stride_max")
 
 
 def test_output_dir_not_an_onnxforge_output(digits_job: Raw, write_job: WriteJob, tmp_path: Path) -> None:

@@ -1,0 +1,197 @@
+"""On-target parity, three ways: float on CPU, QDQ on CPU, QDQ on the target; and the placement gate.
+
+The target passes when its error against the float model is within the CPU QDQ error plus one int8
+step of the output's range: quantization itself is judged by the int8 policy; this gate catches what
+the target adds (its kernels, its rounding, its fallbacks).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from pydantic import BaseModel
+
+from backends.base import PlacementReport
+from backends.estimate import AcceleratorPlan
+
+INT8_STEPS = 255  # an int8 step of a range is range / 255
+
+
+class OutputOnTarget(BaseModel):
+    """One output's three-way comparison.
+
+    Attributes:
+        name: The output.
+        elements: Elements compared.
+        cpu_error: max |QDQ on CPU - float on CPU|.
+        target_error: max |QDQ on the target - float on CPU|.
+        target_vs_cpu: max |QDQ on the target - QDQ on CPU|.
+        differing: Elements where the target's QDQ output differs from the CPU's.
+        output_range: max - min of the float output.
+        int8_step: output_range / 255.
+        limit: cpu_error + int8_step: the most target_error may be.
+        passed: target_error <= limit.
+    """
+
+    name: str
+    elements: int
+    cpu_error: float
+    target_error: float
+    target_vs_cpu: float
+    differing: int
+    output_range: float
+    int8_step: float
+    limit: float
+    passed: bool
+
+
+class TargetParity(BaseModel):
+    """QDQ on a target against QDQ on the CPU, both against the float model on the CPU."""
+
+    target: str
+    float_model: str
+    int8_model: str
+    outputs: list[OutputOnTarget]
+
+    @property
+    def passed(self) -> bool:
+        """Every output is within its limit."""
+        return all(output.passed for output in self.outputs)
+
+    def failures(self) -> list[str]:
+        """One line per output beyond its limit."""
+        return [
+            f"on-target@{self.target}, output {output.name!r}: error {output.target_error:.4g} vs float exceeds the "
+            f"CPU QDQ error {output.cpu_error:.4g} + one int8 step {output.int8_step:.4g}"
+            for output in self.outputs
+            if not output.passed
+        ]
+
+
+class ThreeWay:
+    """Streams batches of (float on CPU, QDQ on CPU, QDQ on target) outputs into a `TargetParity`."""
+
+    def __init__(self, target: str, float_model: str, int8_model: str, names: list[str]) -> None:
+        self._target, self._float_model, self._int8_model = target, float_model, int8_model
+        self._names = names
+        self._stats = [
+            {"elements": 0, "cpu": 0.0, "target": 0.0, "between": 0.0, "differing": 0, "low": np.inf, "high": -np.inf}
+            for _ in names
+        ]
+
+    def update(self, reference: list[np.ndarray], cpu_int8: list[np.ndarray], target_int8: list[np.ndarray]) -> None:
+        """Add one batch (outputs in `names` order)."""
+        for stats, ref, cpu, target in zip(self._stats, reference, cpu_int8, target_int8, strict=True):
+            ref, cpu, target = (np.asarray(a, dtype=np.float64) for a in (ref, cpu, target))
+            stats["elements"] += ref.size
+            stats["cpu"] = max(stats["cpu"], float(np.abs(cpu - ref).max(initial=0.0)))
+            stats["target"] = max(stats["target"], float(np.abs(target - ref).max(initial=0.0)))
+            stats["between"] = max(stats["between"], float(np.abs(target - cpu).max(initial=0.0)))
+            stats["differing"] += int(np.count_nonzero(target != cpu))
+            stats["low"] = min(stats["low"], float(ref.min(initial=np.inf)))
+            stats["high"] = max(stats["high"], float(ref.max(initial=-np.inf)))
+
+    def result(self) -> TargetParity:
+        """The comparison over every batch seen."""
+        outputs = []
+        for name, stats in zip(self._names, self._stats, strict=True):
+            span = max(float(stats["high"]) - float(stats["low"]), 0.0) if stats["elements"] else 0.0
+            step = span / INT8_STEPS
+            limit = float(stats["cpu"]) + step
+            outputs.append(
+                OutputOnTarget(
+                    name=name,
+                    elements=int(stats["elements"]),
+                    cpu_error=float(stats["cpu"]),
+                    target_error=float(stats["target"]),
+                    target_vs_cpu=float(stats["between"]),
+                    differing=int(stats["differing"]),
+                    output_range=span,
+                    int8_step=step,
+                    limit=limit,
+                    passed=float(stats["target"]) <= limit,
+                )
+            )
+        return TargetParity(
+            target=self._target, float_model=self._float_model, int8_model=self._int8_model, outputs=outputs
+        )
+
+
+def fallback_failures(placement: PlacementReport, max_fallback: float | None) -> list[str]:
+    """The placement gate: a failure line when more of the model falls back than the target allows."""
+    if max_fallback is None or placement.fallback_share <= max_fallback:
+        return []
+    return [
+        f"placement@{placement.backend}: {placement.fallback_nodes} of {placement.compute_nodes} compute nodes of "
+        f"{placement.model} fall back ({placement.fallback_share:.1%}), above targets.max_fallback {max_fallback:.1%}"
+    ]
+
+
+def render_placement(placement: PlacementReport, rows: int = 20) -> list[str]:
+    """The placement section: the share that falls back, why, and the accelerator estimate."""
+    lines = [
+        f"## Placement on {placement.backend} ({placement.model})",
+        "",
+        f"{placement.compute_nodes - placement.fallback_nodes} of {placement.compute_nodes} compute nodes on "
+        f"{placement.preferred}; {placement.fallback_nodes} fall back ({placement.fallback_share:.1%})"
+        + (
+            ""
+            if placement.unfused_qdq is None
+            else f"; {placement.unfused_qdq} Q/DQ nodes left as separate conversions"
+        )
+        + ".",
+    ]
+    lines += [f"> {note}" for note in placement.notes]
+    fallback = [node for node in placement.nodes if node.device != placement.preferred and node.reason]
+    reasons: dict[str, list[str]] = {}
+    for node in fallback:
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            reasons.setdefault(f"{node.op_type} on {node.device}: {node.reason}", []).append(node.node)
+    if reasons:
+        lines += ["", "| falls back | nodes | e.g. |", "|---|---|---|"]
+        for reason, nodes in sorted(reasons.items(), key=lambda item: -len(item[1]))[:rows]:
+            lines.append(f"| {reason} | {len(nodes)} | {nodes[0]} |")
+    if placement.accelerator:
+        lines += ["", *_render_accelerator(placement.accelerator)]
+    return lines
+
+
+def _render_accelerator(plan: AcceleratorPlan) -> list[str]:
+    fits = "fits" if plan.fits else "DOES NOT FIT"
+    weights = "stay on chip" if plan.weights_fit else "stream from external memory"
+    lines = [
+        f"Accelerator estimate ({plan.profile}): {plan.cycles} cycles, {plan.latency_us} us per inference, "
+        f"{plan.macs} MACs at {plan.utilization:.0%} utilisation (CPU parts and transfers not counted).",
+        f"Activation memory plan: peak {plan.peak_activation_bytes} bytes of {plan.activation_buffer_bytes} "
+        f"({fits}); weights {plan.weight_bytes} bytes ({weights}).",
+        "",
+        "| partition | nodes | MACs | cycles | latency us | peak bytes (pooled) | bytes without reuse | fits |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for segment in plan.segments:
+        lines.append(
+            f"| {segment.index} | {len(segment.nodes)} | {segment.macs} | {segment.cycles} | {segment.latency_us} | "
+            f"{segment.peak_activation_bytes} | {segment.unshared_activation_bytes} | "
+            f"{'yes' if segment.fits else 'no'} |"
+        )
+    if plan.unknown_shapes:
+        lines.append(f"\nNo estimate for {len(plan.unknown_shapes)} nodes whose shapes inference could not tell.")
+    return lines
+
+
+def render_target_parity(parities: list[TargetParity]) -> list[str]:
+    """The three-way table: float on CPU vs QDQ on CPU vs QDQ on each target."""
+    lines = [
+        "## On-target parity",
+        "",
+        "| target | output | CPU QDQ error | target error | limit (CPU + 1 int8 step) | target vs CPU QDQ | "
+        "elements differing | result |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for parity in parities:
+        for output in parity.outputs:
+            lines.append(
+                f"| {parity.target} | {output.name} | {output.cpu_error:.4g} | {output.target_error:.4g} | "
+                f"{output.limit:.4g} | {output.target_vs_cpu:.4g} | {output.differing} of {output.elements} | "
+                f"{'pass' if output.passed else 'FAIL'} |"
+            )
+    return lines

@@ -1,0 +1,129 @@
+"""The digits CNN on the FPGA-style backend: partition, emulated int8, cost and memory plan, on-target
+parity, the fallback gate, and the MiniLM partition report (slow)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from typer.testing import CliRunner
+
+import pipeline
+from backends.fpga import FpgaBackend
+from backends.fpga.profile import PROFILES
+from pipeline.cli import app
+from tests.conftest import DIGITS_DIR, MINILM_DIR
+
+ACCELERATOR = "fpga:dpu-int8"
+
+
+@pytest.fixture(scope="module")
+def fpga_result(tmp_path_factory: pytest.TempPathFactory) -> pipeline.ConversionResult:
+    out = tmp_path_factory.mktemp("fpga") / "out"
+    job = pipeline.load_job(DIGITS_DIR / "job.toml", targets=[{"backend": "fpga", "max_fallback": 0.0}])
+    return pipeline.convert(job, output_dir=out)
+
+
+def test_every_convolution_runs_on_the_accelerator(fpga_result: pipeline.ConversionResult) -> None:
+    (placement,) = fpga_result.report.placements
+    devices = {node.node: (node.op_type, node.device) for node in placement.nodes}
+
+    convolutions = [device for op, device in devices.values() if op == "Conv"]
+    assert len(convolutions) == 3 and set(convolutions) == {ACCELERATOR}
+    assert placement.fallback_nodes == 0 and placement.fallback_share == 0.0
+    # Only the model's float input is quantized and its int8 output dequantized on the CPU.
+    assert placement.unfused_qdq == 2
+
+
+def test_report_shows_the_cycle_estimate_and_the_memory_plan(fpga_result: pipeline.ConversionResult) -> None:
+    estimate = fpga_result.report.placements[0].accelerator
+    assert estimate is not None
+    assert estimate.macs == 1_821_952  # the digits CNN's MACs per sample (as the pruning cost model counts them)
+    assert estimate.cycles > estimate.macs / 2048  # never faster than the array's peak
+    assert 0 < estimate.utilization <= 1
+    assert estimate.fits and estimate.peak_activation_bytes < estimate.segments[0].unshared_activation_bytes
+    markdown = (fpga_result.output_dir / "report.md").read_text()
+    assert "## Placement on fpga (model.int8.onnx)" in markdown
+    assert "Activation memory plan: peak" in markdown
+    assert "## On-target parity" in markdown
+    saved = json.loads((fpga_result.output_dir / "report.json").read_text())
+    assert saved["schema_version"] == 3
+    assert saved["placements"][0]["accelerator"]["cycles"] == estimate.cycles
+
+
+def test_on_target_outputs_are_within_one_int8_step_of_cpu_qdq(fpga_result: pipeline.ConversionResult) -> None:
+    (parity,) = fpga_result.report.on_target
+    (logits,) = parity.outputs
+
+    assert parity.passed
+    assert logits.target_vs_cpu <= logits.int8_step
+    assert logits.target_error <= logits.limit
+    assert fpga_result.passed
+
+
+def test_emulated_accuracy_matches_cpu_qdq(fpga_result: pipeline.ConversionResult) -> None:
+    data = np.load(DIGITS_DIR / "data" / "heldout.npz")
+    int8 = fpga_result.path("quantize")
+    with FpgaBackend().open(int8) as session:
+        fpga = session.run({"image": data["image"]})["logits"]
+    cpu = ort.InferenceSession(str(int8), providers=["CPUExecutionProvider"]).run(None, {"image": data["image"]})[0]
+
+    assert (fpga.argmax(1) == data["label"]).mean() == (cpu.argmax(1) == data["label"]).mean()
+    assert (fpga.argmax(1) == data["label"]).mean() > 0.97
+
+
+def test_fallback_over_the_limit_fails_the_job_with_the_evidence_written(tmp_path: Path) -> None:
+    profile = tmp_path / "no-fc.toml"
+    text = (PROFILES / "dpu-int8.toml").read_text().replace('name = "dpu-int8"', 'name = "no-fc"')
+    profile.write_text(text.replace("[ops.Gemm]", "[ops.GemmX]"))
+    target = {"backend": "fpga", "max_fallback": 0.1, "options": {"profile": str(profile)}}
+    job = pipeline.load_job(DIGITS_DIR / "job.toml", targets=[target])
+
+    with pytest.raises(pipeline.ParityError) as caught:
+        pipeline.convert(job, output_dir=tmp_path / "out")
+
+    (line,) = caught.value.failures
+    assert line.startswith("placement@fpga: 2 of 12 compute nodes of model.int8.onnx fall back (16.7%)")
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    gemms = [n for n in report["placements"][0]["nodes"] if n["op_type"] == "Gemm"]
+    assert {n["reason"] for n in gemms} == {"Gemm is not in profile no-fc's operators"}
+    assert report["verdict"] == "fail"
+
+
+def test_placement_command(fpga_result: pipeline.ConversionResult) -> None:
+    runner = CliRunner()
+    model = str(fpga_result.path("quantize"))
+
+    placed = runner.invoke(app, ["placement", model, "--backend", "fpga", "-o", "cost_dims=batch=4"])
+    bad = runner.invoke(app, ["placement", model, "--backend", "fpga", "-o", "bogus=1"])
+    cpu = runner.invoke(app, ["placement", model])
+
+    assert placed.exit_code == 0, placed.output
+    assert "12 of 12 compute nodes on fpga:dpu-int8, 0% fall back" in " ".join(placed.output.split())
+    assert bad.exit_code == 2 and "Extra inputs are not permitted" in bad.output
+    assert cpu.exit_code == 0 and "on CPUExecutionProvider" in cpu.output
+
+
+@pytest.mark.slow
+def test_minilm_partition_says_what_falls_back_and_why(tmp_path: Path) -> None:
+    target = {"backend": "fpga", "options": {"cost_dims": ["batch=1", "sequence=128"]}}
+    job = pipeline.load_job(MINILM_DIR / "job.toml", targets=[target])
+
+    result = pipeline.convert(job, output_dir=tmp_path / "out")
+
+    (placement,) = result.report.placements
+    reasons = {node.reason for node in placement.nodes if node.device != placement.preferred}
+    assert placement.compute_nodes > 200
+    assert placement.fallback_share > 0.5
+    assert "both inputs are activations (e.g. attention scores); the accelerator's MatMul takes constant weights" in (
+        reasons
+    )
+    assert "Softmax is not in profile dpu-int8's operators" in reasons
+    assert "LayerNormalization is not in profile dpu-int8's operators" in reasons
+    assert all(
+        node.reason for node in placement.nodes if node.device != placement.preferred and node.op_type != "Constant"
+    )
+    assert "## Placement on fpga" in (result.output_dir / "report.md").read_text()
