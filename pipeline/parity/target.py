@@ -7,6 +7,9 @@ the target adds (its kernels, its rounding, its fallbacks).
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import numpy as np
 from pydantic import BaseModel
 
@@ -67,52 +70,67 @@ class TargetParity(BaseModel):
         ]
 
 
+@dataclass
+class _Extremes:
+    """Running maxima of one output's errors, and its float range."""
+
+    elements: int = 0
+    cpu_error: float = 0.0
+    target_error: float = 0.0
+    target_vs_cpu: float = 0.0
+    differing: int = 0
+    low: float = math.inf
+    high: float = -math.inf
+
+
 class ThreeWay:
-    """Streams batches of (float on CPU, QDQ on CPU, QDQ on target) outputs into a `TargetParity`."""
+    """Streams batches of (float on CPU, QDQ on CPU, QDQ on target) outputs into a `TargetParity`.
+
+    Attributes:
+        target: The target backend.
+        float_model: The model quantize started from (run on the CPU).
+        int8_model: The QDQ model (run on the CPU and on the target).
+    """
 
     def __init__(self, target: str, float_model: str, int8_model: str, names: list[str]) -> None:
-        self._target, self._float_model, self._int8_model = target, float_model, int8_model
+        self.target, self.float_model, self.int8_model = target, float_model, int8_model
         self._names = names
-        self._stats = [
-            {"elements": 0, "cpu": 0.0, "target": 0.0, "between": 0.0, "differing": 0, "low": np.inf, "high": -np.inf}
-            for _ in names
-        ]
+        self._extremes = [_Extremes() for _ in names]
 
     def update(self, reference: list[np.ndarray], cpu_int8: list[np.ndarray], target_int8: list[np.ndarray]) -> None:
         """Add one batch (outputs in `names` order)."""
-        for stats, ref, cpu, target in zip(self._stats, reference, cpu_int8, target_int8, strict=True):
+        for seen, ref, cpu, target in zip(self._extremes, reference, cpu_int8, target_int8, strict=True):
             ref, cpu, target = (np.asarray(a, dtype=np.float64) for a in (ref, cpu, target))
-            stats["elements"] += ref.size
-            stats["cpu"] = max(stats["cpu"], float(np.abs(cpu - ref).max(initial=0.0)))
-            stats["target"] = max(stats["target"], float(np.abs(target - ref).max(initial=0.0)))
-            stats["between"] = max(stats["between"], float(np.abs(target - cpu).max(initial=0.0)))
-            stats["differing"] += int(np.count_nonzero(target != cpu))
-            stats["low"] = min(stats["low"], float(ref.min(initial=np.inf)))
-            stats["high"] = max(stats["high"], float(ref.max(initial=-np.inf)))
+            seen.elements += ref.size
+            seen.cpu_error = max(seen.cpu_error, float(np.abs(cpu - ref).max(initial=0.0)))
+            seen.target_error = max(seen.target_error, float(np.abs(target - ref).max(initial=0.0)))
+            seen.target_vs_cpu = max(seen.target_vs_cpu, float(np.abs(target - cpu).max(initial=0.0)))
+            seen.differing += int(np.count_nonzero(target != cpu))
+            seen.low = min(seen.low, float(ref.min(initial=np.inf)))
+            seen.high = max(seen.high, float(ref.max(initial=-np.inf)))
 
     def result(self) -> TargetParity:
         """The comparison over every batch seen."""
         outputs = []
-        for name, stats in zip(self._names, self._stats, strict=True):
-            span = max(float(stats["high"]) - float(stats["low"]), 0.0) if stats["elements"] else 0.0
+        for name, seen in zip(self._names, self._extremes, strict=True):
+            span = max(seen.high - seen.low, 0.0) if seen.elements else 0.0
             step = span / INT8_STEPS
-            limit = float(stats["cpu"]) + step
             outputs.append(
                 OutputOnTarget(
                     name=name,
-                    elements=int(stats["elements"]),
-                    cpu_error=float(stats["cpu"]),
-                    target_error=float(stats["target"]),
-                    target_vs_cpu=float(stats["between"]),
-                    differing=int(stats["differing"]),
+                    elements=seen.elements,
+                    cpu_error=seen.cpu_error,
+                    target_error=seen.target_error,
+                    target_vs_cpu=seen.target_vs_cpu,
+                    differing=seen.differing,
                     output_range=span,
                     int8_step=step,
-                    limit=limit,
-                    passed=float(stats["target"]) <= limit,
+                    limit=seen.cpu_error + step,
+                    passed=seen.target_error <= seen.cpu_error + step,
                 )
             )
         return TargetParity(
-            target=self._target, float_model=self._float_model, int8_model=self._int8_model, outputs=outputs
+            target=self.target, float_model=self.float_model, int8_model=self.int8_model, outputs=outputs
         )
 
 

@@ -146,8 +146,8 @@ class ValidateStage:
             for step in steps:
                 step.update(runs)
             for target, three_way in stream.on_target.items():
-                before, int8 = _quantized_pair(ctx)
-                three_way.update(runs[(CPU, before)], runs[(CPU, int8)], runs[(target, int8)])
+                float_model, int8 = three_way.float_model, three_way.int8_model
+                three_way.update(runs[(CPU, float_model)], runs[(CPU, int8)], runs[(target, int8)])
             if stream.classifier is not None and batch.labels is not None:
                 for key, outputs in runs.items():
                     stream.accuracy.setdefault(key, AccuracyCounter()).update(outputs[stream.classifier], batch.labels)
