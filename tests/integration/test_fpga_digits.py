@@ -118,7 +118,7 @@ def test_minilm_partition_says_what_falls_back_and_why(tmp_path: Path) -> None:
     reasons = {node.reason for node in placement.nodes if node.device != placement.preferred}
     assert placement.compute_nodes > 200
     assert placement.fallback_share > 0.5
-    assert "both inputs are activations (e.g. attention scores); the accelerator's MatMul takes constant weights" in (
+    assert "both inputs are activations (e.g. attention scores); the accelerator's MatMul needs constant weights" in (
         reasons
     )
     assert "Softmax is not in profile dpu-int8's operators" in reasons
