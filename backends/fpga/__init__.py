@@ -132,7 +132,10 @@ class FpgaBackend:
         plan = partition(loaded, profile)
         if all(segment.device == "cpu" for segment in plan.segments):
             # Nothing for the accelerator (a float model): the whole graph is one CPU session.
-            return CpuBackend().open(model, spec)
+            try:
+                return CpuBackend().open(model, spec)
+            except BackendError as e:
+                raise BackendError(self.name, e.reason, e.hint) from e
         return FpgaSession(loaded, plan, profile, spec.intra_op_threads or job_threads())
 
     def placement(self, model: Path, options: BaseModel | None = None) -> PlacementReport:
