@@ -7,10 +7,10 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated, NoReturn, get_origin
 
 import typer
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
@@ -344,7 +344,7 @@ def placement(
     _configure_logging(verbose)
     try:
         chosen = get_backend(backend)
-        options = chosen.options_model.model_validate(_key_values(option or [], backend))
+        options = chosen.options_model.model_validate(_key_values(option or [], backend, chosen.options_model))
         report = chosen.placement(model, options)
     except ValidationError as e:
         _fail(BackendError(backend, f"bad option: {e.errors(include_url=False)[0]['msg']}", options_help(chosen)))
@@ -354,19 +354,21 @@ def placement(
     _print_placement_line(report)
 
 
-def _key_values(pairs: list[str], backend: str) -> dict[str, object]:
-    """key=value options; list options (cost_dims) collect repeated keys."""
+def _key_values(pairs: list[str], backend: str, options_model: type[BaseModel]) -> dict[str, object]:
+    """key=value options; a key whose option is a list collects every value given for it."""
     values: dict[str, object] = {}
-    dims: list[str] = []
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             _fail(BackendError(backend, f"option {pair!r} is not key=value"))
-        if key == "cost_dims":
-            dims.append(value)
+        field = options_model.model_fields.get(key)
+        if field is not None and get_origin(field.annotation) is list:
+            collected = values.setdefault(key, [])
+            assert isinstance(collected, list)
+            collected.append(value)
         else:
             values[key] = value
-    return {**values, "cost_dims": dims} if dims else values
+    return values
 
 
 @app.command()

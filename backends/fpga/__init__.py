@@ -160,12 +160,13 @@ class FpgaBackend:
             if emulated
             else f"Execution uses {VITIS_AI}; its compiler may place nodes differently than this partition.",
         ]
+        nodes = _placements(loaded, plan, profile)
         return PlacementReport.from_nodes(
             self.name,
             model.name,
             accelerator_device(profile),
-            _placements(loaded, plan, profile),
-            unfused_qdq=sum(d == "cpu" for name, (d, _) in plan.decisions.items() if _is_qdq(loaded, name)),
+            nodes,
+            unfused_qdq=sum(node.op_type in QDQ_OPS and node.device == CPU for node in nodes),
             notes=notes,
             accelerator=estimate,
         )
@@ -196,10 +197,6 @@ def _placements(model: onnx.ModelProto, plan: PartitionPlan, profile: FpgaProfil
             )
         )
     return placements
-
-
-def _is_qdq(model: onnx.ModelProto, name: str) -> bool:
-    return any(node.name == name and node.op_type in QDQ_OPS for node in model.graph.node)
 
 
 def _has_vitis_ai() -> bool:

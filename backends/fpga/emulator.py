@@ -79,10 +79,6 @@ class Emulator:
             "Unsqueeze": self._layout,
         }
 
-    def supports(self, op_type: str) -> bool:
-        """Whether the emulator has a kernel for `op_type`."""
-        return op_type in self._kernels
-
     def run(self, item: AcceleratorNode, env: dict[str, np.ndarray]) -> None:
         """Run one node: read its int8 inputs from `env` (or the constants), write its int8 outputs."""
         inputs: list[Wide | None] = [

@@ -43,11 +43,6 @@ class FpgaSession(SessionBase):
         self._types = _known_types(model)
         self._closed = False
 
-    @property
-    def saturated(self) -> dict[str, int]:
-        """Accumulator overflows the emulator saturated so far, per node."""
-        return dict(self._emulator.saturated)
-
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run one batch through every segment in order and return every output by name."""
         if self._closed:
