@@ -11,7 +11,6 @@ import onnx
 from pydantic import BaseModel
 
 from backends.base import Session
-from backends.ort import unfused_qdq_count
 from pipeline.quantization.cpu import int8_dot_product_flags
 
 
@@ -72,19 +71,27 @@ def performance_check(
     int8: Session,
     int8_model: Path,
     feeds: Mapping[str, np.ndarray],
-    inspect_cpu_graph: bool,
+    unfused_qdq: int | None,
 ) -> PerformanceCheck:
-    """Time both models on the same batch and explain a slow int8 model."""
+    """Time both models on the same batch and explain a slow int8 model.
+
+    Args:
+        target: The backend name.
+        fp32: The float model's session on the target.
+        int8: The int8 model's session on the target.
+        int8_model: The int8 model file.
+        feeds: The batch both are timed on.
+        unfused_qdq: Q/DQ nodes left after ONNX Runtime's optimisations (None: not inspected).
+    """
     fp32_ms = best_latency_ms(fp32, feeds)
     int8_ms = best_latency_ms(int8, feeds)
     ratio = int8_ms / fp32_ms if fp32_ms > 0 else float("inf")
-    unfused = unfused_qdq_count(int8_model) if inspect_cpu_graph else None
     floats = float_compute_nodes(int8_model)
     flags = int8_dot_product_flags()
     reasons = []
     if ratio >= 1.0:
-        if unfused:
-            reasons.append(f"{unfused} Q/DQ nodes stay unfused after ONNX Runtime's optimisations")
+        if unfused_qdq:
+            reasons.append(f"{unfused_qdq} Q/DQ nodes stay unfused after ONNX Runtime's optimisations")
         if floats:
             reasons.append(f"{floats} Conv/MatMul/Gemm nodes run in float")
         if flags is not None and not flags:
@@ -99,7 +106,7 @@ def performance_check(
         int8_ms=round(int8_ms, 3),
         ratio=round(ratio, 3),
         faster=ratio < 1.0,
-        unfused_qdq=unfused,
+        unfused_qdq=unfused_qdq,
         float_compute_nodes=floats,
         int8_dot_product=list(flags) if flags is not None else None,
         reasons=reasons,

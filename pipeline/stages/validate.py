@@ -105,8 +105,8 @@ class ValidateStage:
             self._stream(ctx, sessions, steps, stream)
             comparisons = [self._comparison(ctx.job, step, stream) for step in steps]
             comparisons += self._shape_checks(ctx, sessions, stream, steps)
-            performance = self._performance(ctx, sessions)
-        placements = [self._placement(ctx, target, models[-1]) for target in ctx.targets]
+            placements = [self._placement(ctx, target, models[-1]) for target in ctx.targets]
+            performance = self._performance(ctx, sessions, placements)
         localisations = self._localise(ctx, comparisons)
         pruning = None
         if "prune" in ctx.artifacts:
@@ -241,12 +241,20 @@ class ValidateStage:
         except BackendError as e:
             raise StageError(self.name, ctx.job.name, f"cannot place {model} on {target.name}: {e}") from e
 
-    def _performance(self, ctx: StageContext, sessions: Sessions) -> list[PerformanceCheck]:
-        """int8 vs the model it was quantized from, timed on each target whose sessions time the device."""
+    def _performance(
+        self, ctx: StageContext, sessions: Sessions, placements: list[PlacementReport]
+    ) -> list[PerformanceCheck]:
+        """int8 vs the model it was quantized from, timed on each target whose sessions time the device.
+
+        The CPU guard explains itself with the unfused Q/DQ count its placement already measured on
+        the int8 model (the last of the chain when quantize ran); other targets show theirs in the
+        Placement section.
+        """
         if "quantize" not in ctx.artifacts:
             return []
         before, int8 = _quantized_pair(ctx)
         feeds = ctx.example_batch().feeds
+        unfused = {placement.backend: placement.unfused_qdq for placement in placements}
         return [
             performance_check(
                 target.name,
@@ -254,7 +262,7 @@ class ValidateStage:
                 sessions[(target.name, int8)],
                 ctx.workdir / int8,
                 feeds,
-                inspect_cpu_graph=target.name == CPU,
+                unfused_qdq=unfused[target.name] if target.name == CPU else None,
             )
             for target in ctx.targets
             if target.backend.capabilities.measured_latency
