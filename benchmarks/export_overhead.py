@@ -24,8 +24,9 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.job import load_job
+from pipeline.outputs import torch_inputs
 from pipeline.runner import preflight
-from pipeline.stages.base import StageContext, torch_inputs
+from pipeline.stages.base import StageContext
 from pipeline.stages.export import ExportStage, torch_dynamic_shapes
 
 REPO = Path(__file__).resolve().parent.parent

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ValidationError
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
-from rich.progress import Progress, TaskID
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TaskID, TextColumn
 from rich.table import Table
 
 from backends.base import PlacementReport
@@ -86,11 +86,16 @@ def convert(
     Exit codes: 0 every gate passed, 1 a parity gate failed, 2 bad input, 3 internal error.
     """
     _configure_logging(verbose)
-    with stderr.status("starting") as status:
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
+    with Progress(*columns, TextColumn("{task.fields[detail]}"), console=stderr, transient=True) as progress:
+        line = progress.add_task("starting", total=None, detail="")
 
         def show(event: StageEvent) -> None:
             if event.status == "started":
-                status.update(f"[bold]{event.job}[/]: {event.stage}")
+                description = f"[bold]{escape(event.job)}[/]: {event.stage}"
+                progress.update(line, description=description, total=None, completed=0, detail="")
+            elif event.status == "progress":  # e.g. a distillation epoch: loss and held-out accuracy
+                progress.update(line, total=event.total, completed=event.done, detail=escape(event.detail))
             elif event.status == "finished":
                 stderr.print(f"  {event.stage:<9} done in {event.seconds:.2f}s")
             elif event.status == "restored":
@@ -100,12 +105,12 @@ def convert(
             job = load_job(job_file, **_prune_overrides(job_file, prune, sparsity))
             result = convert_job(job, output_dir=output_dir, on_event=show, resume=resume)
         except ParityError as e:
-            status.stop()
+            progress.stop()
             if e.result is not None:
                 _print_report(e.result.report)  # type: ignore[attr-defined]
             _fail(e)
         except OnnxforgeError as e:
-            status.stop()
+            progress.stop()
             _fail(e)
     _print_report(result.report)
     stdout.print(f"[green]wrote[/] {result.output_dir} (manifest: {result.manifest_path.name})")
@@ -215,7 +220,12 @@ class _BatchProgress:
         line = self._lines.get(event.job)
         if line is None:
             line = self._lines[event.job] = self._progress.add_task("", total=None)
-        self._progress.update(line, description=f"  {escape(event.job)}: {event.stage} {event.status}")
+        if event.status == "progress":
+            description = f"  {escape(event.job)}: {event.stage} {event.done}/{event.total} {escape(event.detail)}"
+            self._progress.update(line, description=description, total=event.total, completed=event.done)
+        else:
+            description = f"  {escape(event.job)}: {event.stage} {event.status}"
+            self._progress.update(line, description=description, total=None, completed=0)
 
     def done(self, outcome: JobOutcome) -> None:
         """A job finished (whatever its outcome)."""
@@ -434,6 +444,16 @@ def _print_report(report: ParityReport) -> None:
                 {"pass": "[green]pass[/]", "FAIL": "[red]FAIL[/]"}.get(output.result, output.result),
             )
     stdout.print(table)
+    if (distillation := report.distillation) is not None:
+        teacher, student = distillation.teacher, distillation.student_model
+        scores = " -> ".join(distillation.format_score(model.score) for model in (teacher, student))
+        stdout.print(
+            f"distilled: parameters {teacher.parameters:,} -> {student.parameters:,} "
+            f"({student.parameters / teacher.parameters:.2f}x), held-out {distillation.metric} {scores}, "
+            f"PyTorch {teacher.latency_ms:.2f} -> {student.latency_ms:.2f} ms; "
+            f"epoch {distillation.best_epoch} of {len(distillation.history)} kept",
+            highlight=False,
+        )
     if (pruning := report.pruning) is not None:
         stdout.print(
             f"pruned: parameters {pruning.parameters[0]:,} -> {pruning.parameters[1]:,}, "

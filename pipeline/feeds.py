@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import logging
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -26,6 +27,12 @@ def feeds_digest(feeds: dict[str, np.ndarray]) -> str:
         digest.update(f"{name}:{array.dtype}:{array.shape}".encode())
         digest.update(np.ascontiguousarray(array).tobytes())
     return digest.hexdigest()
+
+
+def describe_source(source: DataSource, section: str) -> str:
+    """A data source in a report: ``evaluation data (heldout.npz)``."""
+    where = source.npz.name if source.npz is not None else source.factory
+    return f"{section} data ({where})"
 
 
 @dataclass(frozen=True)
@@ -95,11 +102,26 @@ class FeedSource:
         return self._digest
 
     def __iter__(self) -> Iterator[Batch]:
-        raw_batches = self._npz_batches() if self._source.npz is not None else self._factory_batches()
+        raw_batches = self._npz_batches() if self._source.npz is not None else self._factory_batches({})
+        return self._checked(raw_batches)
+
+    def epoch(self, epoch: int, seed: int) -> Iterator[Batch]:
+        """One training epoch's batches: an .npz's samples in a random order drawn from
+        ``(seed, epoch)``; a factory's batches as it yields them, passing ``epoch=`` when it takes one.
+
+        Args:
+            epoch: The epoch number.
+            seed: The training seed.
+        """
+        if self._source.npz is not None:
+            return self._checked(self._npz_batches(np.random.default_rng((seed, epoch))))
+        return self._checked(self._factory_batches({"epoch": epoch}))
+
+    def _checked(self, raw_batches: Iterator[Mapping[str, np.ndarray]]) -> Iterator[Batch]:
         for index, raw in enumerate(islice(raw_batches, self._source.max_batches)):
             yield self._validated(index, raw)
 
-    def _npz_batches(self) -> Iterator[Mapping[str, np.ndarray]]:
+    def _npz_batches(self, shuffle: np.random.Generator | None = None) -> Iterator[Mapping[str, np.ndarray]]:
         path = self._source.npz
         assert path is not None
         try:
@@ -118,17 +140,20 @@ class FeedSource:
             raise JobError(
                 self._origin, self._key, f"arrays in {path.name} differ in sample count (first axis): {counts}"
             )
-        total = next(iter(counts.values()), 0)
+        total = max(next(iter(counts.values()), 0), 0)
+        order = np.arange(total) if shuffle is None else shuffle.permutation(total)
         step = self._source.batch_size
-        for start in range(0, max(total, 0), step):
-            yield {name: array[start : start + step] for name, array in arrays.items()}
+        for start in range(0, total, step):
+            rows = order[start : start + step]
+            yield {name: array[rows] for name, array in arrays.items()}
 
-    def _factory_batches(self) -> Iterator[Mapping[str, np.ndarray]]:
+    def _factory_batches(self, optional: dict[str, int]) -> Iterator[Mapping[str, np.ndarray]]:
+        """The factory's batches; `optional` keywords are passed when the factory accepts them."""
         spec = self._source.factory
         assert spec is not None
         factory = resolve_import(spec, self._python_path, origin=self._origin, key=self._key)
         try:
-            produced = factory()
+            produced = factory(**_accepted(factory, optional))
         except Exception as e:  # noqa: BLE001 - user code; report whatever it raised
             raise JobError(self._origin, self._key, f"{spec} raised {type(e).__name__}: {e}") from e
         if not isinstance(produced, Iterable):
@@ -202,3 +227,15 @@ class FeedSource:
                 f"{where}: labels {self._source.labels!r} are {got}; expected integers of shape [{samples}]",
             )
         return labels
+
+
+def _accepted(function: Callable[..., object], keywords: dict[str, int]) -> dict[str, int]:
+    """The keywords `function` takes by name (all of them when it has ``**kwargs``)."""
+    try:
+        parameters = inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        return {}
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return keywords
+    named = {name for name, p in parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return {key: value for key, value in keywords.items() if key in named}

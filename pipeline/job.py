@@ -317,6 +317,69 @@ class PruneOptions(_Spec):
         return self.enabled and (self.structured is not None or self.sparsity is not None)
 
 
+class DistillOptions(_Spec):
+    """Knowledge distillation, before export: a smaller student learns to imitate the job's model
+    (the teacher), and the student is what the rest of the pipeline converts.
+
+    Attributes:
+        enabled: Run the stage.
+        student: "package.module:function" returning the untrained student ``torch.nn.Module``; it
+            takes the teacher's inputs and returns outputs of the teacher's shapes.
+        student_kwargs: Keyword arguments passed to the student factory.
+        data: Training batches: the model inputs, and class labels under ``labels`` for classifiers.
+            An .npz is reshuffled every epoch (seeded); a factory may take an ``epoch`` keyword to
+            reshuffle its own batches.
+        validation: Held-out batches for the per-epoch metric, the best-epoch choice and early
+            stopping (unset: the job's evaluation data, which the report then also measures on).
+        loss: ``kd`` (temperature-scaled KL to the teacher's softened outputs, mixed with
+            cross-entropy on labels), ``mse`` or ``cosine`` distance to the teacher's outputs, or
+            ``auto``: kd for classifiers, cosine for embeddings, mse otherwise.
+        temperature: Softening temperature T of kd; its KL term is scaled by T squared.
+        alpha: Weight of the label cross-entropy in kd: ``alpha * CE + (1 - alpha) * T^2 * KL``
+            (1: labels alone, no teacher; ignored when the data has no labels).
+        epochs: Most passes over the training data.
+        optimizer: ``adamw``, ``adam`` or ``sgd`` (with Nesterov momentum).
+        learning_rate: Peak learning rate.
+        schedule: ``cosine`` decay to zero over `epochs`, or ``constant``.
+        weight_decay: Weight decay of the optimizer.
+        momentum: Momentum of ``sgd``.
+        seed: Seeds the student's initialisation, the data order and dropout: the same seed and
+            data give the same student.
+        patience: Stop after this many epochs without a better held-out metric (0: never).
+        checkpoint_dir: Where a safetensors checkpoint is written after every epoch, and resumed
+            from after an interruption (unset: ``<output_dir>.checkpoints`` beside the output).
+        resume: Continue from the last checkpoint of the same teacher, student, data and settings.
+    """
+
+    enabled: bool = True
+    student: ImportSpec
+    student_kwargs: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    data: DataSource
+    validation: DataSource | None = None
+    loss: Literal["auto", "kd", "mse", "cosine"] = "auto"
+    temperature: float = Field(default=4.0, gt=0, le=100)
+    alpha: float = Field(default=0.5, ge=0, le=1)
+    epochs: int = Field(default=30, ge=1, le=100_000)
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    learning_rate: float = Field(default=2e-3, gt=0, lt=10)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    weight_decay: float = Field(default=1e-4, ge=0, lt=1)
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    seed: int = Field(default=0, ge=0, lt=2**63)
+    patience: int = Field(default=8, ge=0)
+    checkpoint_dir: FilePath | None = None
+    resume: bool = True
+
+    @field_validator("checkpoint_dir")
+    @classmethod
+    def _resolve_checkpoint_dir(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        return None if value is None else _resolve(value, info)
+
+    def training_settings(self) -> dict[str, Any]:
+        """The settings a trained student depends on (where checkpoints live and resuming do not)."""
+        return self.model_dump(mode="json", exclude={"enabled", "checkpoint_dir", "resume", "data", "validation"})
+
+
 class TargetSpec(_Spec):
     """A backend to validate the converted models on.
 
@@ -372,16 +435,30 @@ class PrunePolicy(TaskPolicy):
     max_accuracy_drop: float | None = Field(default=1.0, ge=0)
 
 
+class DistillPolicy(TaskPolicy):
+    """The distilled student's gate against the teacher (PyTorch both): judged on the task.
+
+    By default a classifier student may lose at most 1 point of top-1 accuracy; its outputs are
+    not held to a cosine, since a student's logits need not be the teacher's (set one for
+    embedding students).
+    """
+
+    min_cosine: float | None = Field(default=None, ge=-1, le=1)
+    max_accuracy_drop: float | None = Field(default=1.0, ge=0)
+
+
 class OutputPolicy(_Spec):
     """Rules for one output that replace the job-wide ones (unset: the job-wide rule).
 
     Attributes:
         fp32: Export and simplify.
+        distill: The distilled student against the teacher.
         prune: The pruned model.
         int8: The quantized model.
     """
 
     fp32: Fp32Policy | None = None
+    distill: DistillPolicy | None = None
     prune: PrunePolicy | None = None
     int8: Int8Policy | None = None
 
@@ -391,6 +468,7 @@ class ParityPolicy(_Spec):
 
     Attributes:
         fp32: Export and simplify.
+        distill: The distilled student against the teacher.
         prune: The pruned model.
         int8: The quantized model.
         outputs: Per-output rules by output name, e.g. ``[parity.outputs.logits.int8]``.
@@ -400,6 +478,7 @@ class ParityPolicy(_Spec):
     """
 
     fp32: Fp32Policy = Field(default_factory=Fp32Policy)
+    distill: DistillPolicy = Field(default_factory=DistillPolicy)
     prune: PrunePolicy = Field(default_factory=PrunePolicy)
     int8: Int8Policy = Field(default_factory=Int8Policy)
     outputs: dict[Identifier, OutputPolicy] = Field(default_factory=dict)
@@ -421,6 +500,7 @@ class ConversionJob(_Spec):
         evaluation: Data parity is measured on (the calibration data when unset).
         targets: Backends the converted models are validated on.
         parity: Pass/fail policy.
+        distill: Distil a smaller student before export (unset: the model is converted as it is).
         export: Export options.
         simplify: Simplify options.
         prune: Prune options (channel pruning, sparsity).
@@ -437,6 +517,7 @@ class ConversionJob(_Spec):
     evaluation: DataSource | None = None
     targets: list[TargetSpec] = Field(default_factory=lambda: [TargetSpec(backend="cpu")], min_length=1)
     parity: ParityPolicy = Field(default_factory=ParityPolicy)
+    distill: DistillOptions | None = None
     export: ExportOptions = Field(default_factory=ExportOptions)
     simplify: SimplifyOptions = Field(default_factory=SimplifyOptions)
     prune: PruneOptions = Field(default_factory=PruneOptions)
@@ -498,6 +579,34 @@ class ConversionJob(_Spec):
                 'add one, or set structured.recovery = false and structured.criterion = "l1"'
             )
         return value
+
+    @field_validator("distill")
+    @classmethod
+    def _teacher_is_pytorch(cls, value: DistillOptions | None, info: ValidationInfo) -> DistillOptions | None:
+        model = info.data.get("model")
+        if value is not None and value.enabled and model is not None and model.onnx is not None:
+            raise ValueError(
+                "distillation trains a student against a PyTorch teacher, but model.onnx is an ONNX file; "
+                "give the teacher as model.factory or model.exported_program, or remove [distill]"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _checkpoints_outside_output(self) -> ConversionJob:
+        folder = self.distill_checkpoint_dir
+        if folder is not None and folder.resolve().is_relative_to(self.output_dir.resolve()):
+            raise ValueError(
+                f"distill.checkpoint_dir {folder} is inside output_dir {self.output_dir}, which every run "
+                "replaces whole; choose a folder outside it"
+            )
+        return self
+
+    @property
+    def distill_checkpoint_dir(self) -> Path | None:
+        """Where distillation checkpoints live (None: the job does not distil)."""
+        if self.distill is None or not self.distill.enabled:
+            return None
+        return self.distill.checkpoint_dir or self.output_dir.with_name(f"{self.output_dir.name}.checkpoints")
 
     @property
     def origin(self) -> str:

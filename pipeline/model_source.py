@@ -73,7 +73,7 @@ def load_model(job: ConversionJob) -> SourceModel:
     module = _build_from_factory(job)
     if source.weights is not None:
         _apply_weights(job, module, source.weights)
-    _check_forward_arity(module, job)
+    check_forward_arity(module, job)
     return SourceModel(module=module.eval())
 
 
@@ -88,14 +88,32 @@ def _check_onnx_file(job: ConversionJob, path: Path) -> None:
 
 
 def _build_from_factory(job: ConversionJob) -> torch.nn.Module:
-    key = "model.factory"
-    spec = job.model.factory
-    assert spec is not None
+    assert job.model.factory is not None
+    return build_module(job, job.model.factory, job.model.kwargs, "model.factory")
+
+
+def build_module(
+    job: ConversionJob, spec: str, kwargs: Mapping[str, str | int | float | bool], key: str
+) -> torch.nn.Module:
+    """Call a job's "package.module:function" model factory.
+
+    Args:
+        job: The job (its python_path is searched first; its file is named in errors).
+        spec: The factory's import spec.
+        kwargs: Keyword arguments for the factory.
+        key: The job key holding the spec, for error messages.
+
+    Returns:
+        The module the factory built.
+
+    Raises:
+        JobError: The factory cannot be imported, raises, or returns something else than a module.
+    """
     factory = resolve_import(spec, job.python_path, origin=job.origin, key=key)
     if not callable(factory):
         raise JobError(job.origin, key, f"{spec!r} is not callable; expected a function returning an nn.Module")
     try:
-        model = factory(**job.model.kwargs)
+        model = factory(**kwargs)
     except Exception as e:  # noqa: BLE001 - the factory is user code; report whatever it raised
         raise JobError(job.origin, key, f"the factory raised {type(e).__name__}: {e}") from e
     if not isinstance(model, torch.nn.Module):
@@ -191,8 +209,12 @@ def _weights_only_torch_load() -> Iterator[None]:
             os.environ[name] = saved
 
 
-def _check_forward_arity(model: torch.nn.Module, job: ConversionJob) -> None:
-    """The job's inputs are passed positionally: forward must accept exactly that many."""
+def check_forward_arity(model: torch.nn.Module, job: ConversionJob, key: str = "inputs") -> None:
+    """The job's inputs are passed positionally: forward must accept exactly that many.
+
+    Raises:
+        JobError: (at `key`) forward takes fewer or more positional arguments.
+    """
     try:
         parameters = inspect.signature(model.forward).parameters.values()
     except (TypeError, ValueError):
@@ -206,7 +228,7 @@ def _check_forward_arity(model: torch.nn.Module, job: ConversionJob) -> None:
         names = [p.name for p in positional]
         raise JobError(
             job.origin,
-            "inputs",
+            key,
             f"the job lists {count} input(s) {[spec.name for spec in job.inputs]} but "
             f"{type(model).__name__}.forward takes {names}; list one [[inputs]] entry per forward argument, in order",
         )
@@ -221,7 +243,10 @@ def input_hashes(job: ConversionJob, source: SourceModel) -> dict[str, str]:
             hashes[f"model_{role}"] = sha256_file(path)
     if source.module is not None:
         hashes["model_state_dict"] = state_dict_sha256(source.module)
-    for section, data in (("calibration", job.calibration), ("evaluation", job.evaluation)):
+    sections = {"calibration": job.calibration, "evaluation": job.evaluation}
+    if job.distill is not None:
+        sections |= {"distill_data": job.distill.data, "distill_validation": job.distill.validation}
+    for section, data in sections.items():
         if data is not None and data.npz is not None:
             hashes[f"{section}_npz"] = sha256_file(data.npz)
     return hashes

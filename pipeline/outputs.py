@@ -1,6 +1,7 @@
-"""A model's outputs as a flat, named list: tensors, tuples, lists, dicts and nestings of them.
+"""A PyTorch model's inputs and outputs: feeds as positional tensors; outputs as a flat, named list
+(tensors, tuples, lists, dicts and nestings of them).
 
-Names follow the structure, so they are stable across runs and documented:
+Output names follow the structure, so they are stable across runs and documented:
 
 - a single tensor is ``output``;
 - a tuple or list at the top is ``output_0``, ``output_1``, ...;
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 
 
@@ -49,3 +51,23 @@ def _walk(value: object, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
     else:
         where = prefix or "the output"
         raise TypeError(f"{where} is a {type(value).__name__}; onnxforge exports tensors, tuples, lists and dicts")
+
+
+def classifier_index(shapes: list[tuple[int, ...]]) -> int | None:
+    """Index of the first output shaped ``[samples, classes]`` (the one top-1 accuracy reads), if any."""
+    for index, shape in enumerate(shapes):
+        if len(shape) == 2 and shape[1] > 1:
+            return index
+    return None
+
+
+def torch_inputs(feeds: dict[str, np.ndarray]) -> tuple[torch.Tensor, ...]:
+    """Feeds as the positional tensors ``forward`` takes (feeds are in input order)."""
+    return tuple(torch.from_numpy(array) for array in feeds.values())
+
+
+def run_torch(model: torch.nn.Module, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Run a PyTorch model on one batch; its outputs as arrays, in export order."""
+    with torch.inference_mode():
+        outputs = flatten_outputs(model(*torch_inputs(feeds)))
+    return [tensor.detach().cpu().numpy() for tensor in outputs]

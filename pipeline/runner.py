@@ -30,6 +30,7 @@ from pipeline.parity.report import ParityReport
 from pipeline.result import ConversionResult
 from pipeline.stage_cache import StageCache
 from pipeline.stages.base import Stage, StageContext, Target
+from pipeline.stages.distill import DistillStage, check_distillation
 from pipeline.stages.export import ExportStage
 from pipeline.stages.prune import PruneStage
 from pipeline.stages.quantize import QuantizeStage, resolve_activation_type
@@ -39,7 +40,14 @@ from pipeline.versions import tool_versions
 
 logger = logging.getLogger(__name__)
 
-STAGE_ORDER: tuple[Stage, ...] = (ExportStage(), SimplifyStage(), PruneStage(), QuantizeStage(), ValidateStage())
+STAGE_ORDER: tuple[Stage, ...] = (
+    DistillStage(),
+    ExportStage(),
+    SimplifyStage(),
+    PruneStage(),
+    QuantizeStage(),
+    ValidateStage(),
+)
 MANIFEST = "manifest.json"
 
 
@@ -50,14 +58,20 @@ class StageEvent:
     Attributes:
         job: The job name.
         stage: The stage name.
-        status: What happened.
+        status: What happened; ``progress``: a long stage finished one of its steps.
         seconds: How long the stage took (0 until finished).
+        done: Steps done (progress events; e.g. training epochs).
+        total: Steps planned (progress events).
+        detail: What the last step measured (progress events), e.g. its loss.
     """
 
     job: str
     stage: str
-    status: Literal["started", "finished", "skipped", "restored"]
+    status: Literal["started", "progress", "finished", "skipped", "restored"]
     seconds: float = 0.0
+    done: int = 0
+    total: int = 0
+    detail: str = ""
 
 
 ProgressCallback = Callable[[StageEvent], None]
@@ -126,6 +140,8 @@ class PreparedJob:
     calibration: FeedSource | None
     evaluation: FeedSource
     targets: list[Target]
+    distill_data: FeedSource | None = None
+    distill_validation: FeedSource | None = None
 
     def context(self, job: ConversionJob, workdir: Path) -> StageContext:
         """The stage context of a run of `job` writing into `workdir`."""
@@ -136,6 +152,8 @@ class PreparedJob:
             calibration=self.calibration,
             evaluation=self.evaluation,
             targets=self.targets,
+            distill_data=self.distill_data,
+            distill_validation=self.distill_validation,
         )
 
 
@@ -153,7 +171,13 @@ def preflight(job: ConversionJob) -> PreparedJob:
     calibration = _feeds(job, job.calibration, "calibration")
     evaluation = _feeds(job, job.parity_data, "evaluation" if job.evaluation else "calibration")
     assert evaluation is not None
-    return PreparedJob(source=source, calibration=calibration, evaluation=evaluation, targets=targets)
+    distill_data = distill_validation = None
+    if job.distill is not None and job.distill.enabled:
+        distill_data = _feeds(job, job.distill.data, "distill.data")
+        distill_validation = _feeds(job, job.distill.validation, "distill.validation")
+        assert distill_data is not None and source.module is not None
+        check_distillation(job, source.module, distill_data)
+    return PreparedJob(source, calibration, evaluation, targets, distill_data, distill_validation)
 
 
 def _resolve_target(job: ConversionJob, index: int) -> Target:
@@ -215,6 +239,9 @@ def _run_stage(stage: Stage, ctx: StageContext, notify: ProgressCallback, cache:
         notify(StageEvent(ctx.job.name, stage.name, "restored"))
         return StageRecord(name=stage.name, seconds=0.0, artifact=restored, restored=True)
     notify(StageEvent(ctx.job.name, stage.name, "started"))
+    ctx.progress = lambda done, total, detail: notify(
+        StageEvent(ctx.job.name, stage.name, "progress", done=done, total=total, detail=detail)
+    )
     start = time.perf_counter()
     try:
         artifact = stage.run(ctx)

@@ -86,10 +86,7 @@ def _child(
     """Runs in the spawned process: convert one job, write the outcome as JSON."""
     limit_process(memory_limit_mb, threads)
 
-    def emit(job: str, stage: str, status: str) -> None:
-        events.put((job, stage, status))
-
-    outcome = convert_one(job_json, source_file, resume, emit, memory_limit_mb)
+    outcome = convert_one(job_json, source_file, resume, events.put, memory_limit_mb)
     Path(result_file).write_text(json.dumps(outcome))
 
 
@@ -235,11 +232,11 @@ class LocalExecutor(IsolatingExecutor):
     def _drain(events: Any, on_event: Callable[[StageEvent], None] | None) -> None:
         while True:
             try:
-                job, stage, status = events.get_nowait()
+                event = events.get_nowait()
             except queue.Empty:
                 return
             if on_event is not None:
-                on_event(StageEvent(job, stage, status))
+                on_event(event)
 
 
 def _job_process_context() -> Any:

@@ -36,10 +36,7 @@ def _task(
     """Runs in a Ray worker process: limit it, convert one job, return the outcome."""
     limit_process(memory_limit_mb, threads)
 
-    def emit(job: str, stage: str, status: str) -> None:
-        events.put((job, stage, status))
-
-    return convert_one(job_json, source_file, resume, emit, memory_limit_mb)
+    return convert_one(job_json, source_file, resume, events.put, memory_limit_mb)
 
 
 class RayExecutor(IsolatingExecutor):
@@ -166,8 +163,8 @@ class RayExecutor(IsolatingExecutor):
 
         while True:
             try:
-                job, stage, status = events.get_nowait()
+                event = events.get_nowait()
             except Empty:
                 return
             if on_event is not None:
-                on_event(StageEvent(job, stage, status))
+                on_event(event)

@@ -6,11 +6,15 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.threads import THREADS_ENV
 
-EventSink = Callable[[str, str, str], None]
+if TYPE_CHECKING:
+    from pipeline.runner import StageEvent
+
+# Receives every StageEvent of the job (a queue's put: events are plain picklable dataclasses).
+EventSink = Callable[["StageEvent"], None]
 
 
 def limit_process(memory_limit_mb: int | None, threads: int | None) -> None:
@@ -40,7 +44,7 @@ def convert_one(
         job_json: The validated job as JSON (``ConversionJob.model_dump_json``).
         source_file: The job file it came from, for messages.
         resume: Restore unchanged stage outputs from the stage cache.
-        emit: Receives (job, stage, status) as stages start and finish.
+        emit: Receives the job's `StageEvent`s (stages starting and finishing, progress).
         memory_limit_mb: The process's memory limit, named in an out-of-memory outcome.
 
     Returns:
@@ -54,7 +58,7 @@ def convert_one(
         job = pipeline.validate_job(json.loads(job_json), origin=source_file or "batch job")
         if source_file:
             job = job.model_copy(update={"source_file": Path(source_file)})
-        result = pipeline.convert(job, on_event=lambda event: emit(event.job, event.stage, event.status), resume=resume)
+        result = pipeline.convert(job, on_event=emit, resume=resume)
         outcome["verdicts"] = result.report.verdicts()
     except ParityError as e:
         outcome = {"status": "parity_failed", "message": str(e)}

@@ -12,7 +12,7 @@ from html import escape
 
 from pipeline.parity.localize import EXACT_DB, Localisation
 from pipeline.parity.metrics import ErrorHistogram
-from pipeline.parity.report import ParityReport, comparison_table, render_pruning
+from pipeline.parity.report import ParityReport, comparison_table, render_distillation, render_pruning
 from pipeline.parity.target import render_placement, render_target_parity
 
 _STYLE = """
@@ -44,6 +44,8 @@ def render_html(report: ParityReport) -> str:
         _histograms(report),
         *(_localisation(localisation) for localisation in report.localisations),
     ]
+    if report.distillation is not None:
+        parts.append(_preformatted(render_distillation(report.distillation)))
     if report.pruning is not None:
         parts.append(_preformatted(render_pruning(report.pruning)))
     parts += [_preformatted(render_placement(placement)) for placement in report.placements]

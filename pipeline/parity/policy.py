@@ -9,9 +9,9 @@ from pydantic import BaseModel, ConfigDict
 from pipeline.job import Fp32Policy, TaskPolicy
 from pipeline.parity.metrics import OutputMetrics
 
-# fp32: element-wise (export, simplify); pruned and int8: task-level, each with its own policy;
-# task: a task-level comparison of two models given by hand (`onnxforge parity`).
-Precision = Literal["fp32", "pruned", "int8", "task"]
+# fp32: element-wise (export, simplify); distilled (student vs teacher), pruned and int8: task-level,
+# each with its own policy; task: a task-level comparison of two models given by hand (`onnxforge parity`).
+Precision = Literal["fp32", "distilled", "pruned", "int8", "task"]
 
 
 class Check(BaseModel):

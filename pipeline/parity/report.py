@@ -8,6 +8,7 @@ import math
 from pydantic import BaseModel, ConfigDict
 
 from backends.base import PlacementReport
+from pipeline.distillation.summary import DistillationSummary
 from pipeline.parity.localize import EXACT_DB, Localisation
 from pipeline.parity.metrics import OutputMetrics
 from pipeline.parity.policy import Check, Precision
@@ -17,7 +18,8 @@ from pipeline.quantization.performance import PerformanceCheck
 
 # 2: the pruned precision, per-model accuracy references and the pruning summary.
 # 3: placements per target (with the accelerator estimate) and three-way on-target parity.
-REPORT_SCHEMA_VERSION = 3
+# 4: the distilled precision (student vs teacher) and the distillation summary.
+REPORT_SCHEMA_VERSION = 4
 
 
 class _Record(BaseModel):
@@ -121,6 +123,7 @@ class ParityReport(_Record):
         comparisons: Each comparison, in chain order per target.
         performance: int8 vs float latency per target (informational, not a gate).
         pruning: What the prune stage removed (None: the job does not prune).
+        distillation: Teacher vs student and the student's training (None: the job does not distil).
         localisations: Where the error enters, per localised pair of models.
         placements: Which node of the final model runs where, per target.
         on_target: QDQ on each non-CPU target against QDQ on the CPU and float on the CPU.
@@ -136,6 +139,7 @@ class ParityReport(_Record):
     comparisons: list[Comparison]
     performance: list[PerformanceCheck] = []
     pruning: PruningSummary | None = None
+    distillation: DistillationSummary | None = None
     localisations: list[Localisation] = []
     placements: list[PlacementReport] = []
     on_target: list[TargetParity] = []
@@ -156,6 +160,7 @@ class ParityReport(_Record):
         comparisons: list[Comparison],
         performance: list[PerformanceCheck] | None = None,
         pruning: PruningSummary | None = None,
+        distillation: DistillationSummary | None = None,
         localisations: list[Localisation] | None = None,
         placements: list[PlacementReport] | None = None,
         on_target: list[TargetParity] | None = None,
@@ -175,6 +180,7 @@ class ParityReport(_Record):
             comparisons=comparisons,
             performance=performance or [],
             pruning=pruning,
+            distillation=distillation,
             localisations=localisations or [],
             placements=placements or [],
             on_target=on_target or [],
@@ -287,6 +293,8 @@ def render_markdown(report: ParityReport) -> str:
         for check in report.performance:
             if not check.faster:
                 lines.append(f"\nint8 is not faster on {check.target}: {'; '.join(check.reasons)}.")
+    if report.distillation is not None:
+        lines += ["", *render_distillation(report.distillation)]
     if report.pruning is not None:
         lines += ["", *render_pruning(report.pruning)]
     for placement in report.placements:
@@ -298,6 +306,71 @@ def render_markdown(report: ParityReport) -> str:
     if report.failures:
         lines += ["", "## Failed checks", ""] + [f"- {line}" for line in report.failures]
     return "\n".join(lines) + "\n"
+
+
+def render_distillation(summary: DistillationSummary) -> list[str]:
+    """The distillation section: teacher vs student, how training went, every epoch."""
+    teacher, student = summary.teacher, summary.student_model
+    batch = ", ".join(f"{name} {'x'.join(map(str, dims))}" for name, dims in summary.batch_shape.items())
+    loss = summary.loss + (f" (T {summary.temperature:g}, alpha {summary.alpha:g})" if summary.loss == "kd" else "")
+    if summary.loss == "kd" and summary.alpha is None:
+        loss = f"kd (T {summary.temperature:g}, teacher only)"
+    ending = "stopped early" if summary.stopped_early else "ran every epoch"
+    lines = [
+        "## Distillation",
+        "",
+        f"Student `{summary.student}` trained with {loss}; held-out {summary.metric} on {summary.validation}.",
+        "",
+        *_markdown_table(
+            ["model", "parameters", "state bytes", f"PyTorch ms ({batch})", f"held-out {summary.metric}"],
+            [
+                [
+                    "teacher",
+                    f"{teacher.parameters:,}",
+                    f"{teacher.state_bytes:,}",
+                    f"{teacher.latency_ms:.3f}",
+                    summary.format_score(teacher.score),
+                ],
+                [
+                    "student",
+                    f"{student.parameters:,}",
+                    f"{student.state_bytes:,}",
+                    f"{student.latency_ms:.3f}",
+                    summary.format_score(student.score),
+                ],
+                [
+                    "student / teacher",
+                    _ratio((teacher.parameters, student.parameters)),
+                    _ratio((teacher.state_bytes, student.state_bytes)),
+                    f"{student.latency_ms / teacher.latency_ms:.2f}x" if teacher.latency_ms else "-",
+                    "",
+                ],
+            ],
+        ),
+        "",
+        f"{len(summary.history)} of {summary.epochs_planned} epochs ({ending}); the student keeps epoch "
+        f"{summary.best_epoch}"
+        + (f"; resumed after epoch {summary.resumed_from}" if summary.resumed_from else "")
+        + f". Checkpoints: `{summary.checkpoints}`.",
+    ]
+    lines += [""] + [f"> {note}" for note in summary.notes] if summary.notes else []
+    lines += [
+        "",
+        *_markdown_table(
+            ["epoch", "learning rate", "train loss", f"held-out {summary.metric}", "seconds"],
+            [
+                [
+                    str(r.epoch),
+                    f"{r.learning_rate:.3g}",
+                    f"{r.train_loss:.4f}",
+                    summary.format_score(r.score),
+                    f"{r.seconds:.2f}",
+                ]
+                for r in summary.history
+            ],
+        ),
+    ]
+    return lines
 
 
 def render_pruning(summary: PruningSummary) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -12,10 +13,10 @@ from pydantic import BaseModel
 
 from backends.base import Backend
 from pipeline.artifacts import Artifact
+from pipeline.distillation.student import load_student
 from pipeline.feeds import Batch, FeedSource
 from pipeline.job import ConversionJob, InputSpec, TargetSpec
 from pipeline.model_source import SourceModel
-from pipeline.outputs import flatten_outputs
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,9 @@ class StageContext:
         calibration: Calibration batches (None when the job has none).
         evaluation: Batches parity is measured on.
         targets: The job's targets, resolved.
+        distill_data: Distillation training batches (None when the job does not distil).
+        distill_validation: Distillation held-out batches (None: the evaluation data).
+        progress: Where a long stage reports its steps: ``(done, total, detail)``.
         artifacts: Artifacts by stage name, filled in as stages run.
     """
 
@@ -52,8 +56,12 @@ class StageContext:
     calibration: FeedSource | None
     evaluation: FeedSource
     targets: list[Target]
+    distill_data: FeedSource | None = None
+    distill_validation: FeedSource | None = None
+    progress: Callable[[int, int, str], None] = field(default=lambda done, total, detail: None, repr=False)
     artifacts: dict[str, Artifact] = field(default_factory=dict)
     _example: Batch | None = field(default=None, init=False, repr=False)
+    _student: torch.nn.Module | None = field(default=None, init=False, repr=False)
 
     def path_of(self, stage: str) -> Path:
         """The file of the artifact a stage produced."""
@@ -64,6 +72,21 @@ class StageContext:
         if self._example is None:
             self._example = next(iter(self.evaluation))
         return self._example
+
+    @property
+    def pytorch_model(self) -> torch.nn.Module | None:
+        """The PyTorch model the ONNX chain starts from: the distilled student when the job
+        distils, else the job's model (None for an ONNX-file source)."""
+        if "distill" not in self.artifacts:
+            return self.source.module
+        if self._student is None:
+            self._student = load_student(self.job, self.path_of("distill"))
+        return self._student
+
+    @property
+    def pytorch_program(self) -> torch.export.ExportedProgram | None:
+        """The ExportedProgram to export as it is (None when a student replaced the job's model)."""
+        return None if "distill" in self.artifacts else self.source.program
 
     def latest_model(self) -> Artifact:
         """The newest ONNX model artifact (what the next stage transforms)."""
@@ -91,18 +114,6 @@ class Stage(Protocol):
     def run(self, ctx: StageContext) -> Artifact:
         """Do the work, write the artifact atomically into ``ctx.workdir`` and describe it."""
         ...
-
-
-def torch_inputs(feeds: dict[str, np.ndarray]) -> tuple[torch.Tensor, ...]:
-    """Feeds as the positional tensors ``forward`` takes (feeds are in input order)."""
-    return tuple(torch.from_numpy(array) for array in feeds.values())
-
-
-def run_torch(model: torch.nn.Module, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """Run the PyTorch model on one batch; its outputs as arrays, in export order."""
-    with torch.inference_mode():
-        outputs = flatten_outputs(model(*torch_inputs(feeds)))
-    return [tensor.detach().cpu().numpy() for tensor in outputs]
 
 
 def resize_feeds(feeds: dict[str, np.ndarray], inputs: list[InputSpec], sizes: dict[str, int]) -> dict[str, np.ndarray]:

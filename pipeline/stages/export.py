@@ -21,9 +21,9 @@ from pipeline.feeds import feeds_digest
 from pipeline.job import ConversionJob, InputSpec
 from pipeline.model_source import input_hashes
 from pipeline.onnx_io import check_model, load_graph_only, model_artifact, save_model
-from pipeline.outputs import named_outputs
+from pipeline.outputs import named_outputs, torch_inputs
 from pipeline.stage_cache import content_key
-from pipeline.stages.base import StageContext, torch_inputs
+from pipeline.stages.base import StageContext
 from pipeline.threads import session_options
 
 logger = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ class ExportStage:
         return True
 
     def key(self, ctx: StageContext) -> str | None:
-        """The model source, the inputs and export settings, and the example batch."""
+        """The model source (and the distilled student), the inputs and export settings, the example batch."""
         job = ctx.job
         return content_key(
             self.name,
@@ -53,6 +53,7 @@ class ExportStage:
                 "inputs": [spec.model_dump(mode="json") for spec in job.inputs],
                 "export": job.export.model_dump(mode="json"),
                 "example": feeds_digest(ctx.example_batch().feeds),
+                "student": ctx.artifacts["distill"].sha256 if "distill" in ctx.artifacts else None,
             },
         )
 
@@ -106,10 +107,11 @@ class ExportStage:
         self, ctx: StageContext, example: tuple[torch.Tensor, ...]
     ) -> list[tuple[str, torch.Tensor]]:
         """PyTorch's outputs on the example, named by the job or by their structure."""
-        assert ctx.source.module is not None
+        model = ctx.pytorch_model
+        assert model is not None
         with torch.inference_mode():
             try:
-                outputs = named_outputs(ctx.source.module(*example))
+                outputs = named_outputs(model(*example))
             except Exception as e:  # noqa: BLE001 - the model is user code
                 raise StageError(self.name, ctx.job.name, f"the model failed on the example inputs: {e}") from e
         names = ctx.job.model.output_names or [name for name, _ in outputs]
@@ -200,8 +202,8 @@ def _export_dynamo(
     ctx: StageContext, example: tuple[torch.Tensor, ...], output_names: list[str], scratch: Path
 ) -> ir.Model:
     job = ctx.job
-    program = ctx.source.program
-    exported: torch.nn.Module | torch.export.ExportedProgram | None = program or ctx.source.module
+    program = ctx.pytorch_program
+    exported: torch.nn.Module | torch.export.ExportedProgram | None = program or ctx.pytorch_model
     assert exported is not None
     # optimize=False: simplification is the simplify stage's job, so each step stays measurable.
     with warnings.catch_warnings():
@@ -225,13 +227,14 @@ def _export_torchscript(
     ctx: StageContext, example: tuple[torch.Tensor, ...], output_names: list[str], scratch: Path
 ) -> ir.Model:
     job = ctx.job
-    assert ctx.source.module is not None
+    model = ctx.pytorch_model
+    assert model is not None
     scratch.mkdir(parents=True, exist_ok=True)
     path = scratch / FP32_MODEL
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            ctx.source.module,
+            model,
             example,
             str(path),
             dynamo=False,

@@ -13,8 +13,11 @@ import onnx_ir as ir
 from backends.base import PlacementReport, Session
 from backends.registry import get_backend
 from pipeline.artifacts import Artifact, sha256_file
+from pipeline.distillation.summary import DistillationSummary
 from pipeline.errors import BackendError, JobError, StageError, first_line
-from pipeline.job import ConversionJob, DataSource
+from pipeline.feeds import describe_source
+from pipeline.job import ConversionJob, TaskPolicy
+from pipeline.outputs import classifier_index, run_torch
 from pipeline.parity.localize import Localisation, localize
 from pipeline.parity.metrics import AccuracyCounter, OutputComparator
 from pipeline.parity.policy import Precision, accuracy_drop_check, fp32_checks, task_checks
@@ -23,14 +26,24 @@ from pipeline.parity.target import ThreeWay
 from pipeline.parity.writers import write_reports
 from pipeline.pruning.summary import PruningSummary
 from pipeline.quantization.performance import PerformanceCheck, performance_check
-from pipeline.stages.base import StageContext, Target, resize_feeds, run_torch
+from pipeline.stages.base import StageContext, Target, resize_feeds
 
 logger = logging.getLogger(__name__)
 
 PYTORCH = "pytorch"
+TEACHER = "teacher"  # the job's model, when a distilled student takes its place as "pytorch"
 CPU = "cpu"  # the reference backend of on-target parity
 # Which policy judges each stage's output against the model before it.
-_PRECISION: dict[str, Precision] = {"export": "fp32", "simplify": "fp32", "prune": "pruned", "quantize": "int8"}
+_PRECISION: dict[str, Precision] = {
+    "distill": "distilled",
+    "export": "fp32",
+    "simplify": "fp32",
+    "prune": "pruned",
+    "quantize": "int8",
+}
+
+# The [parity.*] section of each task-level precision.
+_POLICY_SECTION: dict[Precision, str] = {"distilled": "distill", "pruned": "prune", "int8": "int8"}
 
 Sessions = dict[tuple[str, str], Session]
 Runs = dict[tuple[str, str], list[np.ndarray]]
@@ -81,12 +94,17 @@ class ValidateStage:
 
     def run(self, ctx: StageContext) -> Artifact:
         """Stream the evaluation data through PyTorch and every model on every target."""
-        stages = [stage for stage in _PRECISION if stage in ctx.artifacts]
+        stages = [stage for stage in _PRECISION if stage in ctx.artifacts and stage != "distill"]
         models = [ctx.artifacts[stage].path for stage in stages]
-        # Each model is judged against the one before it; the root is PyTorch, or the ONNX file given.
-        chain = [PYTORCH, *models] if ctx.source.module is not None else models
-        if ctx.source.module is None:
-            stages = stages[1:]
+        # Each model is judged against the one before it; the root is PyTorch (the teacher, then its
+        # student, when the job distils), or the ONNX file given.
+        if "distill" in ctx.artifacts:
+            roots, stages = [TEACHER, PYTORCH], ["distill", *stages]
+        elif ctx.source.module is not None:
+            roots = [PYTORCH]
+        else:  # the given ONNX file (the export artifact) is the root, not a link
+            roots, stages = [], stages[1:]
+        chain = [*roots, *models]
         steps = [
             _Step(stage, target.name, reference, candidate)
             for target in ctx.targets
@@ -108,17 +126,20 @@ class ValidateStage:
             placements = [self._placement(ctx, target, models[-1]) for target in ctx.targets]
             performance = self._performance(ctx, sessions, placements)
         localisations = self._localise(ctx, comparisons)
-        pruning = None
+        pruning = distillation = None
         if "prune" in ctx.artifacts:
             pruning = PruningSummary.model_validate(ctx.artifacts["prune"].metadata["summary"])
+        if "distill" in ctx.artifacts:
+            distillation = DistillationSummary.model_validate(ctx.artifacts["distill"].metadata["summary"])
         report = ParityReport.build(
             job=ctx.job.name,
-            data=_describe_data(ctx.job.parity_data, "evaluation" if ctx.job.evaluation else "calibration"),
+            data=describe_source(ctx.job.parity_data, "evaluation" if ctx.job.evaluation else "calibration"),
             samples=stream.samples,
             notes=_notes(ctx, stream),
             comparisons=comparisons,
             performance=performance,
             pruning=pruning,
+            distillation=distillation,
             localisations=localisations,
             placements=placements,
             on_target=[three_way.result() for three_way in stream.on_target.values()],
@@ -139,7 +160,8 @@ class ValidateStage:
         for batch in ctx.evaluation:
             runs = self._run_all(ctx, sessions, batch.feeds, stream)
             if not stream.comparators_ready:
-                stream.classifier = _classifier_output(runs[next(iter(runs))]) if ctx.job.is_classifier else None
+                shapes = [array.shape for array in runs[next(iter(runs))]]
+                stream.classifier = classifier_index(shapes) if ctx.job.is_classifier else None
                 for step in steps:
                     step.comparators = _comparators(len(stream.output_names), rtol, stream.classifier)
                 stream.comparators_ready = True
@@ -158,9 +180,11 @@ class ValidateStage:
         if not stream.output_names:
             stream.output_names = next(iter(sessions.values())).output_names
         runs: Runs = {}
-        if ctx.source.module is not None:
-            torch_outputs = run_torch(ctx.source.module, feeds)
-            runs.update({(target.name, PYTORCH): torch_outputs for target in ctx.targets})
+        teacher = ctx.source.module if "distill" in ctx.artifacts else None
+        for role, model in ((TEACHER, teacher), (PYTORCH, ctx.pytorch_model)):
+            if model is not None:
+                torch_outputs = run_torch(model, feeds)
+                runs.update({(target.name, role): torch_outputs for target in ctx.targets})
         for key, session in sessions.items():
             produced = session.run(feeds)
             runs[key] = [produced[name] for name in stream.output_names]
@@ -197,7 +221,7 @@ class ValidateStage:
         pairs = {
             (c.reference, c.candidate): None
             for c in comparisons
-            if c.reference != PYTORCH
+            if c.reference not in (PYTORCH, TEACHER)
             and c.shape is None
             and (mode == "always" or (mode == "on_failure" and not c.passed))
         }
@@ -276,7 +300,8 @@ class ValidateStage:
 
     def _comparison(self, job: ConversionJob, step: _Step, stream: _Stream) -> Comparison:
         precision = _PRECISION[step.stage]
-        task_policy = job.parity.prune if precision == "pruned" else job.parity.int8
+        section = _POLICY_SECTION.get(precision, "int8")
+        task_policy: TaskPolicy = getattr(job.parity, section)
         outputs = []
         for name, comparator in zip(stream.output_names, step.comparators, strict=True):
             metrics = comparator.result()
@@ -284,8 +309,7 @@ class ValidateStage:
             if precision == "fp32":
                 checks = fp32_checks(metrics, (override and override.fp32) or job.parity.fp32)
             else:
-                own = override and (override.prune if precision == "pruned" else override.int8)
-                checks = task_checks(metrics, own or task_policy)
+                checks = task_checks(metrics, (override and getattr(override, section)) or task_policy)
             outputs.append(OutputParity(name=name, metrics=metrics, checks=checks))
         accuracy = None
         reference = stream.accuracy.get((step.target, step.reference))
@@ -331,19 +355,6 @@ def _comparators(count: int, rtol: float, classifier: int | None) -> list[Output
     return [OutputComparator(rtol, classifier=index == classifier) for index in range(count)]
 
 
-def _classifier_output(outputs: list[np.ndarray]) -> int | None:
-    """Index of the first output shaped [samples, classes], used for top-1 accuracy."""
-    for index, array in enumerate(outputs):
-        if array.ndim == 2 and array.shape[1] > 1:
-            return index
-    return None
-
-
-def _describe_data(source: DataSource, section: str) -> str:
-    where = source.npz.name if source.npz is not None else source.factory
-    return f"{section} data ({where})"
-
-
 def _notes(ctx: StageContext, stream: _Stream) -> list[str]:
     job = ctx.job
     notes = []
@@ -364,8 +375,9 @@ def _notes(ctx: StageContext, stream: _Stream) -> list[str]:
                     "Placement section, not a timing."
                 )
     reason = "no [samples, classes] classifier output" if stream.classifier is None else "no labels in the data"
-    for stage, policy in (("prune", job.parity.prune), ("quantize", job.parity.int8)):
+    for stage in ("distill", "prune", "quantize"):
+        section = _POLICY_SECTION[_PRECISION[stage]]
+        policy: TaskPolicy = getattr(job.parity, section)
         if stage in ctx.artifacts and policy.max_accuracy_drop is not None and not stream.accuracy:
-            section = "prune" if stage == "prune" else "int8"
             notes.append(f"parity.{section}.max_accuracy_drop was not checked: {reason}.")
     return notes

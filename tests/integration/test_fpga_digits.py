@@ -50,7 +50,7 @@ def test_report_shows_the_cycle_estimate_and_the_memory_plan(fpga_result: pipeli
     assert "Activation memory plan: peak" in markdown
     assert "## On-target parity" in markdown
     saved = json.loads((fpga_result.output_dir / "report.json").read_text())
-    assert saved["schema_version"] == 3
+    assert saved["schema_version"] == 4
     assert saved["placements"][0]["accelerator"]["cycles"] == estimate.cycles
 
 

@@ -1,0 +1,1 @@
+"""Knowledge distillation: losses, checkpoints and the training loop of the distill stage."""
