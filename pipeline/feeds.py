@@ -102,7 +102,8 @@ class FeedSource:
         return self._digest
 
     def __iter__(self) -> Iterator[Batch]:
-        raw_batches = self._npz_batches() if self._source.npz is not None else self._factory_batches({})
+        # A factory that takes an epoch (training data) reads its first epoch for checks and hashes.
+        raw_batches = self._npz_batches() if self._source.npz is not None else self._factory_batches({"epoch": 1})
         return self._checked(raw_batches)
 
     def epoch(self, epoch: int, seed: int) -> Iterator[Batch]:

@@ -327,8 +327,8 @@ class DistillOptions(_Spec):
             takes the teacher's inputs and returns outputs of the teacher's shapes.
         student_kwargs: Keyword arguments passed to the student factory.
         data: Training batches: the model inputs, and class labels under ``labels`` for classifiers.
-            An .npz is reshuffled every epoch (seeded); a factory may take an ``epoch`` keyword to
-            reshuffle its own batches.
+            An .npz is reshuffled every epoch (seeded); a factory may take an ``epoch`` keyword
+            (1-based; checks and hashes read epoch 1) to reshuffle its own batches.
         validation: Held-out batches for the per-epoch metric, the best-epoch choice and early
             stopping (unset: the job's evaluation data, which the report then also measures on).
         loss: ``kd`` (temperature-scaled KL to the teacher's softened outputs, mixed with

@@ -43,13 +43,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
-def sample_job(sample_dir: Path) -> dict[str, Any]:
+def sample_job(sample_dir: Path, name: str = "job.toml") -> dict[str, Any]:
     """A sample's job file as a dict, with every path made absolute (so it can be written anywhere)."""
-    raw = tomllib.loads((sample_dir / "job.toml").read_text())
+    raw = tomllib.loads((sample_dir / name).read_text())
     raw["python_path"] = [str((sample_dir / p).resolve()) for p in raw.get("python_path", [])]
-    for section in ("calibration", "evaluation"):
-        if section in raw and "npz" in raw[section]:
-            raw[section]["npz"] = str((sample_dir / raw[section]["npz"]).resolve())
+    distill = raw.get("distill", {})
+    for section in (raw.get("calibration"), raw.get("evaluation"), distill.get("data"), distill.get("validation")):
+        if section is not None and "npz" in section:
+            section["npz"] = str((sample_dir / section["npz"]).resolve())
     return raw
 
 

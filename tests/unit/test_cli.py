@@ -22,7 +22,7 @@ import onnxruntime
 from typer.testing import CliRunner, Result
 
 from pipeline.cli import _QUIET_LOGGERS, app
-from tests.conftest import tree
+from tests.conftest import DIGITS_DIR, sample_job, tree
 
 Raw = dict[str, Any]
 WriteJob = Callable[..., Path]
@@ -167,3 +167,16 @@ def test_successful_conversion_exits_0_and_leaves_a_clean_folder(
     assert tree(tmp_path) == sorted(["job.toml", "converted/", *(f"converted/{name}" for name in ARTIFACTS)])
     manifest = json.loads((converted / "manifest.json").read_text())
     assert manifest["verdict"] == "pass"
+
+
+def test_convert_distils_and_prints_teacher_vs_student(write_job: WriteJob, tmp_path: Path) -> None:
+    raw = sample_job(DIGITS_DIR, "job_distilled.toml")
+    raw["targets"] = [{"backend": "cpu"}]
+    raw["distill"].update(epochs=6, checkpoint_dir=str(tmp_path / "checkpoints"))
+    job_file = write_job(raw)
+
+    result = invoke("convert", str(job_file))
+
+    assert result.exit_code == 0, result.output
+    assert flat("distilled: parameters 90,250 -> 20,890 (0.23x), held-out accuracy") in flat(result.stdout)
+    assert "student.safetensors" in os.listdir(tmp_path / "out_distilled")
