@@ -24,6 +24,8 @@ _EXPORTS = {
     "StageError": "pipeline.errors",
     "ConversionJob": "pipeline.job",
     "DataSource": "pipeline.job",
+    "DistillOptions": "pipeline.job",
+    "DistillPolicy": "pipeline.job",
     "ExportOptions": "pipeline.job",
     "Fp32Policy": "pipeline.job",
     "InputSpec": "pipeline.job",
@@ -40,6 +42,7 @@ _EXPORTS = {
     "TargetSpec": "pipeline.job",
     "load_job": "pipeline.job",
     "validate_job": "pipeline.job",
+    "DistillationSummary": "pipeline.distillation.summary",
     "ParityReport": "pipeline.parity.report",
     "ConversionResult": "pipeline.result",
     "StageEvent": "pipeline.runner",
@@ -63,6 +66,8 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
     from pipeline.job import (  # noqa: F401
         ConversionJob,
         DataSource,
+        DistillOptions,
+        DistillPolicy,
         ExportOptions,
         Fp32Policy,
         InputSpec,
@@ -80,6 +85,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
         load_job,
         validate_job,
     )
+    from pipeline.distillation.summary import DistillationSummary  # noqa: F401
     from pipeline.parity.report import ParityReport  # noqa: F401
     from pipeline.result import ConversionResult  # noqa: F401
     from pipeline.runner import StageEvent  # noqa: F401
