@@ -62,6 +62,7 @@ def __getattr__(name: str) -> Any:
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ imports on demand
     from pipeline.api import convert, convert_many  # noqa: F401
     from pipeline.batch.executor import Executor, JobOutcome, LocalExecutor  # noqa: F401
+    from pipeline.distillation.summary import DistillationSummary  # noqa: F401
     from pipeline.errors import BackendError, ExitCode, JobError, OnnxforgeError, ParityError, StageError  # noqa: F401
     from pipeline.job import (  # noqa: F401
         ConversionJob,
@@ -85,7 +86,6 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
         load_job,
         validate_job,
     )
-    from pipeline.distillation.summary import DistillationSummary  # noqa: F401
     from pipeline.parity.report import ParityReport  # noqa: F401
     from pipeline.result import ConversionResult  # noqa: F401
     from pipeline.runner import StageEvent  # noqa: F401
