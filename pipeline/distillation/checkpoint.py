@@ -1,8 +1,9 @@
 """Per-epoch distillation checkpoints as safetensors: the student, the optimizer state, the history.
 
 A checkpoint holds everything a run needs to continue exactly where it stopped: the learning rate,
-data order and dropout of every epoch are derived from the seed and the epoch number, so the
-student's weights, the optimizer's state and the epoch history are all there is to save. Nothing is
+data order and dropout of every epoch are derived from the seed and the epoch number, and the best
+epoch and the early stop from the history, so the student's weights, the optimizer's state and the
+epoch history are all there is to save. Nothing is
 pickled: tensors go in the safetensors body, the rest as JSON in its metadata.
 """
 
@@ -20,7 +21,7 @@ import safetensors.torch
 import torch
 
 from pipeline.artifacts import write_atomic
-from pipeline.distillation.summary import EpochRecord
+from pipeline.distillation.summary import EpochRecord, best_epochs
 
 logger = logging.getLogger(__name__)
 
@@ -35,20 +36,24 @@ class Checkpoint:
     """The state of training after one epoch.
 
     Attributes:
-        epoch: The epoch just finished (1-based).
         student: The student's state dict.
         optimizer: The optimizer's per-parameter state (``optimizer.state_dict()["state"]``).
-        history: Every epoch so far.
-        best_epoch: The epoch with the best held-out score so far.
-        stopped_early: Training ended here because the score stopped improving.
+        history: Every epoch so far (the last one is the epoch just finished).
     """
 
-    epoch: int
     student: dict[str, torch.Tensor]
     optimizer: dict[int, dict[str, Any]]
     history: list[EpochRecord]
-    best_epoch: int
-    stopped_early: bool = False
+
+    @property
+    def epoch(self) -> int:
+        """The epoch just finished (1-based)."""
+        return self.history[-1].epoch
+
+    @property
+    def best_epoch(self) -> int:
+        """The epoch with the best held-out score so far (the last of equals)."""
+        return best_epochs(self.history)[0]
 
 
 def checkpoint_path(folder: Path, epoch: int) -> Path:
@@ -72,9 +77,6 @@ def save_checkpoint(folder: Path, checkpoint: Checkpoint) -> Path:
                 scalars.setdefault(str(index), {})[key] = value
     metadata = {
         "format": _FORMAT,
-        "epoch": str(checkpoint.epoch),
-        "best_epoch": str(checkpoint.best_epoch),
-        "stopped_early": json.dumps(checkpoint.stopped_early),
         "history": json.dumps([record.model_dump(mode="json") for record in checkpoint.history]),
         "optimizer_scalars": json.dumps(scalars),
     }
@@ -120,14 +122,8 @@ def load_checkpoint(path: Path) -> Checkpoint:
         else:
             index, key = name.removeprefix(_OPTIMIZER).split("/", 1)
             optimizer.setdefault(int(index), {})[key] = tensor
-    return Checkpoint(
-        epoch=int(metadata["epoch"]),
-        student=student,
-        optimizer=optimizer,
-        history=[EpochRecord.model_validate(record) for record in json.loads(metadata["history"])],
-        best_epoch=int(metadata["best_epoch"]),
-        stopped_early=json.loads(metadata["stopped_early"]),
-    )
+    history = [EpochRecord.model_validate(record) for record in json.loads(metadata["history"])]
+    return Checkpoint(student=student, optimizer=optimizer, history=history)
 
 
 def latest_checkpoint(folder: Path) -> Checkpoint | None:

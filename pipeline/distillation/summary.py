@@ -27,6 +27,18 @@ class EpochRecord(_Record):
     seconds: float
 
 
+def best_epochs(history: list[EpochRecord]) -> tuple[int, int]:
+    """The epoch to keep and the epoch the best score was first reached.
+
+    The kept epoch is the last one with the best score: on a small held-out set the score often
+    stops at a ceiling (100% of 144 images) while the loss still falls, and a later epoch with the
+    same score has trained longer. Patience counts from the first epoch that reached the score.
+    """
+    best = max(record.score for record in history)
+    tied = [record.epoch for record in history if record.score == best]
+    return tied[-1], tied[0]
+
+
 class ModelSize(_Record):
     """Size and speed of one PyTorch model.
 

@@ -22,7 +22,7 @@ from pipeline.distillation.checkpoint import (
     save_checkpoint,
 )
 from pipeline.distillation.losses import DistillLoss
-from pipeline.distillation.summary import EpochRecord
+from pipeline.distillation.summary import EpochRecord, best_epochs
 from pipeline.feeds import Batch
 from pipeline.job import DistillOptions
 from pipeline.outputs import flatten_outputs, torch_inputs
@@ -114,28 +114,21 @@ def train_student(
     teacher.eval()
     optimizer = _OPTIMIZERS[options.optimizer](student.parameters(), options)
     history: list[EpochRecord] = []
-    best_epoch, stopped_early, resumed_from = 0, False, None
+    resumed_from = None
     resumed = latest_checkpoint(checkpoints) if options.resume else None
     if resumed is not None:
         student.load_state_dict(resumed.student, strict=True)
         optimizer.load_state_dict({"state": resumed.optimizer, "param_groups": optimizer.state_dict()["param_groups"]})
-        history, best_epoch, stopped_early = list(resumed.history), resumed.best_epoch, resumed.stopped_early
-        resumed_from = resumed.epoch
+        history, resumed_from = list(resumed.history), resumed.epoch
         logger.info("resuming distillation after epoch %d from %s", resumed.epoch, checkpoints)
     with _deterministic():
-        for epoch in range(len(history) + 1, options.epochs + 1):
-            if stopped_early:
-                break
-            history.append(_train_epoch(teacher, student, optimizer, plan, epoch))
-            best_epoch, improved_epoch = best_epochs(history)
-            stopped_early = (
-                options.patience > 0 and epoch - improved_epoch >= options.patience and epoch < options.epochs
-            )
+        while len(history) < options.epochs and not _stops_early(options, history):
+            history.append(_train_epoch(teacher, student, optimizer, plan, len(history) + 1))
             state = {index: dict(values) for index, values in optimizer.state_dict()["state"].items()}
-            checkpoint = Checkpoint(epoch, student.state_dict(), state, history, best_epoch, stopped_early)
-            save_checkpoint(checkpoints, checkpoint)
+            save_checkpoint(checkpoints, Checkpoint(student.state_dict(), state, history))
             if on_epoch is not None:
-                on_epoch(history[-1], best_epoch)
+                on_epoch(history[-1], best_epochs(history)[0])
+    best_epoch, stopped_early = best_epochs(history)[0], _stops_early(options, history)
     if stopped_early:
         logger.info("held-out %s stopped improving after epoch %d: stopped early", plan.metric, best_epoch)
     student.load_state_dict(load_checkpoint(checkpoint_path(checkpoints, best_epoch)).student, strict=True)
@@ -143,16 +136,11 @@ def train_student(
     return TrainingOutcome(history, best_epoch, stopped_early, resumed_from)
 
 
-def best_epochs(history: list[EpochRecord]) -> tuple[int, int]:
-    """The epoch to keep and the epoch the best score was first reached.
-
-    The kept epoch is the last one with the best score: on a small held-out set the score often
-    stops at a ceiling (100% of 144 images) while the loss still falls, and a later epoch with the
-    same score has trained longer. Patience counts from the first epoch that reached the score.
-    """
-    best = max(record.score for record in history)
-    tied = [record.epoch for record in history if record.score == best]
-    return tied[-1], tied[0]
+def _stops_early(options: DistillOptions, history: list[EpochRecord]) -> bool:
+    """Whether training ends after the history's last epoch, before `epochs`, for want of progress."""
+    if options.patience == 0 or not history or len(history) >= options.epochs:
+        return False
+    return len(history) - best_epochs(history)[1] >= options.patience
 
 
 def _train_epoch(

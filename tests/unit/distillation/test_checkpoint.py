@@ -18,20 +18,22 @@ from pipeline.distillation.summary import EpochRecord
 
 
 def _checkpoint(epoch: int, best: int) -> Checkpoint:
+    """A checkpoint after `epoch` epochs whose history scores best at epoch `best`."""
     model = torch.nn.Linear(3, 2)
     optimizer = torch.optim.Adam(model.parameters())
     model(torch.ones(1, 3)).sum().backward()
     optimizer.step()
     history = [
-        EpochRecord(epoch=e, learning_rate=0.1, train_loss=1.0 / e, score=0.5, seconds=0.1) for e in range(1, epoch + 1)
+        EpochRecord(epoch=e, learning_rate=0.1, train_loss=1.0 / e, score=0.9 if e == best else 0.5, seconds=0.1)
+        for e in range(1, epoch + 1)
     ]
-    return Checkpoint(epoch, model.state_dict(), optimizer.state_dict()["state"], history, best)
+    return Checkpoint(model.state_dict(), optimizer.state_dict()["state"], history)
 
 
 def test_round_trip(tmp_path: Path) -> None:
     saved = _checkpoint(epoch=3, best=2)
     loaded = load_checkpoint(save_checkpoint(tmp_path, saved))
-    assert (loaded.epoch, loaded.best_epoch, loaded.stopped_early) == (3, 2, False)
+    assert (loaded.epoch, loaded.best_epoch) == (3, 2)
     assert loaded.history == saved.history
     assert loaded.student.keys() == saved.student.keys()
     assert all(torch.equal(loaded.student[name], tensor) for name, tensor in saved.student.items())

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from pipeline.distillation.losses import make_loss
-from pipeline.distillation.summary import EpochRecord
-from pipeline.distillation.trainer import TrainingPlan, best_epochs, train_student
+from pipeline.distillation.summary import EpochRecord, best_epochs
+from pipeline.distillation.trainer import TrainingPlan, train_student
 from pipeline.feeds import Batch
 from pipeline.job import DataSource, DistillOptions
 
