@@ -142,10 +142,11 @@ class FeedSource:
                 self._origin, self._key, f"arrays in {path.name} differ in sample count (first axis): {counts}"
             )
         total = max(next(iter(counts.values()), 0), 0)
-        order = np.arange(total) if shuffle is None else shuffle.permutation(total)
+        order = None if shuffle is None else shuffle.permutation(total)
         step = self._source.batch_size
         for start in range(0, total, step):
-            rows = order[start : start + step]
+            # File order takes views; a shuffled epoch gathers its rows.
+            rows = slice(start, start + step) if order is None else order[start : start + step]
             yield {name: array[rows] for name, array in arrays.items()}
 
     def _factory_batches(self, optional: dict[str, int]) -> Iterator[Mapping[str, np.ndarray]]:

@@ -234,8 +234,8 @@ def check_forward_arity(model: torch.nn.Module, job: ConversionJob, key: str = "
         )
 
 
-def input_hashes(job: ConversionJob, source: SourceModel) -> dict[str, str]:
-    """Hashes of everything the conversion read: model files, the weights it ran, data files."""
+def model_hashes(job: ConversionJob, source: SourceModel) -> dict[str, str]:
+    """Hashes of the job's model: its files, and the weights it ran (``model_<role>``)."""
     hashes = {}
     for role in ("weights", "exported_program", "onnx"):
         path = getattr(job.model, role)
@@ -243,6 +243,12 @@ def input_hashes(job: ConversionJob, source: SourceModel) -> dict[str, str]:
             hashes[f"model_{role}"] = sha256_file(path)
     if source.module is not None:
         hashes["model_state_dict"] = state_dict_sha256(source.module)
+    return hashes
+
+
+def input_hashes(job: ConversionJob, source: SourceModel) -> dict[str, str]:
+    """Hashes of everything the conversion read: model files, the weights it ran, data files."""
+    hashes = model_hashes(job, source)
     sections = {"calibration": job.calibration, "evaluation": job.evaluation}
     if job.distill is not None:
         sections |= {"distill_data": job.distill.data, "distill_validation": job.distill.validation}

@@ -34,8 +34,13 @@ def build_student(job: ConversionJob) -> torch.nn.Module:
     return student
 
 
-def check_student(job: ConversionJob, teacher: torch.nn.Module, student: torch.nn.Module, batch: Batch) -> None:
+def check_student(
+    job: ConversionJob, teacher: torch.nn.Module, student: torch.nn.Module, batch: Batch
+) -> list[tuple[int, ...]]:
     """The student must return as many outputs as the teacher, of the same shapes, on a real batch.
+
+    Returns:
+        The output shapes (the teacher's, and so the student's).
 
     Raises:
         JobError: The student fails on the batch, or its outputs differ from the teacher's in number
@@ -55,6 +60,7 @@ def check_student(job: ConversionJob, teacher: torch.nn.Module, student: torch.n
             f"the student returns outputs of shapes {produced} but the teacher {expected}; a student must "
             "return the teacher's outputs (same number and shapes) to learn from them",
         )
+    return expected
 
 
 def load_student(job: ConversionJob, weights: Path) -> torch.nn.Module:

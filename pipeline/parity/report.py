@@ -312,9 +312,10 @@ def render_distillation(summary: DistillationSummary) -> list[str]:
     """The distillation section: teacher vs student, how training went, every epoch."""
     teacher, student = summary.teacher, summary.student_model
     batch = ", ".join(f"{name} {'x'.join(map(str, dims))}" for name, dims in summary.batch_shape.items())
-    loss = summary.loss + (f" (T {summary.temperature:g}, alpha {summary.alpha:g})" if summary.loss == "kd" else "")
-    if summary.loss == "kd" and summary.alpha is None:
-        loss = f"kd (T {summary.temperature:g}, teacher only)"
+    loss = summary.loss
+    if summary.loss == "kd":
+        labels = "teacher only" if summary.alpha is None else f"alpha {summary.alpha:g}"
+        loss = f"kd (T {summary.temperature:g}, {labels})"
     ending = "stopped early" if summary.stopped_early else "ran every epoch"
     lines = [
         "## Distillation",

@@ -17,7 +17,7 @@ from pipeline.distillation.trainer import Metric, TrainingPlan, held_out_score, 
 from pipeline.errors import JobError
 from pipeline.feeds import Batch, FeedSource, describe_source
 from pipeline.job import ConversionJob, DataSource, DistillOptions
-from pipeline.model_source import input_hashes
+from pipeline.model_source import model_hashes
 from pipeline.outputs import classifier_index, flatten_outputs, torch_inputs
 from pipeline.stage_cache import content_key
 from pipeline.stages.base import StageContext
@@ -39,12 +39,11 @@ class DistillStage:
     def key(self, ctx: StageContext) -> str | None:
         """The teacher's weights, the student factory, the training settings and both data sets."""
         job, options = ctx.job, _options(ctx.job)
-        teacher = {role: digest for role, digest in input_hashes(job, ctx.source).items() if role.startswith("model_")}
         train, validation = _data(ctx)
         return content_key(
             self.name,
             {
-                "teacher": teacher,
+                "teacher": model_hashes(job, ctx.source),
                 "inputs": [spec.model_dump(mode="json") for spec in job.inputs],
                 "settings": options.training_settings(),
                 "data": train.digest(),
@@ -146,9 +145,8 @@ def check_distillation(job: ConversionJob, teacher: torch.nn.Module, train: Feed
     Raises:
         JobError: The student or the loss does not fit the job.
     """
-    batch = next(iter(train))
-    check_student(job, teacher, build_student(job), batch)
-    loss_kind(job, teacher_classifier(job, teacher, batch.feeds))
+    shapes = check_student(job, teacher, build_student(job), next(iter(train)))
+    loss_kind(job, classifier_index(shapes) if job.is_classifier else None)
 
 
 def checkpoint_folder(job: ConversionJob, key: str) -> Path:

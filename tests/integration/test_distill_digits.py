@@ -8,6 +8,8 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import onnx
 import pytest
 import safetensors.torch
 
@@ -56,10 +58,8 @@ def test_the_student_is_what_gets_exported_and_quantized(distilled: Any) -> None
     build_student().load_state_dict(weights, strict=True)  # the factory's model, nothing else
     export = next(c for c in result.report.comparisons if c.stage == "export" and c.target == "cpu")
     assert export.reference == "pytorch" and export.passed
-    import onnx
-
     fp32 = onnx.load(str(out / "model.fp32.onnx"))
-    stored = sum(int(__import__("numpy").prod(init.dims)) for init in fp32.graph.initializer)
+    stored = sum(int(np.prod(init.dims)) for init in fp32.graph.initializer)
     assert stored < result.report.distillation.teacher.parameters / 4 + 200  # + BatchNorm statistics
 
 
