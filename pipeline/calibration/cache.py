@@ -13,7 +13,7 @@ import numpy as np
 
 from pipeline.artifacts import write_atomic
 from pipeline.calibration.collector import CalibrationStats
-from pipeline.calibration.histogram import BINS, TensorHistogram
+from pipeline.calibration.histogram import BINS, HISTOGRAM_SAMPLE, SAMPLE_BLOCK, TensorHistogram
 
 logger = logging.getLogger(__name__)
 
@@ -30,9 +30,11 @@ def default_cache_dir() -> Path:
 
 
 def cache_key(model_sha256: str, data_digest: str, tensors: list[str]) -> str:
-    """Content key: the model file, the calibration data, the tensor set, the statistics format."""
+    """Content key: the model file, the calibration data, the tensor set, the statistics format
+    and how values are sampled into the bins (statistics gathered another way are not reused)."""
     digest = hashlib.sha256()
-    for part in (f"format={_FORMAT};bins={BINS}", model_sha256, data_digest, *tensors):
+    statistics = f"format={_FORMAT};bins={BINS};sample={HISTOGRAM_SAMPLE} in blocks of {SAMPLE_BLOCK}"
+    for part in (statistics, model_sha256, data_digest, *tensors):
         digest.update(part.encode())
         digest.update(b"\0")
     return digest.hexdigest()

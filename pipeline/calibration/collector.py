@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import tempfile
 from collections.abc import Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,15 +18,16 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from pipeline.calibration.histogram import TensorHistogram
+from pipeline.calibration.histogram import HISTOGRAM_SAMPLE, TensorHistogram
 from pipeline.onnx_io import PROTOBUF_LIMIT_BYTES
 from pipeline.threads import cpu_threads, session_options
 
 logger = logging.getLogger(__name__)
 
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16}
-# Elements of exposed tensors one calibration run may produce (float32: 4 bytes each).
-OUTPUT_BUDGET = 32 * 2**20
+# Elements of exposed tensors one calibration run may produce (float32: 4 bytes each); two runs'
+# tensors are held at once (one being binned while the next runs).
+OUTPUT_BUDGET = 16 * 2**20
 
 
 @dataclass
@@ -88,7 +89,8 @@ def collect_statistics(
 
     Peak memory does not depend on the number of batches, nor on the batch size: a batch is
     run in slices whose exposed tensors stay under `OUTPUT_BUDGET` elements (the first slice
-    is one sample, to measure). Histograms are updated on a thread pool, one tensor per task.
+    is one sample, to measure). Histograms are updated on a thread pool, one tensor per task,
+    while the next slice runs.
 
     Args:
         model: The (shape-inferred) model, weights loaded.
@@ -105,14 +107,15 @@ def collect_statistics(
     ordered = [stats.tensors[name] for name in tensors]
     per_sample: int | None = None
 
-    def update(pair: tuple[TensorHistogram, np.ndarray]) -> None:
-        pair[0].update(pair[1], with_histogram=histograms)
+    def update(histogram: TensorHistogram, values: np.ndarray, sample: int) -> None:
+        histogram.update(values, with_histogram=histograms, sample=sample)
 
     with (
         tempfile.TemporaryDirectory(dir=model_dir, prefix=".calibration-") as folder,
         ThreadPoolExecutor(max_workers=cpu_threads()) as pool,
     ):
         session = _session(_save_augmented(model, tensors, Path(folder)), threads)
+        pending: list[Future[None]] = []
         for feeds in batches:
             size = _batch_size(feeds)
             splittable = all(a.ndim and a.shape[0] == size for a in feeds.values())
@@ -122,11 +125,19 @@ def collect_statistics(
                 outputs = session.run(tensors, {name: a[start : start + step] for name, a in feeds.items()})
                 if per_sample is None:
                     per_sample = max(1, sum(o.size for o in outputs) // min(step, size))
-                list(pool.map(update, zip(ordered, outputs, strict=True)))
+                # The previous slice's histograms filled while this slice ran.
+                for job in pending:
+                    job.result()
+                # A batch's sample is split across its slices: the binned values per batch do
+                # not depend on how it was sliced.
+                sample = max(1, HISTOGRAM_SAMPLE * min(step, size - start) // size)
+                pending = [pool.submit(update, *pair, sample) for pair in zip(ordered, outputs, strict=True)]
                 del outputs
                 start += step
             stats.batches += 1
             stats.samples += size
+        for job in pending:
+            job.result()
         del session
     logger.info("calibrated %d tensors on %d batches (%d samples)", len(tensors), stats.batches, stats.samples)
     return stats
@@ -158,4 +169,7 @@ def _save_augmented(model: onnx.ModelProto, tensors: list[str], folder: Path) ->
 
 def _session(path: Path, threads: int) -> ort.InferenceSession:
     options = session_options(threads)
+    # Histograms are binned on our threads while the session runs: idle ONNX Runtime threads
+    # must sleep, not spin on the cores those threads need.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

@@ -16,10 +16,15 @@ import numpy as np
 BINS = 4096
 # Values beyond this magnitude are treated like infinities: attention masks use finfo.min.
 HUGE = 1e30
-# At most this many values of one update go into the bins (an even stride through the rest):
-# millions per tensor over a calibration set, plenty for the range searches, at a fraction of
-# the cost. Minimum and maximum always see every value.
-HISTOGRAM_SAMPLE = 2**18
+# At most about this many values of one update (the collector: of one calibration batch) go into
+# the bins: a million or more per tensor over a calibration set, plenty for the range searches, at
+# a fraction of the cost. Minimum and maximum always see every value.
+HISTOGRAM_SAMPLE = 2**17
+# The sample is evenly spaced contiguous blocks of this many values, not every k-th value: a
+# stride that shares a factor with the channel count would only ever see some channels (and miss
+# the outlier channels that set a transformer's ranges), and a strided read touches every cache
+# line of the tensor.
+SAMPLE_BLOCK = 4096
 _SMALLEST_HALF_RANGE = 2.0**-24
 
 
@@ -33,7 +38,7 @@ class TensorHistogram:
         minimum: Smallest finite, non-huge value seen.
         maximum: Largest finite, non-huge value seen.
         finite: Number of values seen (minimum and maximum are over all of them; the bins hold
-            an evenly strided sample of each update above `HISTOGRAM_SAMPLE` values).
+            a sample of evenly spaced blocks of each update larger than its `sample`).
         nonfinite: NaN and infinite values seen (left out of every statistic).
         huge: Finite values beyond `HUGE` in magnitude (left out too).
     """
@@ -46,8 +51,14 @@ class TensorHistogram:
     nonfinite: int = 0
     huge: int = 0
 
-    def update(self, values: np.ndarray, with_histogram: bool = True) -> None:
-        """Add a batch of values (any shape)."""
+    def update(self, values: np.ndarray, with_histogram: bool = True, sample: int = HISTOGRAM_SAMPLE) -> None:
+        """Add a batch of values (any shape).
+
+        Args:
+            values: The tensor's values.
+            with_histogram: Bin them too, not only min / max and counts.
+            sample: Bin about this many of them (whole `SAMPLE_BLOCK` blocks, evenly spaced).
+        """
         flat = values.reshape(-1)
         if flat.dtype != np.float32:
             flat = flat.astype(np.float32)
@@ -65,8 +76,7 @@ class TensorHistogram:
         self.finite += int(flat.size)
         if with_histogram:
             self._grow_to(max(-low, high))
-            stride = -(-flat.size // HISTOGRAM_SAMPLE)
-            self._add(flat[::stride] if stride > 1 else flat)
+            self._add(_sample(flat, sample))
 
     def _drop_irregular(self, flat: np.ndarray) -> np.ndarray:
         """Count and remove NaN, infinities and huge values (e.g. masks filled with finfo.min)."""
@@ -134,7 +144,21 @@ class TensorHistogram:
         scale = np.float32(BINS / (2 * self.half_range))
         scaled = values * scale
         np.floor(scaled, out=scaled)
-        index = scaled.astype(np.int32)
+        index = scaled.astype(np.int32).reshape(-1)
         index += BINS // 2
         np.clip(index, 0, BINS - 1, out=index)
         self.counts += np.bincount(index, minlength=BINS)
+
+
+def _sample(flat: np.ndarray, size: int) -> np.ndarray:
+    """About `size` values of `flat` (at least two blocks): evenly spaced `SAMPLE_BLOCK` blocks.
+
+    A read-only view (blocks x SAMPLE_BLOCK) over `flat`; `flat` itself when it is small enough.
+    """
+    blocks = max(2, -(-size // SAMPLE_BLOCK))
+    if flat.size <= blocks * SAMPLE_BLOCK:
+        return flat
+    step = (flat.size - SAMPLE_BLOCK) // (blocks - 1)
+    return np.lib.stride_tricks.as_strided(
+        flat, shape=(blocks, SAMPLE_BLOCK), strides=(step * flat.itemsize, flat.itemsize), writeable=False
+    )

@@ -129,8 +129,10 @@ def _kl(reference: np.ndarray, candidate: np.ndarray, epsilon: float = 1e-4) -> 
 
 def _mse_range(histogram: TensorHistogram, levels: int) -> tuple[float, float]:
     """The [low, high] minimising rounding error (step^2 / 12 inside) plus clipping error (outside)."""
-    centers = _centers(histogram)
-    counts = histogram.counts.astype(np.float64)
+    # Empty bins add nothing to any candidate's error: leave them out of the matrices.
+    occupied = histogram.counts > 0
+    centers = _centers(histogram)[occupied]
+    counts = histogram.counts[occupied].astype(np.float64)
     magnitude = max(abs(histogram.minimum), abs(histogram.maximum))
     thresholds = np.linspace(magnitude / _CANDIDATES, magnitude, _CANDIDATES)
     lows = np.maximum(histogram.minimum, -thresholds)[:, None]

@@ -16,9 +16,9 @@ import numpy as np
 import onnx
 import pytest
 
-from pipeline.calibration import cache
+from pipeline.calibration import cache, collector
 from pipeline.calibration.collector import CalibrationStats, collect_statistics, select_tensors
-from pipeline.calibration.histogram import BINS, TensorHistogram
+from pipeline.calibration.histogram import BINS, HISTOGRAM_SAMPLE, TensorHistogram
 from pipeline.calibration.ranges import compute_range
 from tests.unit.calibration.masked_attention import (
     MASK,
@@ -137,6 +137,32 @@ def test_collect_without_histograms_keeps_min_max(
             stats.tensors[name].maximum,
         )
         assert light.tensors[name].nonfinite == stats.tensors[name].nonfinite
+
+
+def test_slices_of_a_batch_share_its_histogram_sample(
+    model: onnx.ModelProto, data: dict[str, np.ndarray], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An output budget of 4 samples' tensors: every batch of 16 runs in several slices.
+    monkeypatch.setattr(collector, "OUTPUT_BUDGET", 4 * 8)
+    slices: list[tuple[int, int]] = []
+    update = TensorHistogram.update
+
+    def spy(histogram: TensorHistogram, values: np.ndarray, with_histogram: bool, sample: int) -> None:
+        slices.append((values.shape[0], sample))
+        update(histogram, values, with_histogram, sample)
+
+    monkeypatch.setattr(TensorHistogram, "update", spy)
+    collect_statistics(model, tmp_path, [X], batches(data, BATCH), histograms=True)
+
+    batch_slices: list[list[tuple[int, int]]] = [[]]
+    for rows, sample in slices:
+        if sum(r for r, _ in batch_slices[-1]) == BATCH:
+            batch_slices.append([])
+        batch_slices[-1].append((rows, sample))
+    assert len(batch_slices) == SAMPLES // BATCH
+    for parts in batch_slices:
+        assert len(parts) >= 4 and sum(rows for rows, _ in parts) == BATCH
+        assert HISTOGRAM_SAMPLE - len(parts) <= sum(sample for _, sample in parts) <= HISTOGRAM_SAMPLE
 
 
 def test_collect_leaves_no_file_behind(model: onnx.ModelProto, data: dict[str, np.ndarray], tmp_path: Path) -> None:
@@ -259,6 +285,13 @@ def test_cache_key_depends_on_model_data_and_tensors() -> None:
     }
     assert key not in others
     assert len(others) == 8
+
+
+def test_cache_key_depends_on_the_histogram_sampling(monkeypatch: pytest.MonkeyPatch) -> None:
+    key = cache.cache_key(MODEL_SHA, DATA_DIGEST, ["x"])
+    monkeypatch.setattr(cache, "HISTOGRAM_SAMPLE", 2 * HISTOGRAM_SAMPLE)
+
+    assert cache.cache_key(MODEL_SHA, DATA_DIGEST, ["x"]) != key
 
 
 def _npz(**arrays: np.ndarray) -> bytes:

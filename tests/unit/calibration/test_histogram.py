@@ -8,14 +8,14 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.calibration.histogram import BINS, HUGE, TensorHistogram
+from pipeline.calibration.histogram import BINS, HISTOGRAM_SAMPLE, HUGE, SAMPLE_BLOCK, TensorHistogram
 
 
 def histogram_of(*chunks: np.ndarray) -> TensorHistogram:
-    """One histogram updated with `chunks` in sequence."""
+    """One histogram updated with `chunks` in sequence, every value binned."""
     histogram = TensorHistogram()
     for chunk in chunks:
-        histogram.update(chunk)
+        histogram.update(chunk, sample=chunk.size)
     return histogram
 
 
@@ -293,3 +293,20 @@ def test_merging_chunk_histograms_equals_one_pass(chunks: list[np.ndarray]) -> N
             sequential.finite,
         )
         np.testing.assert_array_equal(merged.counts, sequential.counts)
+
+
+def test_a_sampled_update_sees_every_channel() -> None:
+    # A transformer-like activation: 384 channels, one of them an outlier channel. A sample of
+    # every k-th value would only ever see the channels k divides; blocks see them all.
+    rows, channels, outlier = 6_000, 384, 7
+    values = np.random.default_rng(5).normal(size=(rows, channels)).astype(np.float32)
+    values[:, outlier] *= 100.0
+    histogram = TensorHistogram()
+    histogram.update(values)
+
+    assert values.size > 8 * HISTOGRAM_SAMPLE
+    assert HISTOGRAM_SAMPLE <= histogram.counts.sum() < HISTOGRAM_SAMPLE + SAMPLE_BLOCK
+    far = np.abs(histogram.edges[:-1]) > 20.0  # only the outlier channel reaches here
+    expected_share = np.count_nonzero(np.abs(values) > 20.0) / values.size
+    assert histogram.counts[far].sum() / histogram.counts.sum() == pytest.approx(expected_share, rel=0.2)
+    assert (histogram.minimum, histogram.maximum) == (float(values.min()), float(values.max()))

@@ -8,7 +8,7 @@ from statistics import NormalDist
 import numpy as np
 import pytest
 
-from pipeline.calibration.histogram import BINS, HISTOGRAM_SAMPLE, TensorHistogram
+from pipeline.calibration.histogram import BINS, TensorHistogram
 from pipeline.calibration.ranges import RangeMethod, compute_range
 
 METHODS: tuple[RangeMethod, ...] = ("minmax", "percentile", "entropy", "mse")
@@ -16,11 +16,10 @@ OUTLIER = 50.0  # in standard deviations
 
 
 def histogram_of(values: np.ndarray) -> TensorHistogram:
-    """Every value binned: updates no larger than HISTOGRAM_SAMPLE (larger ones are sampled)."""
+    """Every value binned."""
     histogram = TensorHistogram()
     flat = np.asarray(values, dtype=np.float32).reshape(-1)
-    for start in range(0, max(flat.size, 1), HISTOGRAM_SAMPLE):
-        histogram.update(flat[start : start + HISTOGRAM_SAMPLE])
+    histogram.update(flat, sample=flat.size)
     return histogram
 
 
@@ -50,7 +49,7 @@ def test_minmax_returns_the_observed_extremes(normal: np.ndarray, normal_histogr
 
 
 def test_a_sampled_update_keeps_percentiles_close(normal: np.ndarray) -> None:
-    # One 1M-value update bins an evenly strided quarter of it: a few bins of sampling error.
+    # One 1M-value update bins HISTOGRAM_SAMPLE of it (evenly spaced blocks): a few bins of sampling error.
     sampled = TensorHistogram()
     sampled.update(normal)
     assert sampled.counts.sum() < normal.size and sampled.finite == normal.size
