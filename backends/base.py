@@ -60,11 +60,14 @@ class Capabilities:
         quantization: Constraints on int8 models.
         measured_latency: Wall-clock time of its sessions is the device's latency (False for an
             emulator, whose latency comes from a cost model instead).
+        contrib_ops: It runs ONNX Runtime's ``com.microsoft`` fused operators (such as
+            BiasGelu), so an int8 model for it may contain them.
     """
 
     dtypes: tuple[str, ...]
     quantization: QuantizationConstraints
     measured_latency: bool = True
+    contrib_ops: bool = False
 
 
 class NodePlacement(BaseModel):

@@ -14,5 +14,6 @@ class CpuBackend(OrtBackend):
     capabilities = Capabilities(
         dtypes=("float32", "float16", "int8", "uint8", "int32", "int64", "bool"),
         quantization=QuantizationConstraints(),
+        contrib_ops=True,
     )
     install_hint = "pip install onnxruntime"

@@ -206,6 +206,7 @@ class CudaBackend(OrtBackend):
         # (docs.nvidia.com/deeplearning/tensorrt/latest/inference-library/work-quantized-types.html); the CUDA
         # provider's Q/DQ kernels take per-axis scales too (onnxruntime/core/providers/cuda/tensor/quantize_linear.cc).
         quantization=QuantizationConstraints(activation_types=("int8",), symmetric_activations=True),
+        contrib_ops=True,
     )
     options_model = CudaOptions
     install_hint = INSTALL_HINT

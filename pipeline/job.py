@@ -219,6 +219,8 @@ class QuantizeOptions(_Spec):
             the policy is reported as missed rather than met by a model that is barely int8.
         calibration_cache: Reuse statistics for the same model and data
             ($ONNXFORGE_CACHE_DIR, else ~/.cache/onnxforge).
+        fuse_gelu: In the int8 model, fuse each float GELU (and the bias Add before it) into
+            ONNX Runtime's Gelu / BiasGelu kernel, when every target runs ONNX Runtime contrib ops.
     """
 
     enabled: bool = True
@@ -235,6 +237,7 @@ class QuantizeOptions(_Spec):
     mixed_precision: bool = True
     max_float_share: float = Field(default=0.5, ge=0, le=1)
     calibration_cache: bool = True
+    fuse_gelu: bool = True
 
 
 Ratio = Annotated[float, Field(ge=0, lt=1)]

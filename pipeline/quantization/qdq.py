@@ -13,6 +13,8 @@ from onnxruntime.quantization import QuantType
 from onnxruntime.quantization.calibrate import CalibrationMethod, TensorsData
 from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
 
+from pipeline.quantization.fusions import fuse_gelu
+
 _QUANT_TYPES = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
 # The weight axis ONNX Runtime quantizes per channel, by op type (Gemm depends on transB).
 _WEIGHT_INPUT = {"Conv": 1, "ConvTranspose": 1, "MatMul": 1, "Gemm": 1}
@@ -30,6 +32,8 @@ class QdqSettings:
         reduce_range: 7-bit weights (for CPUs without VNNI).
         power_of_two: Every scale is a power of two (shift-based requantization); implies
             symmetric int8.
+        fuse_gelu: After the rewrite, fuse float GELUs into ONNX Runtime's contrib kernels
+            (every target runs them).
     """
 
     per_channel: bool
@@ -38,6 +42,7 @@ class QdqSettings:
     activation_symmetric: bool
     reduce_range: bool
     power_of_two: bool = False
+    fuse_gelu: bool = False
 
 
 def quantize_qdq(
@@ -89,7 +94,10 @@ def quantize_qdq(
     )
     quantizer.quantize_model()
     quantizer.model.topological_sort()  # the rewrite appends Q/DQ nodes; the checker wants order
-    return quantizer.model.model
+    quantized = quantizer.model.model
+    if settings.fuse_gelu:
+        fuse_gelu(quantized)
+    return quantized
 
 
 def power_of_two_scale(magnitude: float, levels: int = 127) -> float:

@@ -23,6 +23,7 @@ from pipeline.onnx_io import PROTOBUF_LIMIT_BYTES, load_graph_only, model_artifa
 from pipeline.parity.metrics import OutputComparator, OutputMetrics
 from pipeline.parity.policy import task_checks
 from pipeline.quantization.cpu import needs_reduce_range
+from pipeline.quantization.fusions import contrib_ops
 from pipeline.quantization.mixed_precision import rank_by_damage, rank_candidates, search
 from pipeline.quantization.qdq import QdqSettings, quantize_qdq
 from pipeline.quantization.recipe import Recipe, choose_recipe, irregular_tensor_nodes
@@ -124,6 +125,7 @@ class QuantizeStage:
                 "reduce_range": settings.reduce_range,
                 "reduce_range_reason": reduce_range_reason,
                 "power_of_two_scales": settings.power_of_two,
+                "fused_ops": dict(sorted(contrib_ops(graph).items())),
                 "kept_float": kept,
                 "mixed_precision_probes": probes,
                 "nodes": len(graph.node),
@@ -227,6 +229,7 @@ def quantization_settings(job: ConversionJob, targets: list[Target]) -> tuple[Qd
             if options.power_of_two_scales is not None
             else any(c.power_of_two_scales for c in constraints)
         ),
+        fuse_gelu=options.fuse_gelu and all(target.backend.capabilities.contrib_ops for target in targets),
     )
     return settings, reason
 
