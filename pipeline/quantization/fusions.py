@@ -46,7 +46,10 @@ def fuse_gelu(model: onnx.ModelProto) -> dict[str, int]:
     wrapped = OnnxModel(model)
     # Each apply() removes the nodes it fused (never a graph input, unlike OnnxModel.prune_graph).
     FusionGelu(wrapped).apply()
-    FusionBiasGelu(wrapped, is_fastgelu=False).apply()
+    # FusionBiasGelu takes every node named Gelu into the exact (erf) BiasGelu: an ONNX Gelu with
+    # the tanh approximation (opset 20 and later) would change its function, so then it is skipped.
+    if not any(_is_tanh_gelu(node) for node in model.graph.node):
+        FusionBiasGelu(wrapped, is_fastgelu=False).apply()
     wrapped.topological_sort()
     fused = contrib_ops(model.graph) - before
     if fused and not any(entry.domain == CONTRIB_DOMAIN for entry in model.opset_import):
@@ -59,3 +62,8 @@ def fuse_gelu(model: onnx.ModelProto) -> dict[str, int]:
 def contrib_ops(graph: onnx.GraphProto) -> Counter[str]:
     """The graph's ONNX Runtime contrib nodes, by op type."""
     return Counter(node.op_type for node in graph.node if node.domain == CONTRIB_DOMAIN)
+
+
+def _is_tanh_gelu(node: onnx.NodeProto) -> bool:
+    approximate = next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "approximate"), b"none")
+    return node.op_type == "Gelu" and node.domain in ("", "ai.onnx") and approximate == b"tanh"

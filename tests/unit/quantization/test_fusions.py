@@ -118,6 +118,31 @@ def test_a_model_without_gelu_is_left_alone() -> None:
     assert model.SerializeToString() == before
 
 
+def test_an_onnx_tanh_gelu_is_not_turned_into_the_exact_one(feeds: dict[str, np.ndarray]) -> None:
+    # Opset 20's Gelu with approximate="tanh" after a bias Add: BiasGelu (erf) would change it.
+    rng = np.random.default_rng(1)
+    weight = onnx.numpy_helper.from_array(rng.normal(size=(16, 16)).astype(np.float32), "w")
+    bias = onnx.numpy_helper.from_array(rng.normal(size=16).astype(np.float32), "b")
+    nodes = [
+        onnx.helper.make_node("MatMul", ["x", "w"], ["projected"]),
+        onnx.helper.make_node("Add", ["projected", "b"], ["biased"]),
+        onnx.helper.make_node("Gelu", ["biased"], ["y"], approximate="tanh"),
+    ]
+    graph = onnx.helper.make_graph(
+        nodes,
+        "tanh_gelu",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", "sequence", 16])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", "sequence", 16])],
+        [weight, bias],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 20)])
+    reference = run(model, feeds)
+
+    assert fuse_gelu(model) == {}
+    assert [node.op_type for node in model.graph.node] == ["MatMul", "Add", "Gelu"]
+    np.testing.assert_array_equal(run(model, feeds), reference)
+
+
 @pytest.mark.parametrize(
     ("targets", "option", "expected"),
     [
