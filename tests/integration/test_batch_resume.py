@@ -18,6 +18,7 @@ import pytest
 import tomli_w
 
 import pipeline
+from tests.integration.paced_feeds import PACE_ENV
 
 
 def _batch(manifest: Path, events: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
@@ -38,6 +39,7 @@ def _events(path: Path) -> list[dict[str, Any]]:
 @pytest.mark.slow
 def test_killed_batch_resumes_only_unfinished_stages(tmp_path: Path, digits_job: dict[str, Any]) -> None:
     job = {key: value for key, value in digits_job.items() if key not in ("name", "output_dir")}
+    job["calibration"] = {"factory": "tests.integration.paced_feeds:calibration_feeds"}
     manifest = tmp_path / "batch.toml"
     manifest.write_text(
         tomli_w.dumps(
@@ -55,8 +57,9 @@ def test_killed_batch_resumes_only_unfinished_stages(tmp_path: Path, digits_job:
     env = {**os.environ, "ONNXFORGE_CACHE_DIR": str(tmp_path / "cache")}
 
     # Run until the first job has finished simplify and started quantizing, then kill everything.
+    # Calibration is paced (8 batches x 0.25 s), so quantize is still running when the kill lands.
     first_events = tmp_path / "events1.jsonl"
-    process = _batch(manifest, first_events, env)
+    process = _batch(manifest, first_events, {**env, PACE_ENV: "0.25"})
     deadline = time.monotonic() + 240
     started_quantize = {"job": "first", "stage": "quantize", "status": "started"}
     while not any(started_quantize.items() <= event.items() for event in _events(first_events)):
