@@ -419,6 +419,8 @@ def _quant_summary(backend: object | None) -> str:
         parts.append("pow2 scales")
     if not constraints.per_channel_weights:
         parts.append("per-tensor weights")
+    if capabilities.contrib_ops:
+        parts.append("ORT contrib ops")
     return ", ".join(parts)
 
 
