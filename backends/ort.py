@@ -174,7 +174,7 @@ class OrtBackend:
                 providers=self.providers(spec),
                 provider_options=self.provider_options(spec),
             )
-        except Exception as e:  # noqa: BLE001 - ORT raises several unrelated exception types
+        except Exception as e:  # ORT raises several unrelated exception types
             raise BackendError(self.name, f"ONNX Runtime could not load {model.name}: {e}") from e
         logger.debug("opened %s on %s", model.name, session.get_providers())
         return session

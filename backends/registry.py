@@ -58,7 +58,7 @@ def _load(name: str, target: str) -> Backend:
     module_name, _, class_name = target.partition(":")
     try:
         backend = getattr(importlib.import_module(module_name), class_name)()
-    except Exception as e:  # noqa: BLE001 - a plugin may fail to import or construct in any way
+    except Exception as e:  # a plugin may fail to import or construct in any way
         raise BackendError(
             name,
             f"cannot load {target} ({type(e).__name__}: {e})",

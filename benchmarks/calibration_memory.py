@@ -92,10 +92,10 @@ def worker(model_path: Path, tool: str, samples: int) -> None:
     """Run one case and print its seconds and peak RSS as JSON."""
     # Imports and tokenizer set-up stay outside the timed part, for every case alike.
     list(feeds(16))
-    import onnxruntime.quantization.calibrate  # noqa: F401
+    import onnxruntime.quantization.calibrate
     import onnxruntime.quantization.quant_utils  # noqa: F401
 
-    import pipeline.calibration.collector  # noqa: F401
+    import pipeline.calibration.collector
     import pipeline.calibration.ranges  # noqa: F401
 
     start = time.perf_counter()

@@ -96,7 +96,7 @@ def main() -> None:
             options = FpgaOptions(profile=_profile(Path(folder), rounding))
             with FpgaBackend().open(int8, options) as session:
                 target = session.run({"image": images})["logits"]
-                emulator_ms = _best_ms(lambda: session.run({"image": images}))  # noqa: B023 - used at once
+                emulator_ms = _best_ms(lambda: session.run({"image": images}))  # used at once
             cpu_error = np.abs(cpu_int8 - reference).max()
             target_error = np.abs(target - reference).max()
             table.add_row(

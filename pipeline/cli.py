@@ -506,7 +506,7 @@ def main() -> None:
         app()
     except SystemExit:
         raise
-    except Exception as e:  # noqa: BLE001 - last resort: say what broke, exit "internal error"
+    except Exception as e:  # last resort: say what broke, exit "internal error"
         stderr.print("[red]internal error:[/]", end=" ")
         stderr.print(f"{type(e).__name__}: {e}", markup=False, highlight=False)
         logging.getLogger(__name__).debug("internal error", exc_info=True)

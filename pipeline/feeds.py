@@ -156,7 +156,7 @@ class FeedSource:
         factory = resolve_import(spec, self._python_path, origin=self._origin, key=self._key)
         try:
             produced = factory(**_accepted(factory, optional))
-        except Exception as e:  # noqa: BLE001 - user code; report whatever it raised
+        except Exception as e:  # user code; report whatever it raised
             raise JobError(self._origin, self._key, f"{spec} raised {type(e).__name__}: {e}") from e
         if not isinstance(produced, Iterable):
             raise JobError(

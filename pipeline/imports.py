@@ -52,7 +52,7 @@ def resolve_import(spec: str, folders: Sequence[Path], *, origin: str, key: str)
                 f"no module named {e.name!r}; expected an importable 'package.module:function' "
                 f"(searched first: {searched}; set python_path in the job)",
             ) from e
-        except Exception as e:  # noqa: BLE001 - any import-time failure is the user's module's
+        except Exception as e:  # any import-time failure is the user's module's
             problem = f"module {module_name!r} raised while importing: {type(e).__name__}: {e}"
             raise JobError(origin, key, problem) from e
     target: Any = module

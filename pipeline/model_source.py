@@ -81,7 +81,7 @@ def _check_onnx_file(job: ConversionJob, path: Path) -> None:
     """Parse the graph (not the weights) so that a corrupt file is bad input, caught up front."""
     try:
         onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # noqa: BLE001 - protobuf and onnx raise several types
+    except Exception as e:  # protobuf and onnx raise several types
         raise JobError(
             job.origin, "model.onnx", f"{path.name} is not a readable ONNX model ({type(e).__name__}: {first_line(e)})"
         ) from e
@@ -114,7 +114,7 @@ def build_module(
         raise JobError(job.origin, key, f"{spec!r} is not callable; expected a function returning an nn.Module")
     try:
         model = factory(**kwargs)
-    except Exception as e:  # noqa: BLE001 - the factory is user code; report whatever it raised
+    except Exception as e:  # the factory is user code; report whatever it raised
         raise JobError(job.origin, key, f"the factory raised {type(e).__name__}: {e}") from e
     if not isinstance(model, torch.nn.Module):
         raise JobError(job.origin, key, f"the factory returned {type(model).__name__}; expected a torch.nn.Module")
@@ -139,7 +139,7 @@ def _read_state_dict(job: ConversionJob, path: Path) -> Mapping[str, torch.Tenso
     if path.suffix in _SAFETENSORS_SUFFIXES:
         try:
             return safetensors.torch.load_file(str(path), device="cpu")
-        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        except Exception as e:  # safetensors raises its own error types
             raise JobError(job.origin, key, f"cannot read {path.name} as safetensors: {e}") from e
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
@@ -150,7 +150,7 @@ def _read_state_dict(job: ConversionJob, path: Path) -> Mapping[str, torch.Tenso
             f"{path.name} needs code to unpickle ({first_line(e)}); onnxforge loads checkpoints only with "
             f"torch.load(weights_only=True) and never falls back to unsafe loading; {_TO_SAFETENSORS}",
         ) from e
-    except Exception as e:  # noqa: BLE001 - torch.load raises many types for corrupt files
+    except Exception as e:  # torch.load raises many types for corrupt files
         raise JobError(job.origin, key, f"cannot read {path.name} as a PyTorch checkpoint: {e}") from e
     state_dict = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else loaded
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
@@ -187,7 +187,7 @@ def _load_exported_program(job: ConversionJob, path: Path) -> torch.export.Expor
             key,
             f"{path.name} needs code to unpickle ({first_line(e)}); onnxforge never loads it unsafely",
         ) from e
-    except Exception as e:  # noqa: BLE001 - torch.export.load raises many types for bad archives
+    except Exception as e:  # torch.export.load raises many types for bad archives
         raise JobError(job.origin, key, f"cannot load {path.name}: {type(e).__name__}: {first_line(e)}") from e
     logger.info("loaded ExportedProgram from %s", path.name)
     return program

@@ -247,7 +247,7 @@ def _run_stage(stage: Stage, ctx: StageContext, notify: ProgressCallback, cache:
         artifact = stage.run(ctx)
     except OnnxforgeError:
         raise
-    except Exception as e:  # noqa: BLE001 - anything unexpected becomes a StageError naming the stage
+    except Exception as e:  # anything unexpected becomes a StageError naming the stage
         raise StageError(stage.name, ctx.job.name, f"{type(e).__name__}: {e}") from e
     seconds = time.perf_counter() - start
     ctx.artifacts[stage.name] = artifact

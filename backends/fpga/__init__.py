@@ -206,6 +206,6 @@ def _has_vitis_ai() -> bool:
 def _load(model: Path) -> onnx.ModelProto:
     try:
         loaded = onnx.load(str(model))
-    except Exception as e:  # noqa: BLE001 - protobuf and IO errors both mean "cannot load"
+    except Exception as e:  # protobuf and IO errors both mean "cannot load"
         raise BackendError("fpga", f"cannot load {model.name}: {type(e).__name__}: {e}") from e
     return loaded

@@ -92,7 +92,7 @@ class RayExecutor(IsolatingExecutor):
                 )
             else:
                 ray.init(address=self._address, log_to_driver=False, configure_logging=False)
-        except Exception as e:  # noqa: BLE001 - Ray raises ConnectionError, RuntimeError, ...
+        except Exception as e:  # Ray raises ConnectionError, RuntimeError, ...
             where = self._address or "a local instance"
             raise BackendError("ray", f"cannot start or reach Ray at {where}: {e}", "check the address") from e
 

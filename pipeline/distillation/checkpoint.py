@@ -107,8 +107,8 @@ def load_checkpoint(path: Path) -> Checkpoint:
     try:
         with safetensors.safe_open(str(path), framework="pt") as archive:
             metadata = archive.metadata() or {}
-            tensors = {name: archive.get_tensor(name) for name in archive.keys()}  # noqa: SIM118 - not a dict
-    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+            tensors = {name: archive.get_tensor(name) for name in archive.keys()}  # not a dict
+    except Exception as e:  # safetensors raises its own error types
         raise ValueError(f"{path.name} is not a readable safetensors file: {e}") from e
     if metadata.get("format") != _FORMAT:
         raise ValueError(f"{path.name} is not an onnxforge distillation checkpoint")

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 import torch
-import torch.nn.functional as F  # noqa: N812 - the conventional name
+import torch.nn.functional as F  # the conventional name
 
 from pipeline.pruning.channels import Sink, attribute, constant, weight_axes
 from pipeline.pruning.probe import Probe, channel_rows

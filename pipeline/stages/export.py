@@ -112,7 +112,7 @@ class ExportStage:
         with torch.inference_mode():
             try:
                 outputs = named_outputs(model(*example))
-            except Exception as e:  # noqa: BLE001 - the model is user code
+            except Exception as e:  # the model is user code
                 raise StageError(self.name, ctx.job.name, f"the model failed on the example inputs: {e}") from e
         names = ctx.job.model.output_names or [name for name, _ in outputs]
         if len(names) != len(outputs):
@@ -134,7 +134,7 @@ class ExportStage:
         for exporter in order:
             try:
                 return _EXPORTERS[exporter](ctx, example, output_names, scratch), exporter, failures
-            except Exception as e:  # noqa: BLE001 - exporters fail in many ways; all are recorded
+            except Exception as e:  # exporters fail in many ways; all are recorded
                 failures[exporter] = _describe_failure(e)
                 logger.warning("%s exporter failed on %s: %s", exporter, job.name, failures[exporter])
                 if exporter == order[-1]:

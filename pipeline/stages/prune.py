@@ -96,7 +96,7 @@ class PruneStage:
             save_model(model, target, job.export.external_data_threshold_bytes, verify=check_model)
         except StageError:
             raise
-        except Exception as e:  # noqa: BLE001 - onnx-ir, ORT and numpy raise many types
+        except Exception as e:  # onnx-ir, ORT and numpy raise many types
             raise StageError(self.name, job.name, f"{type(e).__name__}: {first_line(e)}") from e
         logger.info(
             "prune %s: parameters %d -> %d, MACs %d -> %d",

@@ -76,7 +76,7 @@ class QuantizeStage:
         settings, reduce_range_reason = quantization_settings(job, ctx.targets)
         try:
             model = load_model_with_shape_infer(source)
-        except Exception as e:  # noqa: BLE001 - shape inference raises many types
+        except Exception as e:  # shape inference raises many types
             raise StageError(self.name, job.name, f"shape inference failed: {first_line(e)}") from e
         recipe = choose_recipe(model, options.op_types, options.exclude_nodes)
         op_types = set(recipe.op_types) if recipe.op_types else None
@@ -181,7 +181,7 @@ class QuantizeStage:
             )
         except JobError:
             raise
-        except Exception as e:  # noqa: BLE001 - ONNX Runtime raises several types
+        except Exception as e:  # ONNX Runtime raises several types
             detail = f"calibration failed: {type(e).__name__}: {first_line(e)}"
             raise StageError(self.name, ctx.job.name, detail) from e
         if use_cache:
@@ -203,7 +203,7 @@ class QuantizeStage:
     ) -> onnx.ModelProto:
         try:
             return quantize_qdq(model, ranges, settings, recipe.op_types, list(kept), only, recipe.quantize_outputs)
-        except Exception as e:  # noqa: BLE001 - ORT's quantizer raises many types
+        except Exception as e:  # ORT's quantizer raises many types
             detail = f"ONNX Runtime's QDQ quantizer failed: {type(e).__name__}: {first_line(e)}"
             raise StageError(self.name, job.name, detail) from e
 

@@ -52,7 +52,7 @@ class SimplifyStage:
             removed = ops_before - Counter(node.op_type for node in model.graph)
             # Checked by path (works past the 2 GiB protobuf limit) before it is moved into place.
             save_model(model, target, ctx.job.export.external_data_threshold_bytes, verify=check_model)
-        except Exception as e:  # noqa: BLE001 - optimizer and checker raise many types
+        except Exception as e:  # optimizer and checker raise many types
             raise StageError(self.name, ctx.job.name, f"{type(e).__name__}: {first_line(e)}") from e
         logger.info("simplify %s: nodes %d -> %d", ctx.job.name, before["nodes"], after["nodes"])
         # What went, by op type: folded BatchNorms, Identities, constant subgraphs, dead nodes.

@@ -358,10 +358,10 @@ class FakeDriver:
         self.init_status = init_status
         self.devices = devices
 
-    def cuInit(self, flags: int) -> int:  # noqa: N802 - the driver's name
+    def cuInit(self, flags: int) -> int:  # the driver's name
         return self.init_status
 
-    def cuDeviceGetCount(self, count: Any) -> int:  # noqa: N802 - the driver's name
+    def cuDeviceGetCount(self, count: Any) -> int:  # the driver's name
         count._obj.value = self.devices  # ctypes.byref(c_int) keeps the c_int as _obj
         return 0
 

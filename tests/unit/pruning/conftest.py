@@ -11,7 +11,7 @@ import onnxruntime as ort
 import onnxscript.optimizer
 import pytest
 import torch
-import torch.nn.functional as F  # noqa: N812
+import torch.nn.functional as F
 from onnx_ir.passes.common import ShapeInferencePass
 from torch import nn
 
