@@ -1,0 +1,13 @@
+"""Defaults that other parts of the code repeat (the CLI, `onnxforge parity`): defined here once."""
+
+from __future__ import annotations
+
+from typing import Final
+
+# Element-wise gate of float stages: |candidate - reference| <= atol + rtol * |reference|.
+DEFAULT_RTOL: Final = 1e-3
+DEFAULT_ATOL: Final = 1e-4
+# Task-level gate (int8, and comparisons given by hand): mean cosine per output.
+DEFAULT_MIN_COSINE: Final = 0.99
+# Samples per batch when reading an .npz.
+DEFAULT_BATCH_SIZE: Final = 32

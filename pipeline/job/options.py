@@ -1,0 +1,247 @@
+"""Stage options (distill, export, simplify, prune, quantize) and the targets a job validates on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, ValidationInfo, field_validator, model_validator
+
+from pipeline.job.base import DimName, FilePath, Identifier, ImportSpec, Section, resolve_path
+from pipeline.job.data import DataSource
+
+
+class ExportOptions(Section):
+    """Options of the export stage.
+
+    Attributes:
+        exporter: "dynamo" (torch.export based), "torchscript", or "auto": dynamo first,
+            TorchScript as a recorded fallback.
+        opset: ONNX opset of the exported graph.
+        ir_version: ONNX IR version written into the file (the exporter's when unset), for
+            runtimes that read only older files.
+        external_data_threshold_mb: Weights above this size are saved beside the model as
+            ``<model>.onnx.data`` (always above the 2 GiB protobuf limit).
+        check_shapes: Extra shapes export parity is checked at, each a table of dynamic dim
+            sizes (e.g. ``{batch = 1, sequence = 8}``); inputs for them are cut or tiled from
+            the first evaluation batch.
+    """
+
+    exporter: Literal["auto", "dynamo", "torchscript"] = "auto"
+    opset: int = Field(default=18, ge=13, le=23)
+    ir_version: int | None = Field(default=None, ge=7, le=12)
+    external_data_threshold_mb: float = Field(default=1024.0, gt=0, lt=2048)
+    check_shapes: list[dict[DimName, Annotated[int, Field(ge=1)]]] = Field(default_factory=list)
+
+    @property
+    def external_data_threshold_bytes(self) -> int:
+        """The threshold in bytes."""
+        return int(self.external_data_threshold_mb * 2**20)
+
+
+class SimplifyOptions(Section):
+    """Options of the simplify stage (constant folding, dead-code removal)."""
+
+    enabled: bool = True
+
+
+class QuantizeOptions(Section):
+    """Options of the static int8 quantization stage (QDQ format).
+
+    Attributes:
+        enabled: Run the stage.
+        per_channel: One scale per output channel for weights (unless a target forbids it).
+        activation_type: Activation element type (unset: uint8, or int8 when a target needs it).
+        weight_type: Weight element type.
+        activation_symmetric: Symmetric activation ranges (zero point 0); also forced by targets
+            that need it.
+        calibration_method: How activation ranges come from the calibration statistics:
+            "minmax", "percentile", "entropy" (KL) or "mse" (least expected squared error).
+        percentile: The percentile of the "percentile" method.
+        op_types: Quantize only these op types (unset: chosen by model family; transformers get
+            MatMul / Gemm).
+        exclude_nodes: Node names kept in float.
+        reduce_range: 7-bit weights (unset: on x86 CPUs without VNNI).
+        power_of_two_scales: Every scale a power of two (unset: when a target needs it).
+        mixed_precision: Keep the fewest nodes float needed to meet the int8 parity policy.
+        max_float_share: At most this share of the quantizable nodes may stay float; past it
+            the policy is reported as missed rather than met by a model that is barely int8.
+        calibration_cache: Reuse statistics for the same model and data
+            ($ONNXFORGE_CACHE_DIR, else ~/.cache/onnxforge).
+        fuse_gelu: In the int8 model, fuse each float GELU (and the bias Add before it) into
+            ONNX Runtime's Gelu / BiasGelu kernel, when every target runs ONNX Runtime contrib ops.
+    """
+
+    enabled: bool = True
+    per_channel: bool = True
+    activation_type: Literal["uint8", "int8"] | None = None
+    weight_type: Literal["int8", "uint8"] = "int8"
+    activation_symmetric: bool = False
+    calibration_method: Literal["minmax", "percentile", "entropy", "mse"] = "mse"
+    percentile: float = Field(default=99.999, gt=50, lt=100)
+    op_types: list[Identifier] | None = None
+    exclude_nodes: list[str] = Field(default_factory=list)
+    reduce_range: bool | None = None
+    power_of_two_scales: bool | None = None
+    mixed_precision: bool = True
+    max_float_share: float = Field(default=0.5, ge=0, le=1)
+    calibration_cache: bool = True
+    fuse_gelu: bool = True
+
+
+Ratio = Annotated[float, Field(ge=0, lt=1)]
+
+
+class StructuredPruning(Section):
+    """Structured channel pruning: whole output channels removed, so the graph really shrinks.
+
+    Attributes:
+        ratio: Share of channels removed: from every prunable layer (scope "layer"), or from all
+            of them together (scope "global"); 0: none but those in `layers`.
+        scope: ``layer``: each layer loses `ratio` of its channels; ``global``: channels are
+            ranked across layers (scores normalised per layer), so redundant layers lose more.
+        layers: Per-layer ratios by layer or node name; glob patterns (``features.*``) allowed.
+            The first matching pattern wins over `ratio`.
+        skip: Layers (names or glob patterns) left whole.
+        criterion: How channels are ranked: ``l1`` / ``l2`` weight norm, or ``activation``
+            (mean |activation| on the calibration data times the next layer's weights on it).
+        round_to: Channel counts kept are a multiple of this (hardware vector width).
+        recovery: Re-fit the layers after the removed channels by least squares on the
+            calibration data so their outputs match the unpruned model's.
+        mask_input: The model input holding a [batch, sequence] token mask (1: real token);
+            padding positions are left out of the activation scores and the re-fit. Ignored
+            when the model has no such input; "" turns it off.
+    """
+
+    ratio: Ratio = 0.0
+    scope: Literal["layer", "global"] = "layer"
+    layers: dict[str, Ratio] = Field(default_factory=dict)
+    skip: list[str] = Field(default_factory=list)
+    criterion: Literal["l1", "l2", "activation"] = "activation"
+    round_to: int = Field(default=1, ge=1, le=1024)
+    recovery: bool = True
+    mask_input: str = "attention_mask"
+
+
+class SparsityOptions(Section):
+    """Weight sparsity by magnitude: zeros stored densely (smaller compressed, not faster on CPU).
+
+    Attributes:
+        pattern: ``unstructured`` (the smallest weights anywhere) or ``n:m`` (in every run of
+            `m` weights along the input channels, the `n` largest are kept; 2:4 by default).
+        ratio: Share of weights zeroed (unstructured).
+        n: Weights kept per run (n:m).
+        m: Run length (n:m).
+        scope: ``layer`` (each layer loses `ratio`) or ``global`` (one threshold for all layers).
+        skip: Layers (names or glob patterns) left dense.
+    """
+
+    pattern: Literal["unstructured", "n:m"] = "unstructured"
+    ratio: Ratio = 0.5
+    n: int = Field(default=2, ge=1)
+    m: int = Field(default=4, ge=2, le=64)
+    scope: Literal["layer", "global"] = "layer"
+    skip: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _n_below_m(self) -> SparsityOptions:
+        if self.n >= self.m:
+            raise ValueError(f"n must be smaller than m (got n={self.n}, m={self.m})")
+        return self
+
+
+class PruneOptions(Section):
+    """Options of the prune stage (after simplify, before quantize); it runs when a part is set.
+
+    Attributes:
+        enabled: Run the stage.
+        structured: Channel pruning (unset: none).
+        sparsity: Weight sparsity, applied after channel pruning (unset: none).
+    """
+
+    enabled: bool = True
+    structured: StructuredPruning | None = None
+    sparsity: SparsityOptions | None = None
+
+    @property
+    def active(self) -> bool:
+        """Whether the stage has anything to do."""
+        return self.enabled and (self.structured is not None or self.sparsity is not None)
+
+
+class DistillOptions(Section):
+    """Knowledge distillation, before export: a smaller student learns to imitate the job's model
+    (the teacher), and the student is what the rest of the pipeline converts.
+
+    Attributes:
+        enabled: Run the stage.
+        student: "package.module:function" returning the untrained student ``torch.nn.Module``; it
+            takes the teacher's inputs and returns outputs of the teacher's shapes.
+        student_kwargs: Keyword arguments passed to the student factory.
+        data: Training batches: the model inputs, and class labels under ``labels`` for classifiers.
+            An .npz is reshuffled every epoch (seeded); a factory may take an ``epoch`` keyword
+            (1-based; checks and hashes read epoch 1) to reshuffle its own batches.
+        validation: Held-out batches for the per-epoch metric, the best-epoch choice and early
+            stopping (unset: the job's evaluation data, which the report then also measures on).
+        loss: ``kd`` (temperature-scaled KL to the teacher's softened outputs, mixed with
+            cross-entropy on labels), ``mse`` or ``cosine`` distance to the teacher's outputs, or
+            ``auto``: kd for classifiers, cosine for embeddings, mse otherwise.
+        temperature: Softening temperature T of kd; its KL term is scaled by T squared.
+        alpha: Weight of the label cross-entropy in kd: ``alpha * CE + (1 - alpha) * T^2 * KL``
+            (1: labels alone, no teacher; ignored when the data has no labels).
+        epochs: Most passes over the training data.
+        optimizer: ``adamw``, ``adam`` or ``sgd`` (with Nesterov momentum).
+        learning_rate: Peak learning rate.
+        schedule: ``cosine`` decay to zero over `epochs`, or ``constant``.
+        weight_decay: Weight decay of the optimizer.
+        momentum: Momentum of ``sgd``.
+        seed: Seeds the student's initialisation, the data order and dropout: the same seed and
+            data give the same student.
+        patience: Stop after this many epochs without a better held-out metric (0: never).
+        checkpoint_dir: Where a safetensors checkpoint is written after every epoch, and resumed
+            from after an interruption (unset: ``<output_dir>.checkpoints`` beside the output).
+        resume: Continue from the last checkpoint of the same teacher, student, data and settings.
+    """
+
+    enabled: bool = True
+    student: ImportSpec
+    student_kwargs: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    data: DataSource
+    validation: DataSource | None = None
+    loss: Literal["auto", "kd", "mse", "cosine"] = "auto"
+    temperature: float = Field(default=4.0, gt=0, le=100)
+    alpha: float = Field(default=0.5, ge=0, le=1)
+    epochs: int = Field(default=30, ge=1, le=100_000)
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    learning_rate: float = Field(default=2e-3, gt=0, lt=10)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    weight_decay: float = Field(default=1e-4, ge=0, lt=1)
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    seed: int = Field(default=0, ge=0, lt=2**63)
+    patience: int = Field(default=8, ge=0)
+    checkpoint_dir: FilePath | None = None
+    resume: bool = True
+
+    @field_validator("checkpoint_dir")
+    @classmethod
+    def _resolve_checkpoint_dir(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        return None if value is None else resolve_path(value, info)
+
+    def training_settings(self) -> dict[str, Any]:
+        """The settings a trained student depends on (where checkpoints live and resuming do not)."""
+        return self.model_dump(mode="json", exclude={"enabled", "checkpoint_dir", "resume", "data", "validation"})
+
+
+class TargetSpec(Section):
+    """A backend to validate the converted models on.
+
+    Attributes:
+        backend: A registered backend name (see ``onnxforge backends``).
+        options: Backend options, validated by that backend's own options model.
+        max_fallback: Fail the job when a larger share of the final model's compute nodes runs
+            somewhere other than the backend's preferred device (unset: report only).
+    """
+
+    backend: Identifier
+    options: dict[str, str | int | float | bool | list[str]] = Field(default_factory=dict)
+    max_fallback: float | None = Field(default=None, ge=0.0, le=1.0)

@@ -1,0 +1,161 @@
+"""Parity policies: the pass/fail rule of each precision, per output overrides, and which applies where."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from pipeline.job.base import Identifier, Section
+from pipeline.job.defaults import DEFAULT_ATOL, DEFAULT_MIN_COSINE, DEFAULT_RTOL
+
+# What a link in the chain compares. fp32: export and simplify, element-wise; distilled: the student
+# against the teacher; pruned: the pruned model; int8: the quantized model; task: two models compared
+# by hand with `onnxforge parity`.
+Precision = Literal["fp32", "distilled", "pruned", "int8", "task"]
+# A section of a job file's [parity] table (and of each [parity.outputs.<name>] table).
+SectionName = Literal["fp32", "distill", "prune", "int8"]
+# The job-file section that judges each precision; "task" comparisons take the int8 section's
+# rule shape (task-level checks, no element-wise bound).
+POLICY_SECTIONS: dict[Precision, SectionName] = {
+    "fp32": "fp32",
+    "distilled": "distill",
+    "pruned": "prune",
+    "int8": "int8",
+    "task": "int8",
+}
+
+
+class Fp32Policy(Section):
+    """Element-wise gate for float stages (export, simplify): ``|c - r| <= atol + rtol * |r|``."""
+
+    atol: float = Field(default=DEFAULT_ATOL, ge=0)
+    rtol: float = Field(default=DEFAULT_RTOL, ge=0)
+
+
+class TaskPolicy(Section):
+    """Task-level gate for a model that is not expected to match element-wise; unset checks are
+    not applied.
+
+    Attributes:
+        min_cosine: Lowest cosine similarity per output (flattened per sample, averaged).
+        min_snr_db: Lowest signal-to-noise ratio in dB.
+        min_top1_agreement: Lowest share of samples whose argmax matches the reference.
+        max_accuracy_drop: Largest top-1 accuracy drop in points vs the model before the stage
+            (needs labels).
+    """
+
+    min_cosine: float | None = Field(default=DEFAULT_MIN_COSINE, ge=-1, le=1)
+    min_snr_db: float | None = None
+    min_top1_agreement: float | None = Field(default=None, ge=0, le=1)
+    max_accuracy_drop: float | None = Field(default=None, ge=0)
+
+
+class Int8Policy(TaskPolicy):
+    """The int8 model's gate (cosine >= 0.99 unless set)."""
+
+
+class PrunePolicy(TaskPolicy):
+    """The pruned model's gate: judged on the task, since pruning changes outputs by design.
+
+    By default a classifier may lose at most 1 point of top-1 accuracy, and every output keeps a
+    mean cosine of at least 0.9 to the unpruned model's (embeddings: set a tighter bound).
+    """
+
+    min_cosine: float | None = Field(default=0.9, ge=-1, le=1)
+    max_accuracy_drop: float | None = Field(default=1.0, ge=0)
+
+
+class DistillPolicy(TaskPolicy):
+    """The distilled student's gate against the teacher (PyTorch both): judged on the task.
+
+    By default a classifier student may lose at most 1 point of top-1 accuracy; its outputs are
+    not held to a cosine, since a student's logits need not be the teacher's (set one for
+    embedding students).
+    """
+
+    min_cosine: float | None = Field(default=None, ge=-1, le=1)
+    max_accuracy_drop: float | None = Field(default=1.0, ge=0)
+
+
+class OutputPolicy(Section):
+    """Rules for one output that replace the job-wide ones (unset: the job-wide rule).
+
+    Attributes:
+        fp32: Export and simplify.
+        distill: The distilled student against the teacher.
+        prune: The pruned model.
+        int8: The quantized model.
+    """
+
+    fp32: Fp32Policy | None = None
+    distill: DistillPolicy | None = None
+    prune: PrunePolicy | None = None
+    int8: Int8Policy | None = None
+
+    def section(self, precision: Precision) -> Fp32Policy | TaskPolicy | None:
+        """The rule this output sets for a precision (None: it takes the job-wide rule).
+
+        Args:
+            precision: What the link compares.
+        """
+        match POLICY_SECTIONS[precision]:
+            case "fp32":
+                return self.fp32
+            case "distill":
+                return self.distill
+            case "prune":
+                return self.prune
+            case "int8":
+                return self.int8
+
+
+class ParityPolicy(Section):
+    """Pass/fail rules per precision, and when to localise the error.
+
+    Attributes:
+        fp32: Export and simplify.
+        distill: The distilled student against the teacher.
+        prune: The pruned model.
+        int8: The quantized model.
+        outputs: Per-output rules by output name, e.g. ``[parity.outputs.logits.int8]``.
+        localize: Compare intermediate tensors to find where the error enters: ``on_failure``
+            (for each failed comparison between two ONNX models), ``always``, or ``never``.
+        localize_batches: Evaluation batches the localisation runs on.
+    """
+
+    fp32: Fp32Policy = Field(default_factory=Fp32Policy)
+    distill: DistillPolicy = Field(default_factory=DistillPolicy)
+    prune: PrunePolicy = Field(default_factory=PrunePolicy)
+    int8: Int8Policy = Field(default_factory=Int8Policy)
+    outputs: dict[Identifier, OutputPolicy] = Field(default_factory=dict)
+    localize: Literal["on_failure", "always", "never"] = "on_failure"
+    localize_batches: int = Field(default=1, ge=1)
+
+    def section(self, precision: Precision) -> Fp32Policy | TaskPolicy:
+        """The job-wide rule of a precision.
+
+        Args:
+            precision: What the link compares.
+        """
+        match POLICY_SECTIONS[precision]:
+            case "fp32":
+                return self.fp32
+            case "distill":
+                return self.distill
+            case "prune":
+                return self.prune
+            case "int8":
+                return self.int8
+
+    def for_link(self, precision: Precision, output: str) -> Fp32Policy | TaskPolicy:
+        """The rule judging one output on a link of a precision: that output's override of the
+        precision's section when it sets one, else the job-wide rule.
+
+        Args:
+            precision: What the link compares.
+            output: The output's name.
+        """
+        override = self.outputs.get(output)
+        rule = override.section(precision) if override is not None else None
+        return rule if rule is not None else self.section(precision)
