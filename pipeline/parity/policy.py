@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import BaseModel, ConfigDict
 
 from pipeline.job import Fp32Policy, TaskPolicy
+from pipeline.job import Precision as Precision  # defined with the policies, re-exported here
 from pipeline.parity.metrics import OutputMetrics
-
-# fp32: element-wise (export, simplify); distilled (student vs teacher), pruned and int8: task-level,
-# each with its own policy; task: a task-level comparison of two models given by hand (`onnxforge parity`).
-Precision = Literal["fp32", "distilled", "pruned", "int8", "task"]
 
 
 class Check(BaseModel):
