@@ -13,11 +13,27 @@ output, LayerNorm, a Reshape that splits heads, Softmax, ...) is *blocked* with 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
+
+# The records and node helpers live beside the walk; importers keep reading them from here.
+from pipeline.pruning.groups import ChannelAnalysis, ChannelGroup, Layout, Segment, Sink, SliceRecord
+from pipeline.pruning.nodes import attribute, constant, is_depthwise, layer_name, static_dim, weight_axes
+
+__all__ = [
+    "ChannelAnalysis",
+    "ChannelGroup",
+    "Layout",
+    "Segment",
+    "SliceRecord",
+    "Sink",
+    "analyse_channels",
+    "attribute",
+    "constant",
+    "layer_name",
+    "weight_axes",
+]
 
 # Ops that act on each channel separately and keep the tensor's layout (output 0 only).
 _PER_CHANNEL_UNARY = frozenset(
@@ -34,180 +50,6 @@ _ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div", "Max", "Min", "Pow", "PRel
 _POOLS = frozenset({"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "GlobalLpPool"})
 # Per-channel parameter inputs of normalisations over axis 1.
 _CHANNEL_PARAMETERS = {"BatchNormalization": (1, 2, 3, 4), "InstanceNormalization": (1, 2)}
-
-
-@dataclass(frozen=True)
-class Segment:
-    """A run of positions along a tensor's channel axis that come from one space.
-
-    Attributes:
-        space: The channel space (None: channels from an unpruned source, always kept).
-        size: Channels in the run.
-        repeat: Consecutive positions per channel (H*W after flattening NCHW, else 1).
-    """
-
-    space: int | None
-    size: int
-    repeat: int = 1
-
-    @property
-    def width(self) -> int:
-        """Positions the run occupies."""
-        return self.size * self.repeat
-
-
-@dataclass(frozen=True)
-class Layout:
-    """How a tensor's channel axis maps to channel spaces.
-
-    Attributes:
-        segments: The runs along the axis, in order.
-        axis: The channel axis, counted from the end (negative), which broadcasting preserves.
-    """
-
-    segments: tuple[Segment, ...]
-    axis: int
-
-    @property
-    def width(self) -> int:
-        """Length of the channel axis."""
-        return sum(segment.width for segment in self.segments)
-
-    def positions(self, kept: dict[int, np.ndarray]) -> np.ndarray | None:
-        """Indices along the axis that survive when each space keeps `kept[space]`.
-
-        Returns:
-            The surviving positions, ascending; None when nothing is removed.
-        """
-        parts, offset, removed = [], 0, False
-        for segment in self.segments:
-            channels = kept.get(segment.space) if segment.space is not None else None
-            if channels is None:
-                channels = np.arange(segment.size)
-            else:
-                removed = removed or len(channels) < segment.size
-            runs = offset + channels[:, None] * segment.repeat + np.arange(segment.repeat)[None, :]
-            parts.append(runs.reshape(-1))
-            offset += segment.width
-        return np.concatenate(parts).astype(np.int64) if removed else None
-
-
-@dataclass(frozen=True)
-class SliceRecord:
-    """A constant input of a node to slice along one axis when channels go.
-
-    Attributes:
-        node: The node reading the constant.
-        input_index: Which input.
-        axis: The constant's axis that indexes the channels.
-        layout: The channel layout of that axis.
-        role: ``producer`` (output channels), ``sink`` (input channels of a reducing layer)
-            or ``follower`` (per-channel parameters on the way).
-        groups: For the input channels of a grouped Conv: its group count (the weight holds
-            each output group's own slice of the inputs).
-    """
-
-    node: ir.Node
-    input_index: int
-    axis: int
-    layout: Layout
-    role: Literal["producer", "sink", "follower"]
-    groups: int = 1
-
-
-@dataclass(frozen=True)
-class Sink:
-    """A layer that reduces over pruned channels: its weights can be re-fitted (recovery).
-
-    Attributes:
-        node: The Conv (group 1), Gemm or MatMul.
-        layout: The layout of its data input's channel axis.
-    """
-
-    node: ir.Node
-    layout: Layout
-
-
-@dataclass
-class ChannelGroup:
-    """Spaces tied together: they keep and lose the same channels.
-
-    Attributes:
-        space: The group's representative space.
-        channels: Channels in the group.
-        producers: The nodes that compute these channels.
-        blocked: Why the channels cannot be removed (None: prunable).
-        sinks: Layers reading these channels (for the activation score and recovery).
-        partitions: Grouped convolutions split the channels into this many equal blocks, and
-            each block must lose the same number of channels.
-    """
-
-    space: int
-    channels: int
-    producers: list[ir.Node] = field(default_factory=list)
-    blocked: str | None = None
-    sinks: list[Sink] = field(default_factory=list)
-    partitions: int = 1
-
-    @property
-    def name(self) -> str:
-        """The first producer's layer name."""
-        return layer_name(self.producers[0])
-
-    def names(self) -> set[str]:
-        """Every name a job may use for this group: producers' layer and node names."""
-        return {layer_name(node) for node in self.producers} | {node.name or "" for node in self.producers}
-
-
-@dataclass
-class ChannelAnalysis:
-    """The result of the walk: spaces, what to slice, and what blocks.
-
-    Attributes:
-        groups: One per set of tied spaces, in graph order of their first producer.
-        records: Constant slices to apply.
-        depthwise: Depthwise Convs whose ``group`` follows the channel count.
-        reshapes: Reshapes into a Gemm whose target shape holds the flattened width.
-        space_of: Each space's group representative.
-    """
-
-    groups: list[ChannelGroup]
-    records: list[SliceRecord]
-    depthwise: list[tuple[ir.Node, Layout]]
-    reshapes: list[tuple[ir.Node, int, Layout]]
-    space_of: dict[int, int]
-
-    def group(self, space: int) -> ChannelGroup:
-        """The group a space belongs to."""
-        root = self.space_of[space]
-        return next(group for group in self.groups if group.space == root)
-
-
-def layer_name(node: ir.Node) -> str:
-    """A readable layer name: the weight's name (``features.3``), the bias's, or the node's."""
-    for value in node.inputs[1:]:
-        if value is not None and value.is_initializer() and not (value.name or "").startswith("val_"):
-            return _strip_suffix(value.name or "")
-    for consumer in node.outputs[0].consumers():
-        if consumer.op_type == "Add":
-            for value in consumer.inputs:
-                if value is not None and value.is_initializer() and (value.name or "").endswith(".bias"):
-                    return _strip_suffix(value.name or "")
-    return node.name or node.op_type
-
-
-def _strip_suffix(name: str) -> str:
-    for suffix in (".weight", ".bias"):
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
-def constant(value: ir.Value | None) -> np.ndarray | None:
-    """The value's constant data, if it is a constant (initializer) and not an overridable input."""
-    if value is None or value.const_value is None or value.is_graph_input():
-        return None
-    return value.const_value.numpy()
 
 
 class _Walk:
@@ -297,39 +139,57 @@ class _Walk:
                 self.block(self.layouts[value], f"reaches the graph output {value.name}")
 
     def visit(self, node: ir.Node, tracked: list[tuple[int, Layout]]) -> None:
+        """Carry the layouts of a node's tracked inputs to its output, or block them."""
         op = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
-        layout = tracked[0][1]
         data_only = [index for index, _ in tracked] == [0]
-        if op in _PER_CHANNEL_UNARY and data_only:
-            if len(node.outputs) > 1 and any(o.uses() for o in node.outputs[1:]):
-                self.block(layout, f"{op} node {node.name} has a second output in use")
-            else:
-                self.layouts[node.outputs[0]] = layout
-        elif op in _POOLS and data_only and self._channel_first(node.inputs[0], layout):
-            if len(node.outputs) > 1 and node.outputs[1].uses():
-                self.block(layout, f"{op} node {node.name} returns indices")
-            else:
-                self.layouts[node.outputs[0]] = layout
-        elif op in _CHANNEL_PARAMETERS and data_only and self._channel_first(node.inputs[0], layout):
-            if not all(constant(node.inputs[i]) is not None for i in _CHANNEL_PARAMETERS[op]):
-                self.block(layout, f"{op} node {node.name} has non-constant parameters")
-                return
-            for index in _CHANNEL_PARAMETERS[op]:
-                self.records.append(SliceRecord(node, index, 0, layout, "follower"))
-            self.layouts[node.outputs[0]] = layout
-        elif op in _ELEMENTWISE:
+        if data_only and self.visit_data_input(node, op, tracked[0][1]):
+            return
+        if op in _ELEMENTWISE:
             self.elementwise(node, tracked)
         elif op == "Concat":
             self.concat(node, tracked)
-        elif op in ("Flatten", "Reshape") and data_only:
-            self.flatten(node, layout)
-        elif op == "Conv" and data_only:
-            self.conv_input(node, layout)
-        elif op in ("Gemm", "MatMul") and data_only:
-            self.matmul_input(node, layout)
         else:
             for _, each in tracked:
                 self.block(each, f"feeds {op} node {node.name}")
+
+    def visit_data_input(self, node: ir.Node, op: str, layout: Layout) -> bool:
+        """Follow a layout that reaches only the node's data input (input 0).
+
+        Returns:
+            Whether the op is one followed this way (False: the caller handles it or blocks).
+        """
+        if op in _PER_CHANNEL_UNARY:
+            self.keep_layout(node, layout, f"{op} node {node.name} has a second output in use")
+        elif op in _POOLS and self._channel_first(node.inputs[0], layout):
+            self.keep_layout(node, layout, f"{op} node {node.name} returns indices")
+        elif op in _CHANNEL_PARAMETERS and self._channel_first(node.inputs[0], layout):
+            self.normalisation(node, op, layout)
+        elif op in ("Flatten", "Reshape"):
+            self.flatten(node, layout)
+        elif op == "Conv":
+            self.conv_input(node, layout)
+        elif op in ("Gemm", "MatMul"):
+            self.matmul_input(node, layout)
+        else:
+            return False
+        return True
+
+    def keep_layout(self, node: ir.Node, layout: Layout, extra_output: str) -> None:
+        """A per-channel op: output 0 has the input's layout; blocked (`extra_output`) when a further
+        output (a pool's indices, say) is in use, since it is not followed."""
+        if any(output.uses() for output in node.outputs[1:]):
+            self.block(layout, extra_output)
+        else:
+            self.layouts[node.outputs[0]] = layout
+
+    def normalisation(self, node: ir.Node, op: str, layout: Layout) -> None:
+        """BatchNormalization / InstanceNormalization over axis 1: its per-channel parameters follow."""
+        if not all(constant(node.inputs[i]) is not None for i in _CHANNEL_PARAMETERS[op]):
+            self.block(layout, f"{op} node {node.name} has non-constant parameters")
+            return
+        for index in _CHANNEL_PARAMETERS[op]:
+            self.records.append(SliceRecord(node, index, 0, layout, "follower"))
+        self.layouts[node.outputs[0]] = layout
 
     def maybe_produce(self, node: ir.Node) -> None:
         """Give a Conv / Gemm / MatMul with constant weights a new output channel space."""
@@ -338,37 +198,44 @@ class _Walk:
         weight = constant(node.inputs[1]) if len(node.inputs) > 1 else None
         if weight is None or weight.ndim < 2:
             return
-        output = node.outputs[0]
-        rank = len(output.shape) if output.shape is not None else None
-        if node.op_type == "Conv" and rank is not None:
-            group = attribute(node, "group", 1)
-            if _is_depthwise(node, weight):
-                return  # its channels are its input's (handled in conv_input)
-            space = self.new_space(weight.shape[0], node)
-            if group > 1:  # each group keeps the same number of output channels
-                self.partition(space, group, node)
-            layout = Layout((Segment(space, weight.shape[0]),), 1 - rank)
-            self.records.append(SliceRecord(node, 1, 0, layout, "producer"))
-            if len(node.inputs) > 2 and node.inputs[2] is not None:
-                self.records.append(SliceRecord(node, 2, 0, layout, "producer"))
-            self.layouts[output] = layout
+        shape = node.outputs[0].shape
+        if node.op_type == "Conv" and shape is not None:
+            self.produce_conv(node, weight, len(shape))
         elif node.op_type == "Gemm" and not attribute(node, "transA", 0) and weight.ndim == 2:
-            out_axis = weight_axes(node)[1]
-            channels = weight.shape[out_axis]
-            space = self.new_space(channels, node)
-            layout = Layout((Segment(space, channels),), -1)
-            self.records.append(SliceRecord(node, 1, out_axis, layout, "producer"))
-            bias = node.inputs[2] if len(node.inputs) > 2 else None
-            if bias is not None and constant(bias) is None:
-                self.block(layout, f"Gemm node {node.name} adds a non-constant C")
-            elif bias is not None:
-                self._follow_constant(node, 2, layout)
-            self.layouts[output] = layout
+            self.produce_gemm(node, weight)
         elif node.op_type == "MatMul" and weight.ndim == 2:
             space = self.new_space(weight.shape[1], node)
             layout = Layout((Segment(space, weight.shape[1]),), -1)
             self.records.append(SliceRecord(node, 1, 1, layout, "producer"))
-            self.layouts[output] = layout
+            self.layouts[node.outputs[0]] = layout
+
+    def produce_conv(self, node: ir.Node, weight: np.ndarray, rank: int) -> None:
+        """A Conv's output channels (weight axis 0, and the bias) as a new space."""
+        if is_depthwise(node, weight):
+            return  # its channels are its input's (handled in conv_input)
+        group = attribute(node, "group", 1)
+        space = self.new_space(weight.shape[0], node)
+        if group > 1:  # each group keeps the same number of output channels
+            self.partition(space, group, node)
+        layout = Layout((Segment(space, weight.shape[0]),), 1 - rank)
+        self.records.append(SliceRecord(node, 1, 0, layout, "producer"))
+        if len(node.inputs) > 2 and node.inputs[2] is not None:
+            self.records.append(SliceRecord(node, 2, 0, layout, "producer"))
+        self.layouts[node.outputs[0]] = layout
+
+    def produce_gemm(self, node: ir.Node, weight: np.ndarray) -> None:
+        """A Gemm's output channels as a new space; a constant C follows them."""
+        out_axis = weight_axes(node)[1]
+        channels = weight.shape[out_axis]
+        space = self.new_space(channels, node)
+        layout = Layout((Segment(space, channels),), -1)
+        self.records.append(SliceRecord(node, 1, out_axis, layout, "producer"))
+        bias = node.inputs[2] if len(node.inputs) > 2 else None
+        if bias is not None and constant(bias) is None:
+            self.block(layout, f"Gemm node {node.name} adds a non-constant C")
+        elif bias is not None:
+            self._follow_constant(node, 2, layout)
+        self.layouts[node.outputs[0]] = layout
 
     def elementwise(self, node: ir.Node, tracked: list[tuple[int, Layout]]) -> None:
         layouts = [layout for _, layout in tracked]
@@ -415,7 +282,7 @@ class _Walk:
             if index in layouts and layouts[index].axis == channel_axis:
                 segments.extend(layouts[index].segments)
                 continue
-            width = _static_dim(value, channel_axis)
+            width = static_dim(value, channel_axis)
             if index in layouts or width is None:
                 for _, layout in tracked:
                     self.block(layout, f"Concat node {node.name} has an input of unknown channel count")
@@ -432,7 +299,7 @@ class _Walk:
             self.block(layout, why)
             return
         first = rank + layout.axis
-        trailing = [_static_dim(source, axis - rank) for axis in range(first + 1, rank)]
+        trailing = [static_dim(source, axis - rank) for axis in range(first + 1, rank)]
         if any(dim is None for dim in trailing):
             self.block(layout, why)
             return
@@ -449,7 +316,7 @@ class _Walk:
                 and all(
                     int(d) == -1
                     or (int(d) == 0 and not attribute(node, "allowzero", 0))
-                    or int(d) == _static_dim(source, i - rank)
+                    or int(d) == static_dim(source, i - rank)
                     for i, d in enumerate(shape[:first])
                 )
             )
@@ -470,7 +337,7 @@ class _Walk:
         if group == 1 and weight.shape[1] == layout.width:
             self.records.append(SliceRecord(node, 1, 1, layout, "sink"))
             self.sinks.append(Sink(node, layout))
-        elif _is_depthwise(node, weight) and weight.shape[0] == layout.width:
+        elif is_depthwise(node, weight) and weight.shape[0] == layout.width:
             self.records.append(SliceRecord(node, 1, 0, layout, "follower"))
             if len(node.inputs) > 2 and node.inputs[2] is not None:
                 self.records.append(SliceRecord(node, 2, 0, layout, "follower"))
@@ -539,32 +406,3 @@ def analyse_channels(model: ir.Model) -> ChannelAnalysis:
         reshapes=walk.reshapes,
         space_of=space_of,
     )
-
-
-def attribute(node: ir.Node, name: str, default: int) -> int:
-    """An integer attribute of a node, or `default` when it is not set."""
-    value = node.attributes.get(name)
-    return int(value.value) if value is not None else default
-
-
-def weight_axes(node: ir.Node) -> tuple[int, int]:
-    """(input-channel axis, output-channel axis) of a Conv, Gemm or MatMul's weight (input 1).
-
-    Conv: [out, in / group, *kernel]; Gemm with transB: [out, in]; Gemm and MatMul: [in, out].
-    """
-    if node.op_type == "Conv" or (node.op_type == "Gemm" and attribute(node, "transB", 0)):
-        return 1, 0
-    return 0, 1
-
-
-def _is_depthwise(node: ir.Node, weight: np.ndarray) -> bool:
-    group = attribute(node, "group", 1)
-    return group > 1 and weight.shape[1] == 1 and weight.shape[0] == group
-
-
-def _static_dim(value: ir.Value | None, axis: int) -> int | None:
-    """A value's dimension at a negative axis, when static."""
-    if value is None or value.shape is None or len(value.shape) < -axis:
-        return None
-    dim = value.shape[axis]
-    return dim if isinstance(dim, int) else None
