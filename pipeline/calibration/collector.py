@@ -104,43 +104,88 @@ def collect_statistics(
         The statistics.
     """
     stats = CalibrationStats(tensors={name: TensorHistogram() for name in tensors})
-    ordered = [stats.tensors[name] for name in tensors]
-    per_sample: int | None = None
-
-    def update(histogram: TensorHistogram, values: np.ndarray, sample: int) -> None:
-        histogram.update(values, with_histogram=histograms, sample=sample)
-
     with (
         tempfile.TemporaryDirectory(dir=model_dir, prefix=".calibration-") as folder,
         ThreadPoolExecutor(max_workers=cpu_threads()) as pool,
     ):
-        session = _session(_save_augmented(model, tensors, Path(folder)), threads)
-        pending: list[Future[None]] = []
+        runner = _SliceRunner(
+            session=_session(_save_augmented(model, tensors, Path(folder)), threads),
+            pool=pool,
+            tensors=tensors,
+            histograms=[stats.tensors[name] for name in tensors],
+            with_histogram=histograms,
+        )
         for feeds in batches:
-            size = _batch_size(feeds)
-            splittable = all(a.ndim and a.shape[0] == size for a in feeds.values())
-            start = 0
-            while start < size:
-                step = size if not splittable else (1 if per_sample is None else max(1, OUTPUT_BUDGET // per_sample))
-                outputs = session.run(tensors, {name: a[start : start + step] for name, a in feeds.items()})
-                if per_sample is None:
-                    per_sample = max(1, sum(o.size for o in outputs) // min(step, size))
-                # The previous slice's histograms filled while this slice ran.
-                for job in pending:
-                    job.result()
-                # A batch's sample is split across its slices: the binned values per batch do
-                # not depend on how it was sliced.
-                sample = max(1, HISTOGRAM_SAMPLE * min(step, size - start) // size)
-                pending = [pool.submit(update, *pair, sample) for pair in zip(ordered, outputs, strict=True)]
-                del outputs
-                start += step
+            stats.samples += runner.run_batch(feeds)
             stats.batches += 1
-            stats.samples += size
-        for job in pending:
-            job.result()
-        del session
+        runner.wait()
+        # The session holds the augmented file: release it before the folder is removed.
+        del runner
     logger.info("calibrated %d tensors on %d batches (%d samples)", len(tensors), stats.batches, stats.samples)
     return stats
+
+
+@dataclass
+class _SliceRunner:
+    """Runs batches through the augmented model in slices, binning a slice's tensors on the pool
+    while the next slice runs.
+
+    Attributes:
+        session: The augmented model's session (its outputs are `tensors`).
+        pool: Threads the histograms are updated on, one tensor per task.
+        tensors: The exposed tensor names, in output order.
+        histograms: Their histograms, in the same order.
+        with_histogram: Build histograms, not only min/max.
+        per_sample: Exposed elements per sample, measured on the first slice (one sample).
+        pending: The last slice's histogram updates.
+    """
+
+    session: ort.InferenceSession
+    pool: ThreadPoolExecutor
+    tensors: list[str]
+    histograms: list[TensorHistogram]
+    with_histogram: bool
+    per_sample: int | None = None
+    pending: list[Future[None]] = field(default_factory=list)
+
+    def run_batch(self, feeds: Mapping[str, np.ndarray]) -> int:
+        """Run one batch, a slice at a time, and queue its histogram updates.
+
+        Returns:
+            The batch's sample count.
+        """
+        size = _batch_size(feeds)
+        splittable = all(a.ndim and a.shape[0] == size for a in feeds.values())
+        start = 0
+        while start < size:
+            step = self._slice_samples() if splittable else size
+            outputs = self.session.run(self.tensors, {name: a[start : start + step] for name, a in feeds.items()})
+            if self.per_sample is None:
+                self.per_sample = max(1, sum(o.size for o in outputs) // min(step, size))
+            # The previous slice's histograms filled while this slice ran.
+            self.wait()
+            # A batch's sample is split across its slices: the binned values per batch do
+            # not depend on how it was sliced.
+            sample = max(1, HISTOGRAM_SAMPLE * min(step, size - start) // size)
+            self.pending = [
+                self.pool.submit(self._update, *pair, sample) for pair in zip(self.histograms, outputs, strict=True)
+            ]
+            del outputs
+            start += step
+        return size
+
+    def wait(self) -> None:
+        """Wait for the queued histogram updates (re-raising their errors)."""
+        for job in self.pending:
+            job.result()
+        self.pending = []
+
+    def _slice_samples(self) -> int:
+        """Samples per slice: one until the output size per sample is known, then the budget's worth."""
+        return 1 if self.per_sample is None else max(1, OUTPUT_BUDGET // self.per_sample)
+
+    def _update(self, histogram: TensorHistogram, values: np.ndarray, sample: int) -> None:
+        histogram.update(values, with_histogram=self.with_histogram, sample=sample)
 
 
 def _batch_size(feeds: Mapping[str, np.ndarray]) -> int:

@@ -206,17 +206,7 @@ def localize(
         ShapeInferencePass()(model)
     feeds = [dict(batch) for batch in batches]
     shared = _shared_tensors(reference, candidate)
-    with tempfile.TemporaryDirectory(prefix="onnxforge-localize-") as scratch:
-        # Weights on disk: each probe writes only its graph, ONNX Runtime reads what it needs.
-        folder = Path(scratch)
-        sums, local = _compare(
-            external_copy(reference, folder, "reference"),
-            external_copy(candidate, folder, "candidate"),
-            shared,
-            feeds,
-            element_budget,
-            folder,
-        )
+    sums, local = _compare_on_disk(reference, candidate, shared, feeds, element_budget)
     tensors = _tensor_parity(reference, shared, sums, local)
     first = next((t for t in tensors if t.sqnr_db < threshold_db), None)
     ranked = sorted(tensors, key=lambda t: (t.local_sqnr_db, t.order))[:keep]
@@ -240,6 +230,29 @@ def localize(
         ranked=ranked,
         tensors=tensors,
     )
+
+
+def _compare_on_disk(
+    reference: ir.Model,
+    candidate: ir.Model,
+    shared: _Shared,
+    feeds: list[dict[str, np.ndarray]],
+    element_budget: int,
+) -> tuple[dict[str, _Sums], dict[str, _Sums]]:
+    """`_compare` on copies of both models whose weights are in a scratch folder.
+
+    Weights on disk: each probe writes only its graph, and ONNX Runtime reads what it needs.
+    """
+    with tempfile.TemporaryDirectory(prefix="onnxforge-localize-") as scratch:
+        folder = Path(scratch)
+        return _compare(
+            external_copy(reference, folder, "reference"),
+            external_copy(candidate, folder, "candidate"),
+            shared,
+            feeds,
+            element_budget,
+            folder,
+        )
 
 
 def _compare(
