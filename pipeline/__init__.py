@@ -12,10 +12,15 @@ from typing import TYPE_CHECKING, Any
 # Public name -> the module defining it.
 _EXPORTS = {
     "convert": "pipeline.api",
+    "convert_batch": "pipeline.api",
     "convert_many": "pipeline.api",
-    "Executor": "pipeline.batch.executor",
-    "JobOutcome": "pipeline.batch.executor",
-    "LocalExecutor": "pipeline.batch.executor",
+    "BatchResult": "pipeline.batch.base",
+    "BatchSettings": "pipeline.batch.base",
+    "Executor": "pipeline.batch.base",
+    "JobOutcome": "pipeline.batch.base",
+    "LocalExecutor": "pipeline.batch.local",
+    "BatchManifest": "pipeline.batch.manifest",
+    "load_manifest": "pipeline.batch.manifest",
     "BackendError": "pipeline.errors",
     "ExitCode": "pipeline.errors",
     "JobError": "pipeline.errors",
@@ -60,8 +65,10 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ imports on demand
-    from pipeline.api import convert, convert_many  # noqa: F401
-    from pipeline.batch.executor import Executor, JobOutcome, LocalExecutor  # noqa: F401
+    from pipeline.api import convert, convert_batch, convert_many  # noqa: F401
+    from pipeline.batch.base import BatchResult, BatchSettings, Executor, JobOutcome  # noqa: F401
+    from pipeline.batch.local import LocalExecutor  # noqa: F401
+    from pipeline.batch.manifest import BatchManifest, load_manifest  # noqa: F401
     from pipeline.distillation.summary import DistillationSummary  # noqa: F401
     from pipeline.errors import BackendError, ExitCode, JobError, OnnxforgeError, ParityError, StageError  # noqa: F401
     from pipeline.job import (  # noqa: F401

@@ -1,12 +1,15 @@
-"""The public entry points: convert a job given as an object or a job file."""
+"""The public entry points: convert a job (an object or a job file), many jobs, or a batch manifest."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Unpack
 
-from pipeline.batch.executor import Executor, JobOutcome, make_executor
+from pipeline.batch.base import BatchOverrides, BatchResult, BatchSettings, Executor, JobOutcome, OutcomeCallback
+from pipeline.batch.manifest import BatchManifest, load_manifest
+from pipeline.batch.registry import make_executor
+from pipeline.batch.report import write_summary
 from pipeline.job import ConversionJob, load_job
 from pipeline.result import ConversionResult
 from pipeline.runner import ProgressCallback, run_job
@@ -51,44 +54,80 @@ def convert(
 def convert_many(
     jobs: Sequence[ConversionJob | str | Path],
     *,
-    workers: int = 1,
-    timeout_s: float = 3600.0,
-    memory_limit_mb: int | None = None,
+    executor: str | Executor | None = None,
     on_event: ProgressCallback | None = None,
-    resume: bool = False,
-    executor: Literal["local", "ray"] | Executor = "local",
-    ray_address: str | None = None,
+    on_outcome: OutcomeCallback | None = None,
+    **overrides: Unpack[BatchOverrides],
 ) -> list[JobOutcome]:
     """Convert many jobs, each in its own process; one bad job never raises out of the batch.
 
     Args:
         jobs: Jobs, or job file paths (those are validated first: a bad file raises JobError
             before anything runs).
-        workers: Jobs run at once.
-        timeout_s: A job still running after this long is killed ("timeout").
-        memory_limit_mb: Address-space limit of each job's process (torch alone maps a few GB
-            of address space: leave headroom).
+        executor: A name from `pipeline.batch.registry.EXECUTORS` ("local": processes on this
+            machine, the default; "ray": Ray tasks, needs the `ray` extra), or an `Executor`
+            object (then `overrides` do not apply: its settings are its own).
         on_event: Receives every job's `StageEvent`s.
-        resume: Restore unchanged stage outputs from the cache (see `convert`).
-        executor: "local" (spawned processes), "ray" (Ray tasks; needs the `ray` extra), or an
-            `Executor` object (then the settings above are its own).
-        ray_address: With "ray": the cluster to use (None: a local Ray instance).
+        on_outcome: Receives each job's `JobOutcome` as it finishes (after that job's events).
+        **overrides: `BatchSettings` fields replacing their defaults: ``workers`` (jobs at once),
+            ``timeout_s`` (a job still running then is killed: "timeout"), ``memory_limit_mb``
+            (address-space limit per job process; torch alone maps a few GB: leave headroom),
+            ``resume`` (restore unchanged stage outputs from the cache, see `convert`),
+            ``threads`` (per job), ``ray_address`` (with "ray": the cluster; None: a local one).
 
     Returns:
         One `JobOutcome` per job, in order: passed, parity_failed, failed, crashed or timeout.
 
     Raises:
-        JobError: A job file does not validate (nothing has run).
+        JobError: A job file or a setting does not validate (nothing has run).
         BackendError: The executor is unknown, or Ray is missing or unreachable.
     """
     resolved = [job if isinstance(job, ConversionJob) else load_job(job) for job in jobs]
+    runner = _executor(BatchSettings().with_overrides(overrides), executor)
+    return runner.run(resolved, on_event, on_outcome)
+
+
+def convert_batch(
+    manifest: str | Path | BatchManifest,
+    *,
+    executor: str | Executor | None = None,
+    summary_dir: str | Path | None = None,
+    on_event: ProgressCallback | None = None,
+    on_outcome: OutcomeCallback | None = None,
+    **overrides: Unpack[BatchOverrides],
+) -> BatchResult:
+    """Run a batch manifest's jobs (as `convert_many`) and write summary.json, summary.md and junit.xml.
+
+    Args:
+        manifest: A manifest file (TOML: ``[batch]``, ``[defaults]``, ``[[jobs]]``), or a
+            `BatchManifest` built in Python.
+        executor: Replaces the manifest's executor (a name, or an `Executor` object).
+        summary_dir: Replaces the manifest's summary folder (relative to the current directory).
+        on_event: Receives every job's `StageEvent`s.
+        on_outcome: Receives each job's `JobOutcome` as it finishes (after that job's events).
+        **overrides: `BatchSettings` fields replacing the manifest's (see `convert_many`).
+
+    Returns:
+        The outcomes, in the manifest's order, and the path of summary.json (the other two
+        files are beside it); ``result.exit_code`` is what ``onnxforge batch`` exits with.
+
+    Raises:
+        JobError: The manifest, one of its jobs or a setting does not validate (nothing has run).
+        BackendError: The executor is unknown, or Ray is missing or unreachable.
+    """
+    loaded = manifest if isinstance(manifest, BatchManifest) else load_manifest(manifest)
+    settings = loaded.settings.with_overrides(overrides)
+    if summary_dir is not None:
+        settings = settings.model_copy(update={"summary_dir": Path(summary_dir).resolve()})
+    outcomes = _executor(settings, executor).run(list(loaded.jobs), on_event, on_outcome)
+    summary = write_summary(outcomes, loaded.jobs, settings.summary_dir)
+    return BatchResult(outcomes=outcomes, summary_path=summary)
+
+
+def _executor(settings: BatchSettings, executor: str | Executor | None) -> Executor:
+    """`executor` itself when it is one, else the executor it (or else `settings`) names."""
+    if executor is None:
+        return make_executor(settings)
     if isinstance(executor, str):
-        executor = make_executor(
-            executor,
-            workers=workers,
-            timeout_s=timeout_s,
-            memory_limit_mb=memory_limit_mb,
-            resume=resume,
-            ray_address=ray_address,
-        )
-    return executor.run(resolved, on_event)
+        return make_executor(settings.model_copy(update={"executor": executor}))
+    return executor

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
-import time
 from pathlib import Path
 from typing import Annotated, NoReturn, get_origin
 
@@ -14,15 +12,16 @@ from pydantic import BaseModel, ValidationError
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TaskID, TextColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn
 from rich.table import Table
 
 from backends.base import PlacementReport
 from backends.registry import get_backend, list_backends
 from pipeline.api import convert as convert_job
-from pipeline.batch.executor import JobOutcome, make_executor
+from pipeline.api import convert_batch
+from pipeline.batch.base import BatchOverrides, JobOutcome
 from pipeline.batch.manifest import load_manifest
-from pipeline.batch.report import write_summary
+from pipeline.batch.progress import BatchProgress, EventLog, outcome_table
 from pipeline.errors import BackendError, ExitCode, JobError, OnnxforgeError, ParityError, first_line
 from pipeline.job import Fp32Policy, TaskPolicy, load_job
 from pipeline.parity.compare import compare_models
@@ -158,99 +157,39 @@ def batch(
     failed, crashed or timed out.
     """
     _configure_logging(verbose=False)
-    try:
-        settings, jobs = load_manifest(manifest)
-        runner = make_executor(
-            executor or settings.executor,
-            workers=workers or settings.workers,
-            timeout_s=settings.timeout_s,
-            memory_limit_mb=settings.memory_limit_mb,
-            resume=resume,
-            ray_address=ray_address or settings.ray_address,
-        )
-    except OnnxforgeError as e:
-        _fail(e)
     log = EventLog(events)
-    with Progress(console=stderr, disable=quiet, transient=True) as progress:
-        board = _BatchProgress(progress, len(jobs))
+    try:
+        loaded = load_manifest(manifest)
+        with BatchProgress(stderr, len(loaded.jobs), disable=quiet) as board:
 
-        def on_event(event: StageEvent) -> None:
-            log.write({"job": event.job, "stage": event.stage, "status": event.status})
-            board.stage(event)
+            def on_event(event: StageEvent) -> None:
+                log.stage(event)
+                board.stage(event)
 
-        def on_outcome(outcome: JobOutcome) -> None:
-            log.write(
-                {"job": outcome.job, "outcome": outcome.status, "seconds": outcome.seconds, "message": outcome.message}
-            )
-            board.done(outcome)
+            def on_outcome(outcome: JobOutcome) -> None:
+                log.outcome(outcome)
+                board.done(outcome)
 
-        try:
-            outcomes = runner.run(jobs, on_event, on_outcome)
-        except OnnxforgeError as e:  # the executor itself (e.g. Ray unreachable), not a job
-            progress.stop()
-            _fail(e)
-    summary = write_summary(outcomes, jobs, settings.summary_dir)
-    table = Table(title=f"batch: {len(outcomes)} jobs")
-    for column in ("job", "status", "seconds", "message"):
-        table.add_column(column, overflow="fold")
-    for outcome in outcomes:
-        style = "green" if outcome.status == "passed" else "red"
-        message = outcome.message.splitlines()[0] if outcome.message else ""
-        table.add_row(escape(outcome.job), f"[{style}]{outcome.status}[/]", f"{outcome.seconds:.1f}", escape(message))
-    stdout.print(table)
-    stdout.print(f"summary: {summary} (and summary.md, junit.xml)", highlight=False)
-    statuses = {outcome.status for outcome in outcomes}
-    if statuses & {"failed", "crashed", "timeout"}:
-        raise typer.Exit(int(ExitCode.INTERNAL_ERROR))
-    if "parity_failed" in statuses:
-        raise typer.Exit(int(ExitCode.PARITY_FAILED))
+            overrides = _batch_overrides(workers, ray_address, resume)
+            result = convert_batch(loaded, executor=executor, on_event=on_event, on_outcome=on_outcome, **overrides)
+    except OnnxforgeError as e:  # a bad manifest or executor (e.g. Ray unreachable), not a job
+        _fail(e)
+    stdout.print(outcome_table(result.outcomes))
+    stdout.print(f"summary: {result.summary_path} (and summary.md, junit.xml)", highlight=False)
+    if result.exit_code != ExitCode.OK:
+        raise typer.Exit(int(result.exit_code))
 
 
-class _BatchProgress:
-    """The batch's rich display: jobs done and failed, and one line per running job with its stage."""
-
-    def __init__(self, progress: Progress, jobs: int) -> None:
-        self._progress = progress
-        self._overall = progress.add_task("jobs: 0 done, 0 failed", total=jobs)
-        self._lines: dict[str, TaskID] = {}
-        self._done = self._failed = 0
-
-    def stage(self, event: StageEvent) -> None:
-        """A running job reached a stage."""
-        line = self._lines.get(event.job)
-        if line is None:
-            line = self._lines[event.job] = self._progress.add_task("", total=None)
-        if event.status == "progress":
-            description = f"  {escape(event.job)}: {event.stage} {event.done}/{event.total} {escape(event.detail)}"
-            self._progress.update(line, description=description, total=event.total, completed=event.done)
-        else:
-            description = f"  {escape(event.job)}: {event.stage} {event.status}"
-            self._progress.update(line, description=description, total=None, completed=0)
-
-    def done(self, outcome: JobOutcome) -> None:
-        """A job finished (whatever its outcome)."""
-        if outcome.status == "passed":
-            self._done += 1
-        else:
-            self._failed += 1
-        line = self._lines.pop(outcome.job, None)
-        if line is not None:
-            self._progress.remove_task(line)
-        self._progress.update(self._overall, advance=1, description=f"jobs: {self._done} done, {self._failed} failed")
-
-
-class EventLog:
-    """JSON-lines events for CI logs (a no-op without a path)."""
-
-    def __init__(self, path: Path | None) -> None:
-        self._path = path
-
-    def write(self, record: dict[str, object]) -> None:
-        """Append one event with a timestamp."""
-        if self._path is None:
-            return
-        with self._path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+def _batch_overrides(workers: int | None, ray_address: str | None, resume: bool) -> BatchOverrides:
+    """The batch options given on the command line: they replace the manifest's settings."""
+    overrides = BatchOverrides()
+    if workers is not None:
+        overrides["workers"] = workers
+    if ray_address is not None:
+        overrides["ray_address"] = ray_address
+    if resume:
+        overrides["resume"] = True
+    return overrides
 
 
 @app.command()

@@ -5,34 +5,30 @@ from __future__ import annotations
 import copy
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from pipeline.batch.base import BatchSettings
 from pipeline.errors import JobError
 from pipeline.job import ConversionJob, describe_validation_error, validate_job
 
 
-class BatchSettings(BaseModel):
-    """The manifest's [batch] table.
+class BatchManifest(BaseModel):
+    """A batch: its settings and its jobs (what `load_manifest` reads, or built in Python).
 
     Attributes:
-        workers: Jobs run at once (each in its own process).
-        timeout_s: A job still running after this many seconds is killed and reported "timeout".
-        memory_limit_mb: Address-space limit of each job's process (None: no limit).
-        summary_dir: Where summary.json, summary.md and junit.xml go (relative to the manifest).
-        executor: ``local`` (spawned processes on this machine) or ``ray`` (Ray tasks).
-        ray_address: The Ray cluster to use (unset: a local Ray instance).
+        jobs: The jobs, in order (names unique).
+        settings: The ``[batch]`` settings (a relative `summary_dir` is relative to the current
+            directory here; `load_manifest` has made it relative to the manifest).
+        source: The manifest file, when read from one.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    model_config = ConfigDict(frozen=True)
 
-    workers: int = Field(default=1, ge=1)
-    timeout_s: float = Field(default=3600.0, gt=0)
-    memory_limit_mb: int | None = Field(default=None, ge=64)
-    summary_dir: Path = Field(default=Path("batch-summary"), strict=False)
-    executor: Literal["local", "ray"] = "local"
-    ray_address: str | None = None
+    jobs: list[ConversionJob] = Field(min_length=1)
+    settings: BatchSettings = BatchSettings()
+    source: Path | None = None
 
 
 def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -45,7 +41,7 @@ def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any
     return merged
 
 
-def load_manifest(path: str | Path) -> tuple[BatchSettings, list[ConversionJob]]:
+def load_manifest(path: str | Path) -> BatchManifest:
     """Read a manifest: ``[batch]`` settings, ``[defaults]`` job keys, and ``[[jobs]]``.
 
     Each ``[[jobs]]`` entry is either ``{ path = "job.toml" }`` (a job file, relative to the
@@ -82,7 +78,7 @@ def load_manifest(path: str | Path) -> tuple[BatchSettings, list[ConversionJob]]
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
         raise JobError(manifest, "jobs", f"job names must be unique; repeated: {duplicates}")
-    return settings, jobs
+    return BatchManifest(jobs=jobs, settings=settings, source=manifest)
 
 
 def _with_defaults(defaults: dict[str, Any], own: dict[str, Any]) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from pathlib import Path
 from xml.etree import ElementTree
 
 from pipeline.artifacts import write_atomic
-from pipeline.batch.executor import JobOutcome
+from pipeline.batch.base import JobOutcome
 from pipeline.job import ConversionJob
 
 

@@ -6,8 +6,9 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from pipeline.batch.base import WorkerResult
 from pipeline.threads import THREADS_ENV
 
 if TYPE_CHECKING:
@@ -37,7 +38,7 @@ def limit_process(memory_limit_mb: int | None, threads: int | None) -> None:
 
 def convert_one(
     job_json: str, source_file: str | None, resume: bool, emit: EventSink, memory_limit_mb: int | None
-) -> dict[str, Any]:
+) -> WorkerResult:
     """Convert one job in this process; never raises for the job's own failure.
 
     Args:
@@ -48,26 +49,23 @@ def convert_one(
         memory_limit_mb: The process's memory limit, named in an out-of-memory outcome.
 
     Returns:
-        ``{"status", "message", "verdicts"}`` as `JobOutcome` takes them.
+        The job's status, message and parity verdicts (the executor makes a `JobOutcome` of it).
     """
     import pipeline
     from pipeline.errors import OnnxforgeError, ParityError
 
-    outcome: dict[str, Any] = {"status": "passed", "message": ""}
     try:
         job = pipeline.validate_job(json.loads(job_json), origin=source_file or "batch job")
         if source_file:
             job = job.model_copy(update={"source_file": Path(source_file)})
         result = pipeline.convert(job, on_event=emit, resume=resume)
-        outcome["verdicts"] = result.report.verdicts()
+        return WorkerResult(status="passed", verdicts=result.report.verdicts())
     except ParityError as e:
-        outcome = {"status": "parity_failed", "message": str(e)}
-        if e.result is not None:
-            outcome["verdicts"] = e.result.report.verdicts()  # type: ignore[attr-defined]
+        verdicts = e.result.report.verdicts() if e.result is not None else {}  # type: ignore[attr-defined]
+        return WorkerResult(status="parity_failed", message=str(e), verdicts=verdicts)
     except OnnxforgeError as e:
-        outcome = {"status": "failed", "message": f"{type(e).__name__}: {e}"}
+        return WorkerResult(status="failed", message=f"{type(e).__name__}: {e}")
     except MemoryError:
-        outcome = {"status": "crashed", "message": f"out of memory (limit {memory_limit_mb} MB)"}
+        return WorkerResult(status="crashed", message=f"out of memory (limit {memory_limit_mb} MB)")
     except Exception as e:  # noqa: BLE001 - the batch reports any failure of a job as its outcome
-        outcome = {"status": "failed", "message": f"internal error: {type(e).__name__}: {e}"}
-    return outcome
+        return WorkerResult(status="failed", message=f"internal error: {type(e).__name__}: {e}")

@@ -107,3 +107,46 @@ def test_bad_manifest_is_exit_2(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["batch", str(path)])
     assert result.exit_code == 2
     assert "batch.workers" in result.stderr
+
+
+def test_convert_batch_runs_a_manifest_and_writes_the_three_summary_files(
+    tmp_path: Path, digits_job: dict[str, Any]
+) -> None:
+    (tmp_path / "corrupt.onnx").write_bytes(b"this is not a protobuf")
+    healthy = {key: value for key, value in digits_job.items() if key not in ("name", "output_dir")}
+    healthy["quantize"] = {"mixed_precision": False}
+    jobs = [
+        {"name": "healthy", "output_dir": "out/healthy"},
+        {"name": "corrupt", "output_dir": "out/corrupt", "model": {"onnx": "corrupt.onnx"}},
+    ]
+    manifest = tmp_path / "batch.toml"
+    manifest.write_text(tomli_w.dumps({"batch": {"summary_dir": "summary"}, "defaults": healthy, "jobs": jobs}))
+    finished: list[str] = []
+    result = pipeline.convert_batch(manifest, workers=2, timeout_s=120, on_outcome=lambda o: finished.append(o.job))
+    assert [(o.job, o.status) for o in result.outcomes] == [("healthy", "passed"), ("corrupt", "failed")]
+    assert sorted(finished) == ["corrupt", "healthy"]
+    assert result.summary_path == tmp_path / "summary" / "summary.json"
+    summary = json.loads(result.summary_path.read_text())
+    assert summary["counts"] == {"failed": 1, "passed": 1}
+    assert "| healthy | passed |" in (tmp_path / "summary" / "summary.md").read_text()
+    suite = ElementTree.parse(tmp_path / "summary" / "junit.xml").getroot()
+    assert (suite.get("tests"), suite.get("errors"), suite.get("failures")) == ("2", "1", "0")
+    assert int(result.exit_code) == 3
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        (["--executor", "dask"], "unknown executor; available: local, ray"),
+        (["--workers", "0"], "batch.workers"),
+    ],
+)
+def test_a_bad_executor_or_setting_on_the_command_line_is_exit_2(
+    tmp_path: Path, digits_job: dict[str, Any], options: list[str], expected: str
+) -> None:
+    manifest = tmp_path / "batch.toml"
+    manifest.write_text(tomli_w.dumps({"defaults": digits_job, "jobs": [{"name": "a", "output_dir": "out/a"}]}))
+    result = CliRunner().invoke(app, ["batch", str(manifest), "--quiet", *options])
+    assert result.exit_code == 2, result.output
+    assert expected in result.stderr
+    assert not (tmp_path / "out").exists()  # nothing ran
