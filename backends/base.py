@@ -11,7 +11,9 @@ from typing import Protocol, Self, runtime_checkable
 import numpy as np
 from pydantic import BaseModel, Field
 
+from backends.errors import SessionClosedError
 from backends.estimate import AcceleratorPlan
+from backends.feeds import SessionInput, check_feeds
 
 # Ops that only convert between int8 and float; not counted as compute when placing nodes.
 QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
@@ -158,7 +160,12 @@ class Session(Protocol):
         ...
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run one batch and return every output by name."""
+        """Run one batch and return every output by name.
+
+        Raises:
+            BackendError: A feed is missing, unexpected or of the wrong element type or rank, or the
+                session is closed.
+        """
         ...
 
     def __enter__(self) -> Self: ...
@@ -172,27 +179,61 @@ class Session(Protocol):
 
 
 class SessionBase:
-    """Names and the context-manager protocol, shared by our `Session` implementations.
+    """What our `Session` implementations share: names, the feed check, closing and the context manager.
 
-    Subclasses set `_inputs` and `_outputs` and implement `run` and `close`.
+    `run` checks the feeds against the model's inputs (names, element types, ranks) and raises
+    `BackendError` naming the backend and the input before the subclass sees them. Subclasses set
+    `_backend` (the backend name), `_input_specs` (each model input, in order) and `_outputs`, and
+    implement `_run` and `_close`.
     """
 
-    _inputs: list[str]
+    _backend: str
+    _input_specs: list[SessionInput]
     _outputs: list[str]
+    _closed: bool = False
 
     @property
     def input_names(self) -> list[str]:
         """The model's input names, in order."""
-        return list(self._inputs)
+        return [spec.name for spec in self._input_specs]
+
+    @property
+    def inputs(self) -> list[SessionInput]:
+        """The model's inputs (name, element type, rank), in order."""
+        return list(self._input_specs)
 
     @property
     def output_names(self) -> list[str]:
         """The model's output names, in order."""
         return list(self._outputs)
 
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Check `feeds` against the model's inputs, run one batch and return every output by name.
+
+        Raises:
+            BackendError: The session is closed, or a feed is missing, unexpected, or of the wrong
+                element type or rank (nothing has run).
+        """
+        self._check_open()
+        check_feeds(self._backend, self._input_specs, feeds)
+        return self._run(feeds)
+
     def close(self) -> None:
-        """Release what the session holds."""
+        """Release what the session holds; later calls to `run` raise `BackendError`."""
+        if not self._closed:
+            self._closed = True
+            self._close()
+
+    def _run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run checked feeds (every input, with its element type and rank)."""
         raise NotImplementedError
+
+    def _close(self) -> None:
+        """Release the subclass's resources (called once, by `close`)."""
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise SessionClosedError(self._backend)
 
     def __enter__(self) -> Self:
         return self
@@ -215,12 +256,21 @@ class Backend(Protocol):
         execution_providers: ONNX Runtime providers used, in priority order.
         capabilities: What it runs and the constraints on int8 models.
         options_model: Pydantic model validating the job's ``targets.options`` for it.
+
+    The four are read-only (properties here), so class attributes and properties both provide them.
     """
 
-    name: str
-    execution_providers: tuple[str, ...]
-    capabilities: Capabilities
-    options_model: type[BaseModel]
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def execution_providers(self) -> tuple[str, ...]: ...
+
+    @property
+    def capabilities(self) -> Capabilities: ...
+
+    @property
+    def options_model(self) -> type[BaseModel]: ...
 
     def availability(self) -> Availability:
         """Say whether this backend can run here, without raising."""

@@ -16,8 +16,8 @@ import onnxruntime as ort
 from pydantic import BaseModel, Field, model_validator
 
 from backends.base import Availability, Capabilities, PlacementReport, QuantizationConstraints
+from backends.errors import BackendError
 from backends.ort import OrtBackend, OrtSession, SessionOptionsSpec
-from pipeline.errors import BackendError
 
 CUDA = "CUDAExecutionProvider"
 TENSORRT = "TensorrtExecutionProvider"

@@ -14,8 +14,9 @@ import onnxruntime as ort
 from pydantic import BaseModel, ConfigDict, Field
 
 from backends.base import QDQ_OPS, Availability, Capabilities, NodePlacement, PlacementReport, SessionBase
-from pipeline.errors import BackendError
-from pipeline.threads import job_threads, session_options
+from backends.errors import BackendError
+from backends.feeds import SessionInput, numpy_dtype
+from backends.threads import job_threads, session_options
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +26,8 @@ _OPT_LEVELS = {
     "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
+# ONNX Runtime's element type names ("float", "int64", ...) to ONNX's TensorProto types.
+_ELEMENT_TYPES = {name.lower(): value for name, value in onnx.TensorProto.DataType.items()}
 
 
 class SessionOptionsSpec(BaseModel):
@@ -44,31 +47,52 @@ class SessionOptionsSpec(BaseModel):
 
 
 class OrtSession(SessionBase):
-    """An ONNX Runtime InferenceSession behind the `Session` protocol."""
+    """An ONNX Runtime InferenceSession behind the `Session` protocol.
 
-    def __init__(self, session: ort.InferenceSession) -> None:
+    Args:
+        session: The open InferenceSession.
+        backend: The backend name errors are reported under.
+    """
+
+    def __init__(self, session: ort.InferenceSession, backend: str = "onnxruntime") -> None:
         self._session: ort.InferenceSession | None = session
-        self._inputs = [node.name for node in session.get_inputs()]
+        self._backend = backend
+        self._input_specs = [_session_input(node) for node in session.get_inputs()]
         self._outputs = [node.name for node in session.get_outputs()]
 
     @property
     def providers(self) -> list[str]:
-        """The execution providers the session really uses."""
+        """The execution providers the session really uses.
+
+        Raises:
+            BackendError: The session is closed.
+        """
         return self._live().get_providers()
 
-    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run one batch and return every output by name."""
+    def _run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         values = self._live().run(self._outputs, dict(feeds))
         return dict(zip(self._outputs, values, strict=True))
 
-    def close(self) -> None:
-        """Release the session."""
+    def _close(self) -> None:
         self._session = None
 
     def _live(self) -> ort.InferenceSession:
-        if self._session is None:
-            raise RuntimeError("session is closed")
+        self._check_open()
+        assert self._session is not None
         return self._session
+
+
+def _session_input(node: ort.NodeArg) -> SessionInput:
+    """An input as ONNX Runtime describes it: ``tensor(float)`` and a list of dims.
+
+    ONNX Runtime reports a scalar and an input without a shape alike (no dims), so no dims means an
+    unknown rank; non-tensor inputs (sequences, maps) are not checked beyond their name.
+    """
+    kind = str(node.type)
+    element = kind.removeprefix("tensor(").removesuffix(")")
+    if element == kind:
+        return SessionInput(node.name)
+    return SessionInput(node.name, numpy_dtype(_ELEMENT_TYPES.get(element, 0)), len(node.shape) or None)
 
 
 class OrtBackend:
@@ -117,7 +141,7 @@ class OrtBackend:
         Raises:
             BackendError: Unavailable here, or ONNX Runtime could not load the model.
         """
-        return OrtSession(self._session(model, self._spec(options)))
+        return OrtSession(self._session(model, self._spec(options)), self.name)
 
     def placement(self, model: Path, options: BaseModel | None = None) -> PlacementReport:
         """Which provider ONNX Runtime assigns each node to, from its graph assignment record.

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from importlib.metadata import entry_points
 
 from backends.base import Availability, Backend
-from pipeline.errors import BackendError
+from backends.errors import BackendError, UnknownBackendError
 
 logger = logging.getLogger(__name__)
 
@@ -73,11 +73,12 @@ def get_backend(name: str) -> Backend:
     """Return the backend registered under `name`.
 
     Raises:
-        BackendError: No such backend, or it cannot be imported.
+        UnknownBackendError: No backend is registered under `name`.
+        BackendError: It cannot be imported or constructed.
     """
     targets = _targets()
     if name not in targets:
-        raise BackendError(name, f"unknown backend; registered: {', '.join(sorted(targets))}")
+        raise UnknownBackendError(name, f"unknown backend; registered: {', '.join(sorted(targets))}")
     return _load(name, targets[name][0])
 
 

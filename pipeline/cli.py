@@ -5,31 +5,32 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated, NoReturn, get_origin
+from typing import Annotated, NoReturn
 
 import typer
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn
 from rich.table import Table
 
-from backends.base import PlacementReport
-from backends.registry import get_backend, list_backends
+from backends.base import Backend, PlacementReport
+from backends.registry import list_backends
+from backends.resolve import resolve_target_from_pairs
 from pipeline.api import convert as convert_job
 from pipeline.api import convert_batch
 from pipeline.batch.base import BatchOverrides, JobOutcome
 from pipeline.batch.manifest import load_manifest
 from pipeline.batch.progress import BatchProgress, EventLog, outcome_table
-from pipeline.errors import BackendError, ExitCode, JobError, OnnxforgeError, ParityError, first_line
+from pipeline.errors import ExitCode, JobError, OnnxforgeError, ParityError, first_line
 from pipeline.job import Fp32Policy, TaskPolicy, load_job
 from pipeline.parity.compare import compare_models
 from pipeline.parity.localize import Localisation
 from pipeline.parity.report import ParityReport, format_value
 from pipeline.parity.target import render_placement
 from pipeline.parity.writers import write_reports
-from pipeline.runner import StageEvent, options_help
+from pipeline.runner import StageEvent
 
 app = typer.Typer(
     name="onnxforge",
@@ -292,32 +293,12 @@ def placement(
     """
     _configure_logging(verbose)
     try:
-        chosen = get_backend(backend)
-        options = chosen.options_model.model_validate(_key_values(option or [], backend, chosen.options_model))
-        report = chosen.placement(model, options)
-    except ValidationError as e:
-        _fail(BackendError(backend, f"bad option: {e.errors(include_url=False)[0]['msg']}", options_help(chosen)))
+        target = resolve_target_from_pairs(backend, option or [])
+        report = target.backend.placement(model, target.options)
     except OnnxforgeError as e:
         _fail(e)
     stdout.print("\n".join(render_placement(report, rows=40)), highlight=False, markup=False)
     _print_placement_line(report)
-
-
-def _key_values(pairs: list[str], backend: str, options_model: type[BaseModel]) -> dict[str, object]:
-    """key=value options; a key whose option is a list collects every value given for it."""
-    values: dict[str, object] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            _fail(BackendError(backend, f"option {pair!r} is not key=value"))
-        field = options_model.model_fields.get(key)
-        if field is not None and get_origin(field.annotation) is list:
-            collected = values.setdefault(key, [])
-            assert isinstance(collected, list)
-            collected.append(value)
-        else:
-            values[key] = value
-    return values
 
 
 @app.command()
@@ -346,10 +327,11 @@ def backends() -> None:
                 stdout.print(f"  to install: {entry.availability.hint}", highlight=False)
 
 
-def _quant_summary(backend: object | None) -> str:
-    capabilities = getattr(backend, "capabilities", None)
-    if capabilities is None:
+def _quant_summary(backend: Backend | None) -> str:
+    """The int8 column of `onnxforge backends`: activation types and the constraints on int8 models."""
+    if backend is None:
         return "-"
+    capabilities = backend.capabilities
     constraints = capabilities.quantization
     parts = ["/".join(constraints.activation_types)]
     if constraints.symmetric_activations:
@@ -420,6 +402,7 @@ def _print_report(report: ParityReport) -> None:
 
 
 def _print_placement_line(placement: PlacementReport) -> None:
+    """One line per placement: the share that falls back and, for an accelerator, its estimate."""
     line = (
         f"placement on {placement.backend}: {placement.compute_nodes - placement.fallback_nodes} of "
         f"{placement.compute_nodes} compute nodes on {placement.preferred}, {placement.fallback_share:.0%} fall back"

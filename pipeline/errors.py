@@ -1,24 +1,37 @@
-"""The onnxforge error hierarchy: every error the API raises is an `OnnxforgeError`."""
+"""The onnxforge error hierarchy: every error the API raises is an `OnnxforgeError`.
+
+`ExitCode`, `OnnxforgeError` and the `BackendError` family are defined in `backends.errors` and
+re-exported here.
+"""
 
 from __future__ import annotations
 
-from enum import IntEnum
 from pathlib import Path
 
+# Defined in backends (which must not import pipeline); the same classes, re-exported.
+from backends.errors import (
+    BackendError,
+    BackendOptionError,
+    BackendUnavailableError,
+    ExitCode,
+    OnnxforgeError,
+    SessionClosedError,
+    UnknownBackendError,
+)
 
-class ExitCode(IntEnum):
-    """Process exit codes of the `onnxforge` command, one per error family."""
-
-    OK = 0
-    PARITY_FAILED = 1
-    BAD_INPUT = 2
-    INTERNAL_ERROR = 3
-
-
-class OnnxforgeError(Exception):
-    """Base class of every error onnxforge raises on purpose."""
-
-    exit_code: ExitCode = ExitCode.INTERNAL_ERROR
+__all__ = [
+    "BackendError",
+    "BackendOptionError",
+    "BackendUnavailableError",
+    "ExitCode",
+    "JobError",
+    "OnnxforgeError",
+    "ParityError",
+    "SessionClosedError",
+    "StageError",
+    "UnknownBackendError",
+    "first_line",
+]
 
 
 class JobError(OnnxforgeError):
@@ -37,25 +50,6 @@ class JobError(OnnxforgeError):
         self.key = key
         self.problem = problem
         super().__init__(f"{self.source}: {key}: {problem}")
-
-
-class BackendError(OnnxforgeError):
-    """A backend is unknown, unavailable or failed to open a model.
-
-    Attributes:
-        backend: The backend name.
-        reason: Why it cannot be used.
-        hint: What to do about it (may be empty).
-    """
-
-    exit_code = ExitCode.BAD_INPUT
-
-    def __init__(self, backend: str, reason: str, hint: str = "") -> None:
-        self.backend = backend
-        self.reason = reason
-        self.hint = hint
-        message = f"backend {backend!r}: {reason}"
-        super().__init__(f"{message}; to fix: {hint}" if hint else message)
 
 
 class StageError(OnnxforgeError):

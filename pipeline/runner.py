@@ -15,16 +15,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pydantic import ValidationError
-
-# The module, not the function: backends.registry imports pipeline.errors, which runs this package's
-# __init__; binding get_backend at import time would make `import backends` first a circular import.
-from backends import registry as backend_registry
 from backends.base import Backend
+from backends.resolve import options_help as backend_options_help
+from backends.resolve import resolve_target
 from pipeline.artifacts import DIR_MODE, Manifest, StageRecord, fsync_dir, write_atomic
-from pipeline.errors import BackendError, JobError, OnnxforgeError, ParityError, StageError
+from pipeline.errors import (
+    BackendError,
+    BackendOptionError,
+    BackendUnavailableError,
+    JobError,
+    OnnxforgeError,
+    ParityError,
+    StageError,
+)
 from pipeline.feeds import FeedSource
-from pipeline.job import ConversionJob, DataSource, describe_validation_error
+from pipeline.job import ConversionJob, DataSource
 from pipeline.model_source import SourceModel, input_hashes, load_model
 from pipeline.parity.report import ParityReport
 from pipeline.result import ConversionResult
@@ -181,29 +186,24 @@ def preflight(job: ConversionJob) -> PreparedJob:
 
 
 def _resolve_target(job: ConversionJob, index: int) -> Target:
+    """The job's `index`-th target, resolved by `backends.resolve`; its typed errors in the job's terms."""
     spec = job.targets[index]
     key = f"targets[{index}]"
     try:
-        backend = backend_registry.get_backend(spec.backend)
-    except BackendError as e:
+        resolved = resolve_target(spec.backend, spec.options)
+    except BackendOptionError as e:
+        option = f"{key}.options.{e.option}" if e.option else f"{key}.options"
+        raise JobError(job.origin, option, f"{e.problem} (backend {spec.backend!r}, {e.hint})") from e
+    except BackendUnavailableError as e:
+        raise BackendUnavailableError(spec.backend, f"{e.reason} (job {job.origin}, {key})", e.hint) from e
+    except BackendError as e:  # unknown, or its module cannot be loaded
         raise JobError(job.origin, f"{key}.backend", str(e)) from e
-    availability = backend.availability()
-    if not availability.ok:
-        hint = f"; {availability.hint}" if availability.hint else ""
-        raise BackendError(spec.backend, f"{availability.reason} (job {job.origin}, {key})", hint.lstrip("; "))
-    try:
-        options = backend.options_model.model_validate(spec.options)
-    except ValidationError as e:
-        option, problem = describe_validation_error(e.errors(include_url=False)[0], spec.options)
-        raise JobError(
-            job.origin, f"{key}.options.{option}", f"{problem} (backend {spec.backend!r}, {options_help(backend)})"
-        ) from e
-    return Target(spec=spec, backend=backend, options=options)
+    return Target(spec=spec, backend=resolved.backend, options=resolved.options)
 
 
 def options_help(backend: Backend) -> str:
     """The options a backend accepts, for error messages: ``options: a, b, c``."""
-    return "options: " + ", ".join(sorted(backend.options_model.model_fields))
+    return backend_options_help(backend)
 
 
 def _feeds(job: ConversionJob, source: DataSource | None, key: str) -> FeedSource | None:

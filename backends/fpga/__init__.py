@@ -17,13 +17,13 @@ from pydantic import BaseModel, Field, field_validator
 
 from backends.base import QDQ_OPS, Availability, Capabilities, NodePlacement, PlacementReport, QuantizationConstraints
 from backends.cpu import CpuBackend
+from backends.errors import BackendError
 from backends.fpga.cost import accelerator_plan
 from backends.fpga.partition import CPU, PartitionPlan, partition
 from backends.fpga.profile import DEFAULT_PROFILE, FpgaProfile, load_profile
 from backends.fpga.session import FpgaSession
 from backends.ort import OrtBackend, OrtSession, SessionOptionsSpec
-from pipeline.errors import BackendError
-from pipeline.threads import job_threads
+from backends.threads import job_threads
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +87,12 @@ class _VitisAiRuntime(OrtBackend):
         return [{"config_file": config} if config else {}, {}]
 
 
+class _CpuRuntime(CpuBackend):
+    """A model with nothing for the accelerator: ONNX Runtime's CPU provider, errors named ``fpga``."""
+
+    name = "fpga"
+
+
 class FpgaBackend:
     """An int8 accelerator with power-of-two scales, emulated bit for bit when no FPGA provider is present."""
 
@@ -132,10 +138,7 @@ class FpgaBackend:
         plan = partition(loaded, profile)
         if all(segment.device == "cpu" for segment in plan.segments):
             # Nothing for the accelerator (a float model): the whole graph is one CPU session.
-            try:
-                return CpuBackend().open(model, spec)
-            except BackendError as e:
-                raise BackendError(self.name, e.reason, e.hint) from e
+            return _CpuRuntime().open(model, spec)
         return FpgaSession(loaded, plan, profile, spec.intra_op_threads or job_threads())
 
     def placement(self, model: Path, options: BaseModel | None = None) -> PlacementReport:

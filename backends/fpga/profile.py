@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pipeline.errors import BackendError
+from backends.errors import BackendError
 
 PROFILES = Path(__file__).with_name("profiles")
 DEFAULT_PROFILE = "dpu-int8"

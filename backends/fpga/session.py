@@ -11,10 +11,11 @@ import onnxruntime as ort
 from onnx import helper, numpy_helper
 
 from backends.base import SessionBase
+from backends.feeds import SessionInput
 from backends.fpga.emulator import Emulator
 from backends.fpga.partition import PartitionPlan, Segment
 from backends.fpga.profile import FpgaProfile
-from pipeline.threads import session_options
+from backends.threads import session_options
 
 logger = logging.getLogger(__name__)
 
@@ -36,17 +37,17 @@ class FpgaSession(SessionBase):
         self._plan = plan
         self._threads = threads
         self._emulator = Emulator(profile, plan.constants)
-        self._inputs = [value.name for value in model.graph.input if value.name not in plan.constants]
+        self._backend = "fpga"
+        self._input_specs = [
+            SessionInput.from_value_info(value) for value in model.graph.input if value.name not in plan.constants
+        ]
         self._outputs = [value.name for value in model.graph.output]
         self._boundaries = _boundaries(model, plan.segments, set(plan.constants))
         self._cpu_sessions: dict[int, ort.InferenceSession] = {}
         self._types = _known_types(model)
-        self._closed = False
 
-    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run one batch through every segment in order and return every output by name."""
-        if self._closed:
-            raise RuntimeError("session is closed")
         env: dict[str, np.ndarray] = dict(feeds)
         for index, segment in enumerate(self._plan.segments):
             if segment.device == "accelerator":
@@ -59,12 +60,11 @@ class FpgaSession(SessionBase):
             env.update(zip(outputs, values, strict=True))
         return {name: env[name] if name in env else self._plan.constants[name] for name in self._outputs}
 
-    def close(self) -> None:
+    def _close(self) -> None:
         """Release the CPU sessions; warn about accumulator overflows the emulator saw."""
         if self._emulator.saturated:
             logger.warning("accelerator accumulators saturated (node: count): %s", self._emulator.saturated)
         self._cpu_sessions.clear()
-        self._closed = True
 
     def _cpu_session(self, index: int, segment: Segment, env: Mapping[str, np.ndarray]) -> ort.InferenceSession:
         if index not in self._cpu_sessions:

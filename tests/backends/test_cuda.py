@@ -12,14 +12,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-# Import pipeline before backends: `import backends` first fails on a circular import
-# (backends.registry -> pipeline -> pipeline.runner -> backends.registry); see test_registry.
-# isort: off
-import pipeline
-import backends
-
-# isort: on
-
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -27,9 +19,11 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from pydantic import ValidationError
 
+import backends
 from backends import cuda
 from backends.base import Availability
 from backends.cuda import CUDA, INSTALL_HINT, TENSORRT, CudaBackend, CudaOptions
+from backends.errors import BackendError
 from backends.ort import OrtBackend, OrtSession, SessionOptionsSpec
 
 CPU = "CPUExecutionProvider"
@@ -439,7 +433,7 @@ def test_tensorrt_without_its_provider_raises_backend_error(
     options = CudaOptions(tensorrt=True)
 
     for attempt in (backend.open, backend.placement):
-        with pytest.raises(pipeline.BackendError) as caught:
+        with pytest.raises(BackendError) as caught:
             attempt(matmul_model, options)
 
         assert caught.value.backend == "cuda"
@@ -452,7 +446,7 @@ def test_tensorrt_on_an_unavailable_backend_reports_the_basic_problem_first(
 ) -> None:
     fake_checks(monkeypatch, [CPU], wheels={"onnxruntime": "1.32.0"})
 
-    with pytest.raises(pipeline.BackendError) as caught:
+    with pytest.raises(BackendError) as caught:
         backend.open(matmul_model, CudaOptions(tensorrt=True))
 
     assert caught.value.reason == backend.availability().reason
@@ -466,7 +460,7 @@ def test_a_session_that_lost_the_cuda_provider_is_refused(
     cpu_only = OrtSession(ort.InferenceSession(str(matmul_model), providers=[CPU]))
     monkeypatch.setattr(OrtBackend, "open", lambda self, model, options=None: cpu_only)
 
-    with pytest.raises(pipeline.BackendError) as caught:
+    with pytest.raises(BackendError) as caught:
         backend.open(matmul_model)
 
     assert caught.value.reason == (
@@ -517,7 +511,7 @@ def test_options_reach_a_real_cuda_session(gpu: CudaBackend, matmul_model: Path)
 
 
 def test_a_device_id_beyond_the_gpus_raises_backend_error(gpu: CudaBackend, matmul_model: Path) -> None:
-    with pytest.raises(pipeline.BackendError) as caught:
+    with pytest.raises(BackendError) as caught:
         gpu.open(matmul_model, CudaOptions(device_id=4096))
 
     assert caught.value.backend == "cuda"

@@ -15,20 +15,19 @@ import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
-# Import pipeline before backends: `import backends` first fails on a circular import
-# (see test_backends_imports_first_in_a_fresh_interpreter below).
-# isort: off
-import pipeline
-import backends
-
-# isort: on
-
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
 
+import backends
+import backends.errors
+import backends.threads
+import pipeline
+import pipeline.errors
+import pipeline.threads
 from backends.cpu import CpuBackend
+from backends.errors import BackendError, UnknownBackendError
 
 PLUGIN_MODULES = ("acme_backend", "acme_broken_backend", "acme_missing_backend")
 
@@ -100,7 +99,7 @@ def test_get_backend_cpu() -> None:
 
 
 def test_unknown_backend_lists_registered_names() -> None:
-    with pytest.raises(pipeline.BackendError) as caught:
+    with pytest.raises(BackendError) as caught:
         backends.get_backend("no-such-backend")
 
     error = caught.value
@@ -140,7 +139,7 @@ def test_plugin_from_entry_point_is_listed_and_usable(acme: Path, tmp_path: Path
     with backend.open(write_identity_model(tmp_path / "identity.onnx")) as session:
         np.testing.assert_array_equal(session.run({"x": x})["y"], x)
 
-    with pytest.raises(pipeline.BackendError) as caught:
+    with pytest.raises(BackendError) as caught:
         backends.get_backend("no-such-backend")
     assert "acme" in caught.value.reason.split("registered: ", 1)[1].split(", ")
 
@@ -163,7 +162,7 @@ def test_plugin_that_fails_to_import_is_unavailable(site: Path) -> None:
         assert not entry.availability.ok
         assert "cannot load" in entry.availability.reason
         assert entry.availability.hint
-        with pytest.raises(pipeline.BackendError) as caught:
+        with pytest.raises(BackendError) as caught:
             backends.get_backend(name)
         assert caught.value.backend == name
         assert entry.target in caught.value.reason
@@ -185,7 +184,7 @@ def test_plugin_that_is_not_a_backend_is_rejected(site: Path) -> None:
     entry = next(entry for entry in backends.list_backends() if entry.name == "notabackend")
     assert entry.backend is None
     assert "does not implement the Backend protocol" in entry.availability.reason
-    with pytest.raises(pipeline.BackendError, match="does not implement the Backend protocol"):
+    with pytest.raises(BackendError, match="does not implement the Backend protocol"):
         backends.get_backend("notabackend")
 
 
@@ -228,3 +227,32 @@ def test_backends_imports_first_in_a_fresh_interpreter() -> None:
     )
 
     assert completed.returncode == 0, completed.stderr
+
+
+def test_backends_imports_nothing_from_pipeline() -> None:
+    code = (
+        "import sys, backends, backends.resolve, backends.cuda, backends.fpga, backends.threads\n"
+        "backends.list_backends()\n"
+        "print(sorted(name for name in sys.modules if name.split('.')[0] == 'pipeline'))"
+    )
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.strip() == "[]"
+
+
+def test_pipeline_re_exports_the_backend_errors_and_thread_helpers() -> None:
+    for name in ("ExitCode", "OnnxforgeError", "BackendError", "UnknownBackendError", "BackendOptionError"):
+        assert getattr(pipeline.errors, name) is getattr(backends.errors, name)
+    assert issubclass(pipeline.errors.JobError, backends.errors.OnnxforgeError)
+    assert pipeline.BackendError is backends.errors.BackendError
+    for name in ("THREADS_ENV", "job_threads", "cpu_threads", "session_options"):
+        assert getattr(pipeline.threads, name) is getattr(backends.threads, name)
+
+
+def test_an_unknown_backend_is_a_typed_backend_error() -> None:
+    with pytest.raises(UnknownBackendError, match="unknown backend; registered: .*cpu") as caught:
+        backends.get_backend("nosuch")
+
+    assert isinstance(caught.value, BackendError)
+    assert caught.value.backend == "nosuch"
