@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import onnx
@@ -245,29 +246,29 @@ def _with_outputs(graph: _Graph, node: onnx.NodeProto, inputs: list[Fixed | None
 
 
 def _attribute_problem(graph: _Graph, node: onnx.NodeProto, limits: OpLimits) -> str:
-    """Why the node's attributes are beyond the profile's limits ("" when they are not)."""
+    """Why the node's attributes are beyond the profile's limits ("" when they are not).
+
+    Spatial ops (Conv, pools) first pass the checks they share (padding mode, a 2-D kernel, the
+    profile's size limits); then the op's own check in `_OP_CHECKS`, if it has one, runs.
+    """
     attrs = {attr.name: onnx.helper.get_attribute_value(attr) for attr in node.attribute}
-    if node.op_type == "MatMul":
-        weight = _constant_behind(graph, node.input[1])
-        if weight is None:
-            return (
-                "both inputs are activations (e.g. attention scores); the accelerator's MatMul needs constant weights"
-            )
-        if weight.ndim != 2:
-            return f"its weight has rank {weight.ndim}; the accelerator's MatMul is a 2-D fully connected layer"
-    if node.op_type == "Gemm" and (
-        attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0
-    ):
-        return "Gemm with transA, alpha or beta other than the defaults"
-    if node.op_type not in _SPATIAL:
-        return ""
+    if node.op_type in _SPATIAL:
+        problem = _spatial_problem(graph, node, attrs, limits)
+        if problem:
+            return problem
+    check = _OP_CHECKS.get(node.op_type)
+    return check(graph, node, attrs, limits) if check is not None else ""
+
+
+def _spatial_problem(graph: _Graph, node: onnx.NodeProto, attrs: Mapping[str, Any], limits: OpLimits) -> str:
+    """What Conv, MaxPool and AveragePool share: explicit pads, floor mode, a 2-D kernel within limits."""
     if attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
         return "auto_pad is set (export with explicit pads)"
     if attrs.get("ceil_mode", 0):
         return "ceil_mode = 1"
     kernel = list(attrs.get("kernel_shape", []))
     weight = _constant_behind(graph, node.input[1]) if node.op_type == "Conv" else None
-    if node.op_type == "Conv" and weight is not None:
+    if weight is not None:
         kernel = kernel or list(weight.shape[2:])
     if len(kernel) != 2:
         return f"only 2-D {node.op_type} runs on the accelerator (kernel {kernel})"
@@ -280,13 +281,47 @@ def _attribute_problem(graph: _Graph, node: onnx.NodeProto, limits: OpLimits) ->
     for what, values, limit in checks:
         if limit is not None and values and max(values) > limit:
             return f"{what} {list(values)} exceeds the profile's {what}_max {limit}"
-    if node.op_type == "AveragePool" and any(attrs.get("pads", [])) and not attrs.get("count_include_pad", 0):
-        return "padded AveragePool without count_include_pad"
-    if node.op_type == "MaxPool" and any(d != 1 for d in attrs.get("dilations", [])):
-        return "dilated MaxPool"
-    if node.op_type == "Conv":
-        return _group_problem(int(attrs.get("group", 1)), weight, limits)
     return ""
+
+
+def _matmul_problem(graph: _Graph, node: onnx.NodeProto, attrs: Mapping[str, Any], limits: OpLimits) -> str:
+    weight = _constant_behind(graph, node.input[1])
+    if weight is None:
+        return "both inputs are activations (e.g. attention scores); the accelerator's MatMul needs constant weights"
+    if weight.ndim != 2:
+        return f"its weight has rank {weight.ndim}; the accelerator's MatMul is a 2-D fully connected layer"
+    return ""
+
+
+def _gemm_problem(graph: _Graph, node: onnx.NodeProto, attrs: Mapping[str, Any], limits: OpLimits) -> str:
+    if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
+        return "Gemm with transA, alpha or beta other than the defaults"
+    return ""
+
+
+def _average_pool_problem(graph: _Graph, node: onnx.NodeProto, attrs: Mapping[str, Any], limits: OpLimits) -> str:
+    if any(attrs.get("pads", [])) and not attrs.get("count_include_pad", 0):
+        return "padded AveragePool without count_include_pad"
+    return ""
+
+
+def _max_pool_problem(graph: _Graph, node: onnx.NodeProto, attrs: Mapping[str, Any], limits: OpLimits) -> str:
+    return "dilated MaxPool" if any(d != 1 for d in attrs.get("dilations", [])) else ""
+
+
+def _conv_problem(graph: _Graph, node: onnx.NodeProto, attrs: Mapping[str, Any], limits: OpLimits) -> str:
+    return _group_problem(int(attrs.get("group", 1)), _constant_behind(graph, node.input[1]), limits)
+
+
+_OpCheck = Callable[[_Graph, onnx.NodeProto, Mapping[str, Any], OpLimits], str]
+# Per op, what its own attributes must satisfy (after `_spatial_problem` for spatial ops).
+_OP_CHECKS: dict[str, _OpCheck] = {
+    "MatMul": _matmul_problem,
+    "Gemm": _gemm_problem,
+    "AveragePool": _average_pool_problem,
+    "MaxPool": _max_pool_problem,
+    "Conv": _conv_problem,
+}
 
 
 def _group_problem(group: int, weight: np.ndarray | None, limits: OpLimits) -> str:
