@@ -32,7 +32,7 @@ from rich.console import Console
 from rich.table import Table
 
 import pipeline
-from pipeline.batch.executor import LocalExecutor
+from pipeline.batch.local import LocalExecutor
 
 REPO = Path(__file__).resolve().parent.parent
 METHODS = ("mse", "minmax", "percentile", "entropy")

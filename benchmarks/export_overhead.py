@@ -71,7 +71,7 @@ def measure(sample: str, repeats: int) -> dict[str, float]:
     bare, ours, ours_without_parity = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        ctx = prepared.context(job, folder)
+        ctx = StageContext.prepared(job, folder, prepared)
         bare_export(ctx, folder)  # warm-up: first-call imports and registrations
         for _ in range(repeats):
             bare.append(bare_export(ctx, folder))

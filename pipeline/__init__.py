@@ -49,6 +49,13 @@ _EXPORTS = {
     "validate_job": "pipeline.job",
     "DistillationSummary": "pipeline.distillation.summary",
     "ParityReport": "pipeline.parity.report",
+    "DistillRecord": "pipeline.records",
+    "ExportRecord": "pipeline.records",
+    "PruneRecord": "pipeline.records",
+    "QuantizeRecord": "pipeline.records",
+    "SimplifyRecord": "pipeline.records",
+    "StageName": "pipeline.records",
+    "ValidateRecord": "pipeline.records",
     "ConversionResult": "pipeline.result",
     "StageEvent": "pipeline.runner",
 }
@@ -94,5 +101,14 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
         validate_job,
     )
     from pipeline.parity.report import ParityReport  # noqa: F401
+    from pipeline.records import (  # noqa: F401
+        DistillRecord,
+        ExportRecord,
+        PruneRecord,
+        QuantizeRecord,
+        SimplifyRecord,
+        StageName,
+        ValidateRecord,
+    )
     from pipeline.result import ConversionResult  # noqa: F401
     from pipeline.runner import StageEvent  # noqa: F401

@@ -9,9 +9,11 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from pipeline.records import RECORD_TYPES, AnyRecord, StageRecord
 
 _CHUNK = 1 << 20
 # mkstemp/mkdtemp create private (0600/0700) entries; published artifacts get the usual modes.
@@ -102,8 +104,11 @@ def write_with(target: Path, writer: Callable[[Path], None]) -> None:
         writer(temp)
 
 
+RecordT = TypeVar("RecordT", bound=StageRecord)
+
+
 class Artifact(BaseModel):
-    """One file a stage produced.
+    """One file a stage produced, and the stage's typed record of it.
 
     Attributes:
         stage: The stage that wrote it.
@@ -111,20 +116,47 @@ class Artifact(BaseModel):
         sha256: Hex content hash.
         parent_sha256: Hash of the artifact it was derived from (None for the first).
         external_data: External data files beside `path` (name to sha256), for big models.
-        metadata: Stage-specific facts (node counts, exporter used, ...).
+        record: What the stage recorded (`pipeline.records`); serialised as ``metadata``.
     """
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, validate_by_name=True, serialize_by_alias=True)
 
     stage: str
     path: str
     sha256: str
     parent_sha256: str | None = None
     external_data: dict[str, str] = Field(default_factory=dict)
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    record: AnyRecord | None = Field(default=None, validation_alias="metadata", serialization_alias="metadata")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _typed_record(cls, data: Any) -> Any:
+        """A record read back from JSON (manifest, stage cache) becomes its stage's record type."""
+        if isinstance(data, dict) and isinstance(data.get("metadata"), dict):
+            record_type = RECORD_TYPES.get(str(data.get("stage")))
+            if record_type is not None:
+                data = {**data, "metadata": record_type.model_validate(data["metadata"])}
+            elif not data["metadata"]:
+                data = {**data, "metadata": None}
+        return data
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """The record as JSON data, as the manifest shows it (empty without a record)."""
+        return self.record.model_dump(mode="json") if self.record is not None else {}
+
+    def record_as(self, record_type: type[RecordT]) -> RecordT:
+        """The record, checked to be of `record_type`.
+
+        Raises:
+            TypeError: The artifact holds another kind of record (a bug in the stage that wrote it).
+        """
+        if not isinstance(self.record, record_type):
+            raise TypeError(f"the {self.stage} artifact holds {type(self.record).__name__}, not {record_type.__name__}")
+        return self.record
 
 
-class StageRecord(BaseModel):
+class StageRun(BaseModel):
     """What the manifest records of one stage run."""
 
     name: str
@@ -154,7 +186,7 @@ class Manifest(BaseModel):
     job_sha256: str
     input_hashes: dict[str, str]
     tool_versions: dict[str, str]
-    stages: list[StageRecord]
+    stages: list[StageRun]
     exporter: dict[str, str]
     parity: dict[str, str]
     verdict: str

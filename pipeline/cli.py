@@ -24,10 +24,11 @@ from pipeline.batch.base import BatchOverrides, JobOutcome
 from pipeline.batch.manifest import load_manifest
 from pipeline.batch.progress import BatchProgress, EventLog, outcome_table
 from pipeline.errors import ExitCode, JobError, OnnxforgeError, ParityError, first_line
-from pipeline.job import Fp32Policy, TaskPolicy, load_job
+from pipeline.job import DEFAULT_BATCH_SIZE, DEFAULT_MIN_COSINE, DEFAULT_RTOL, Fp32Policy, TaskPolicy, load_job
 from pipeline.parity.compare import compare_models
+from pipeline.parity.console import placement_line, summary_lines
 from pipeline.parity.localize import Localisation
-from pipeline.parity.report import ParityReport, format_value
+from pipeline.parity.report import CONSOLE_COLUMNS, ParityReport, comparison_table
 from pipeline.parity.target import render_placement
 from pipeline.parity.writers import write_reports
 from pipeline.runner import StageEvent
@@ -201,15 +202,15 @@ def parity(
     backend_a: Annotated[str, typer.Option("--backend-a", help="Backend for the reference.")] = "cpu",
     backend_b: Annotated[str, typer.Option("--backend-b", help="Backend for the candidate.")] = "cpu",
     labels: Annotated[str | None, typer.Option(help="The .npz array of class labels (top-1 accuracy).")] = None,
-    min_cosine: Annotated[float, typer.Option(help="Task gate: lowest mean cosine per output.")] = 0.99,
+    min_cosine: Annotated[float, typer.Option(help="Task gate: lowest mean cosine per output.")] = DEFAULT_MIN_COSINE,
     max_accuracy_drop: Annotated[
         float | None, typer.Option(help="Task gate: largest top-1 drop in points (needs --labels).")
     ] = None,
     atol: Annotated[
         float | None, typer.Option(help="Element-wise gate instead: |b - a| <= atol + rtol*|a| everywhere.")
     ] = None,
-    rtol: Annotated[float, typer.Option(help="With --atol.")] = 1e-3,
-    batch_size: Annotated[int, typer.Option(help="Samples per run.")] = 32,
+    rtol: Annotated[float, typer.Option(help="With --atol.")] = DEFAULT_RTOL,
+    batch_size: Annotated[int, typer.Option(help="Samples per run.")] = DEFAULT_BATCH_SIZE,
     localize: Annotated[
         bool | None,
         typer.Option("--localize/--no-localize", help="Find where the error enters (default: when the gate fails)."),
@@ -347,73 +348,25 @@ def _quant_summary(backend: Backend | None) -> str:
 
 def _print_report(report: ParityReport) -> None:
     table = Table(title=f"parity: {report.job} on {report.data}, {report.samples} samples")
-    columns = ("stage", "target", "output", "max abs", "cosine mean", "SNR dB", "top-1 agree", "top-1 acc", "result")
-    for column in columns:
+    header, rows = comparison_table(report, CONSOLE_COLUMNS)
+    for column in header:
         table.add_column(column, overflow="fold")
-    for comparison in report.comparisons:
-        accuracy = comparison.accuracy
-        for output in comparison.outputs:
-            metrics = output.metrics
-            shows_accuracy = accuracy is not None and accuracy.output == output.name
-            table.add_row(
-                escape(comparison.label),  # "export[batch=1]" is not rich markup
-                escape(comparison.target),
-                escape(output.name),
-                format_value(metrics.max_abs),
-                format_value(metrics.cosine_mean),
-                format_value(metrics.snr_db),
-                format_value(metrics.top1_agreement),
-                f"{100 * accuracy.candidate:.2f}%" if shows_accuracy and accuracy else "-",
-                {"pass": "[green]pass[/]", "FAIL": "[red]FAIL[/]"}.get(output.result, output.result),
-            )
+    for row in rows:
+        # Names such as "export[batch=1]" are not rich markup; only the result is coloured.
+        table.add_row(*(escape(cell) for cell in row[:-1]), _RESULT_STYLE.get(row[-1], row[-1]))
     stdout.print(table)
-    if (distillation := report.distillation) is not None:
-        teacher, student = distillation.teacher, distillation.student_model
-        scores = " -> ".join(distillation.format_score(model.score) for model in (teacher, student))
-        stdout.print(
-            f"distilled: parameters {teacher.parameters:,} -> {student.parameters:,} "
-            f"({student.parameters / teacher.parameters:.2f}x), held-out {distillation.metric} {scores}, "
-            f"PyTorch {teacher.latency_ms:.2f} -> {student.latency_ms:.2f} ms; "
-            f"epoch {distillation.best_epoch} of {len(distillation.history)} kept",
-            highlight=False,
-        )
-    if (pruning := report.pruning) is not None:
-        stdout.print(
-            f"pruned: parameters {pruning.parameters[0]:,} -> {pruning.parameters[1]:,}, "
-            f"MACs per sample {pruning.macs[0]:,} -> {pruning.macs[1]:,} "
-            f"({len(pruning.layers)} layers changed; per layer in report.md)"
-        )
-    for check in report.performance:
-        speed = f"int8 {check.int8_ms:.1f} ms vs float {check.fp32_ms:.1f} ms ({check.ratio:.2f}x)"
-        why = "" if check.faster else f": not faster ({'; '.join(check.reasons)})"
-        stdout.print(f"speed on {check.target}, batch {'x'.join(map(str, check.batch_shape))}: {speed}{why}")
-    for placement in report.placements:
-        _print_placement_line(placement)
-    for parity in report.on_target:
-        for item in parity.outputs:
-            stdout.print(
-                f"on {parity.target}, {escape(item.name)}: error {item.target_error:.4g} "
-                f"vs CPU QDQ {item.cpu_error:.4g} (limit {item.limit:.4g}; "
-                f"{item.differing} of {item.elements} values differ from CPU QDQ)",
-                highlight=False,
-            )
+    for line in summary_lines(report):
+        stdout.print(line, highlight=False, markup=False)
     verdict = "[green]PASS[/]" if report.verdict == "pass" else "[red]FAIL[/]"
     stdout.print(f"verdict: {verdict}")
 
 
+_RESULT_STYLE = {"pass": "[green]pass[/]", "FAIL": "[red]FAIL[/]"}
+
+
 def _print_placement_line(placement: PlacementReport) -> None:
     """One line per placement: the share that falls back and, for an accelerator, its estimate."""
-    line = (
-        f"placement on {placement.backend}: {placement.compute_nodes - placement.fallback_nodes} of "
-        f"{placement.compute_nodes} compute nodes on {placement.preferred}, {placement.fallback_share:.0%} fall back"
-    )
-    if (estimate := placement.accelerator) is not None:
-        fits = "fits" if estimate.fits else "does NOT fit"
-        line += (
-            f"; estimate {estimate.latency_us} us, {estimate.cycles} cycles; activation memory peak "
-            f"{estimate.peak_activation_bytes:,} of {estimate.activation_buffer_bytes:,} bytes ({fits})"
-        )
-    stdout.print(line, highlight=False)
+    stdout.print(placement_line(placement), highlight=False, markup=False)
 
 
 def _fail(error: OnnxforgeError) -> NoReturn:

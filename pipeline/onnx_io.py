@@ -11,6 +11,7 @@ import onnx
 import onnx_ir as ir
 
 from pipeline.artifacts import Artifact, sha256_file, staged_files
+from pipeline.records import ModelRecord
 
 logger = logging.getLogger(__name__)
 
@@ -92,13 +93,13 @@ def external_data_files(path: Path) -> list[str]:
     return sorted(locations)
 
 
-def model_artifact(stage: str, path: Path, parent: Artifact | None, metadata: dict[str, object]) -> Artifact:
-    """Describe a saved model: its hash, its external data files' hashes, its parent."""
+def model_artifact(stage: str, path: Path, parent: Artifact | None, record: ModelRecord) -> Artifact:
+    """Describe a saved model: its hash, its external data files' hashes, its parent, the stage's record."""
     return Artifact(
         stage=stage,
         path=path.name,
         sha256=sha256_file(path),
         parent_sha256=parent.sha256 if parent else None,
         external_data={name: sha256_file(path.parent / name) for name in external_data_files(path)},
-        metadata=metadata,
+        record=record,
     )

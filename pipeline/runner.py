@@ -18,7 +18,7 @@ from typing import Literal
 from backends.base import Backend
 from backends.resolve import options_help as backend_options_help
 from backends.resolve import resolve_target
-from pipeline.artifacts import DIR_MODE, Manifest, StageRecord, fsync_dir, write_atomic
+from pipeline.artifacts import DIR_MODE, Artifact, Manifest, StageRun, fsync_dir, write_atomic
 from pipeline.errors import (
     BackendError,
     BackendOptionError,
@@ -30,29 +30,17 @@ from pipeline.errors import (
 )
 from pipeline.feeds import FeedSource
 from pipeline.job import ConversionJob, DataSource
-from pipeline.model_source import SourceModel, input_hashes, load_model
+from pipeline.model_source import input_hashes, load_model
 from pipeline.parity.report import ParityReport
+from pipeline.records import ExportRecord, ValidateRecord
 from pipeline.result import ConversionResult
 from pipeline.stage_cache import StageCache
-from pipeline.stages.base import Stage, StageContext, Target
-from pipeline.stages.distill import DistillStage, check_distillation
-from pipeline.stages.export import ExportStage
-from pipeline.stages.prune import PruneStage
-from pipeline.stages.quantize import QuantizeStage, resolve_activation_type
-from pipeline.stages.simplify import SimplifyStage
-from pipeline.stages.validate import ValidateStage
+from pipeline.stages import STAGES
+from pipeline.stages.base import PreparedInputs, Stage, StageContext, Target
 from pipeline.versions import tool_versions
 
 logger = logging.getLogger(__name__)
 
-STAGE_ORDER: tuple[Stage, ...] = (
-    DistillStage(),
-    ExportStage(),
-    SimplifyStage(),
-    PruneStage(),
-    QuantizeStage(),
-    ValidateStage(),
-)
 MANIFEST = "manifest.json"
 
 
@@ -115,10 +103,11 @@ def run_job(
     staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(job.output_dir), dir=job.output_dir.parent))
     try:
         staging.chmod(DIR_MODE)
-        ctx = checked.context(job, staging)
-        records = [_run_stage(stage, ctx, notify, cache) for stage in STAGE_ORDER]
-        report = ParityReport.model_validate_json((staging / ctx.artifacts["validate"].path).read_text())
-        manifest = _manifest(job, ctx, records, report)
+        ctx = StageContext.prepared(job, staging, checked)
+        runs = [_run_stage(stage, ctx, notify, cache) for stage in STAGES]
+        report_artifact = _report_artifact(ctx)
+        report = ParityReport.model_validate_json((staging / report_artifact.path).read_text())
+        manifest = _manifest(job, ctx, runs, report)
         write_atomic(staging / MANIFEST, manifest.model_dump_json(indent=2))
         _publish(staging, job.output_dir)
     except BaseException:
@@ -130,59 +119,31 @@ def run_job(
         artifacts=ctx.artifacts,
         report=report,
         manifest_path=job.output_dir / MANIFEST,
-        timings={record.name: record.seconds for record in records},
+        timings={run.name: run.seconds for run in runs},
     )
     if report.verdict != "pass":
-        raise ParityError(job.name, report.failures, job.output_dir / ctx.artifacts["validate"].path, result)
+        raise ParityError(job.name, report.failures, job.output_dir / report_artifact.path, result)
     return result
 
 
-@dataclass(frozen=True)
-class PreparedJob:
-    """What `preflight` loaded and checked: everything the stages read besides the job."""
-
-    source: SourceModel
-    calibration: FeedSource | None
-    evaluation: FeedSource
-    targets: list[Target]
-    distill_data: FeedSource | None = None
-    distill_validation: FeedSource | None = None
-
-    def context(self, job: ConversionJob, workdir: Path) -> StageContext:
-        """The stage context of a run of `job` writing into `workdir`."""
-        return StageContext(
-            job=job,
-            workdir=workdir,
-            source=self.source,
-            calibration=self.calibration,
-            evaluation=self.evaluation,
-            targets=self.targets,
-            distill_data=self.distill_data,
-            distill_validation=self.distill_validation,
-        )
-
-
-def preflight(job: ConversionJob) -> PreparedJob:
-    """Resolve targets, load the model and check the data: every bad-input error, before writing.
+def preflight(job: ConversionJob) -> PreparedInputs:
+    """Resolve targets, load the model, check the data and every enabled stage's preconditions:
+    every bad-input error, before anything is written.
 
     Raises:
-        JobError: The model source, data or target options are not usable.
+        JobError: The model source, data, target options or a stage's settings are not usable.
         BackendError: A target is unavailable here.
     """
     targets = [_resolve_target(job, index) for index in range(len(job.targets))]
-    if job.quantize.enabled:
-        resolve_activation_type(job, targets)
     source = load_model(job)
     calibration = _feeds(job, job.calibration, "calibration")
     evaluation = _feeds(job, job.parity_data, "evaluation" if job.evaluation else "calibration")
     assert evaluation is not None
-    distill_data = distill_validation = None
-    if job.distill is not None and job.distill.enabled:
-        distill_data = _feeds(job, job.distill.data, "distill.data")
-        distill_validation = _feeds(job, job.distill.validation, "distill.validation")
-        assert distill_data is not None and source.module is not None
-        check_distillation(job, source.module, distill_data)
-    return PreparedJob(source, calibration, evaluation, targets, distill_data, distill_validation)
+    inputs = PreparedInputs(source, calibration, evaluation, targets)
+    for stage in STAGES:
+        if stage.enabled(job):
+            stage.check(job, inputs)
+    return inputs
 
 
 def _resolve_target(job: ConversionJob, index: int) -> Target:
@@ -228,16 +189,16 @@ def _check_output_dir(job: ConversionJob) -> None:
         )
 
 
-def _run_stage(stage: Stage, ctx: StageContext, notify: ProgressCallback, cache: StageCache | None) -> StageRecord:
+def _run_stage(stage: Stage, ctx: StageContext, notify: ProgressCallback, cache: StageCache | None) -> StageRun:
     if not stage.enabled(ctx.job):
         notify(StageEvent(ctx.job.name, stage.name, "skipped"))
-        return StageRecord(name=stage.name, seconds=0.0, artifact=None)
+        return StageRun(name=stage.name, seconds=0.0, artifact=None)
     key = stage.key(ctx) if cache is not None else None
     restored = cache.restore(key, ctx.workdir) if cache is not None and key is not None else None
     if restored is not None:
         ctx.artifacts[stage.name] = restored
         notify(StageEvent(ctx.job.name, stage.name, "restored"))
-        return StageRecord(name=stage.name, seconds=0.0, artifact=restored, restored=True)
+        return StageRun(name=stage.name, seconds=0.0, artifact=restored, restored=True)
     notify(StageEvent(ctx.job.name, stage.name, "started"))
     ctx.progress = lambda done, total, detail: notify(
         StageEvent(ctx.job.name, stage.name, "progress", done=done, total=total, detail=detail)
@@ -255,19 +216,27 @@ def _run_stage(stage: Stage, ctx: StageContext, notify: ProgressCallback, cache:
         cache.store(key, artifact, ctx.workdir)
     notify(StageEvent(ctx.job.name, stage.name, "finished", seconds))
     logger.info("job %s: %s done in %.2fs", ctx.job.name, stage.name, seconds)
-    return StageRecord(name=stage.name, seconds=round(seconds, 4), artifact=artifact)
+    return StageRun(name=stage.name, seconds=round(seconds, 4), artifact=artifact)
 
 
-def _manifest(job: ConversionJob, ctx: StageContext, records: list[StageRecord], report: ParityReport) -> Manifest:
-    export = ctx.artifacts["export"].metadata
+def _report_artifact(ctx: StageContext) -> Artifact:
+    """The parity report validation wrote (validation always runs)."""
+    artifact = ctx.artifact_with(ValidateRecord)
+    assert artifact is not None, "the validate stage always runs"
+    return artifact
+
+
+def _manifest(job: ConversionJob, ctx: StageContext, runs: list[StageRun], report: ParityReport) -> Manifest:
+    export = ctx.record(ExportRecord)
+    assert export is not None, "the export stage always runs"
     return Manifest(
         job=job.name,
         job_file=str(job.source_file) if job.source_file else None,
         job_sha256=hashlib.sha256(job.model_dump_json().encode()).hexdigest(),
         input_hashes=input_hashes(job, ctx.source),
         tool_versions=tool_versions(),
-        stages=records,
-        exporter={"used": str(export["exporter"]), "fallback_reason": str(export["fallback_reason"])},
+        stages=runs,
+        exporter={"used": export.exporter, "fallback_reason": export.fallback_reason},
         parity=report.verdicts(),
         verdict=report.verdict,
     )

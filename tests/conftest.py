@@ -18,6 +18,7 @@ from pipeline.artifacts import Artifact, sha256_file
 from pipeline.feeds import FeedSource
 from pipeline.job import ConversionJob, TargetSpec
 from pipeline.model_source import SourceModel
+from pipeline.records import ModelRecord
 from pipeline.stages.base import StageContext, Target
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -91,7 +92,7 @@ def resolved_target(name: str) -> Target:
 
 
 def stage_context(job: ConversionJob, model: Path, after: str, targets: list[Target] | None = None) -> StageContext:
-    """A stage context whose newest model is `model`, as if stage `after` had written it.
+    """A stage context whose newest model is `model`, as if stage `after` had written it (an untyped model record).
 
     The work folder is the model's folder; the data comes from the job's calibration and
     evaluation sources (evaluation falls back to calibration, as in a run).
@@ -111,5 +112,5 @@ def stage_context(job: ConversionJob, model: Path, after: str, targets: list[Tar
         calibration=calibration,
         evaluation=evaluation,
         targets=targets if targets is not None else [resolved_target("cpu")],
-        artifacts={after: Artifact(stage=after, path=model.name, sha256=sha256_file(model))},
+        artifacts={after: Artifact(stage=after, path=model.name, sha256=sha256_file(model), record=ModelRecord())},
     )

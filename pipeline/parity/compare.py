@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from backends import registry as backend_registry
-from pipeline.errors import BackendError, JobError
-from pipeline.job import Fp32Policy, TaskPolicy
+from backends.base import Session
+from backends.resolve import resolve_target
+from pipeline.errors import JobError
+from pipeline.job import DEFAULT_BATCH_SIZE, Fp32Policy, Int8Policy, ParityPolicy, TaskPolicy
+from pipeline.parity.chain import Link, ParityChain
 from pipeline.parity.localize import localize
-from pipeline.parity.metrics import AccuracyCounter, OutputComparator
-from pipeline.parity.policy import accuracy_drop_check, fp32_checks, task_checks
-from pipeline.parity.report import AccuracyParity, Comparison, OutputParity, ParityReport
+from pipeline.parity.report import ParityReport
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def compare_models(
     policy: TaskPolicy | None = None,
     exact: Fp32Policy | None = None,
     labels: str | None = None,
-    batch_size: int = 32,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     localise: bool | None = None,
 ) -> ParityReport:
     """Run both models on the data and judge the candidate against the reference.
@@ -75,9 +75,10 @@ def compare_models(
         data: An .npz with one array per model input (and optionally labels).
         reference_backend: Backend the reference runs on.
         candidate_backend: Backend the candidate runs on.
-        policy: Task-level gate (cosine, SNR, top-1, accuracy drop); default cosine >= 0.99.
+        policy: Task-level gate (cosine, SNR, top-1, accuracy drop); default: `TaskPolicy()`'s.
         exact: Element-wise gate instead (atol / rtol), for models meant to be equal.
-        labels: Name of the labels array, for top-1 accuracy.
+        labels: Name of the labels array: the model is a classifier (top-1 agreement and
+            accuracy on its first ``[samples, classes]`` output).
         batch_size: Samples per run.
         localise: Find where the error enters: True always, None when the gate fails.
 
@@ -88,85 +89,69 @@ def compare_models(
         JobError: A model or the data is unusable.
         BackendError: A backend is unknown or unavailable.
     """
+    link = _link(reference, candidate, reference_backend, candidate_backend, exact is not None)
     task = policy or TaskPolicy()
-    sessions = [_open(path, name) for path, name in ((reference, reference_backend), (candidate, candidate_backend))]
-    with sessions[0] as first, sessions[1] as second:
-        names = first.output_names
-        if second.output_names != names:
-            raise JobError(candidate, "<model>", f"outputs {second.output_names} differ from the reference's {names}")
-        inputs = {str(value.name): value for value in ir.load(reference).graph.inputs}
-        # Top-1 agreement on the first output when the data has labels (a classifier).
-        comparators = [
-            OutputComparator(exact.rtol if exact else 1e-3, classifier=labels is not None and index == 0)
-            for index in range(len(names))
-        ]
-        accuracy = [AccuracyCounter(), AccuracyCounter()]
-        samples = 0
-        batches = list(npz_batches(data, inputs, batch_size, labels))
-        for feeds, truth in batches:
-            expected, actual = first.run(feeds), second.run(feeds)
-            for comparator, name in zip(comparators, names, strict=True):
-                comparator.update(expected[name], actual[name])
-            if truth is not None:
-                accuracy[0].update(expected[names[0]], truth)
-                accuracy[1].update(actual[names[0]], truth)
-            samples += len(next(iter(feeds.values())))
-    outputs = []
-    for name, comparator in zip(names, comparators, strict=True):
-        metrics = comparator.result()
-        checks = fp32_checks(metrics, exact) if exact else task_checks(metrics, task)
-        outputs.append(OutputParity(name=name, metrics=metrics, checks=checks))
-    comparison = Comparison(
-        stage="parity",
-        target=candidate_backend
-        if candidate_backend == reference_backend
-        else f"{reference_backend}->{candidate_backend}",
-        reference=reference.name,
-        candidate=candidate.name,
-        precision="fp32" if exact else "task",
-        outputs=outputs,
-        accuracy=_accuracy(names[0], accuracy, task) if labels else None,
-    )
+    rules = ParityPolicy(fp32=exact or Fp32Policy(), int8=Int8Policy.model_validate(task.model_dump()))
+    chain, first_batch = _measure(link, rules.fp32.rtol, (reference, candidate), data, batch_size, labels)
+    (comparison,) = chain.judge(rules)
     localisations = []
     if localise or (localise is None and not comparison.passed):
-        localisations.append(
-            localize(
-                ir.load(reference),
-                ir.load(candidate),
-                [feeds for feeds, _ in batches[:1]],
-                reference_name=reference.name,
-                candidate_name=candidate.name,
-            )
-        )
-    notes = []
-    if reference_backend != candidate_backend:
-        notes.append("Localisation runs both graphs on the CPU provider, as written (no fusions).")
+        pair = ir.load(reference), ir.load(candidate)
+        localisations.append(localize(*pair, first_batch, reference_name=reference.name, candidate_name=candidate.name))
+    cross_backend = reference_backend != candidate_backend
+    notes = ["Localisation runs both graphs on the CPU provider, as written (no fusions)."] if cross_backend else []
     return ParityReport.build(
         job=f"{candidate.name} vs {reference.name}",
         data=f"{data.name}",
-        samples=samples,
+        samples=chain.samples,
         notes=notes if localisations else [],
         comparisons=[comparison],
         localisations=localisations,
     )
 
 
-def _open(path: Path, backend_name: str):  # type: ignore[no-untyped-def]
+def _measure(
+    link: Link, rtol: float, models: tuple[Path, Path], data: Path, batch_size: int, labels: str | None
+) -> tuple[ParityChain, list[Feeds]]:
+    """Both models over the .npz's batches (a classifier when there are labels); also the first batch."""
+    reference, candidate = models
+    with _open(reference, link.reference_run[0]) as first, _open(candidate, link.candidate_run[0]) as second:
+        names = first.output_names
+        if second.output_names != names:
+            raise JobError(candidate, "<model>", f"outputs {second.output_names} differ from the reference's {names}")
+        inputs = {str(value.name): value for value in ir.load(reference).graph.inputs}
+        chain = ParityChain([link], names, rtol=rtol, is_classifier=labels is not None)
+        first_batch: list[Feeds] = []
+        for feeds, truth in npz_batches(data, inputs, batch_size, labels):
+            expected, actual = first.run(feeds), second.run(feeds)
+            runs = {link.reference_run: [expected[n] for n in names], link.candidate_run: [actual[n] for n in names]}
+            chain.update(runs, len(next(iter(feeds.values()))), truth)
+            first_batch = first_batch or [feeds]
+    return chain, first_batch
+
+
+def _link(reference: Path, candidate: Path, reference_backend: str, candidate_backend: str, exact: bool) -> Link:
+    """The one link of a comparison by hand: element-wise when `exact`, else task-level."""
+    same = candidate_backend == reference_backend
+    return Link(
+        stage="parity",
+        target=candidate_backend if same else f"{reference_backend}->{candidate_backend}",
+        reference=reference.name,
+        candidate=candidate.name,
+        precision="fp32" if exact else "task",
+        reference_run=(reference_backend, reference.name),
+        candidate_run=(candidate_backend, candidate.name),
+    )
+
+
+def _open(path: Path, backend_name: str) -> Session:
+    """`path` opened on the backend with its default options.
+
+    Raises:
+        JobError: The model file is not there.
+        BackendError: The backend is unknown, unavailable, or cannot load the model.
+    """
     if not path.is_file():
         raise JobError(path, "<model>", "model file not found")
-    backend = backend_registry.get_backend(backend_name)
-    availability = backend.availability()
-    if not availability.ok:
-        raise BackendError(backend_name, availability.reason, availability.hint)
-    return backend.open(path, backend.options_model())
-
-
-def _accuracy(output: str, counters: list[AccuracyCounter], policy: TaskPolicy) -> AccuracyParity | None:
-    if not counters[1].total:
-        return None
-    return AccuracyParity(
-        output=output,
-        reference=counters[0].accuracy,
-        candidate=counters[1].accuracy,
-        check=accuracy_drop_check(counters[0].accuracy, counters[1].accuracy, policy),
-    )
+    target = resolve_target(backend_name)
+    return target.backend.open(path, target.options)

@@ -12,7 +12,8 @@ from html import escape
 
 from pipeline.parity.localize import EXACT_DB, Localisation
 from pipeline.parity.metrics import ErrorHistogram
-from pipeline.parity.report import ParityReport, comparison_table, render_distillation, render_pruning
+from pipeline.parity.report import ParityReport, comparison_table
+from pipeline.parity.sections import render_distillation, render_pruning
 from pipeline.parity.target import render_placement, render_target_parity
 
 _STYLE = """

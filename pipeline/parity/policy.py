@@ -64,3 +64,14 @@ def accuracy_drop_check(reference: float, candidate: float, policy: TaskPolicy) 
     # Accuracies are ratios of counts: round away float noise so a drop of exactly the limit passes.
     drop = round(100.0 * (reference - candidate), 9)
     return _at_most("accuracy_drop_points", drop, policy.max_accuracy_drop)
+
+
+def agreement_bound_check(metrics: OutputMetrics, policy: TaskPolicy) -> Check | None:
+    """Without labels, top-1 disagreement bounds the accuracy drop from above: check it against the limit.
+
+    Returns None when the policy sets no accuracy drop or the output has no top-1 agreement.
+    """
+    if policy.max_accuracy_drop is None or metrics.top1_agreement is None:
+        return None
+    limit = 1.0 - policy.max_accuracy_drop / 100.0
+    return _at_least("top1_agreement", metrics.top1_agreement, limit)

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
-import json
-import math
+from collections.abc import Callable, Sequence
 
 from pydantic import BaseModel, ConfigDict
 
 from backends.base import PlacementReport
 from pipeline.distillation.summary import DistillationSummary
-from pipeline.parity.localize import EXACT_DB, Localisation
+from pipeline.parity.localize import Localisation
 from pipeline.parity.metrics import OutputMetrics
 from pipeline.parity.policy import Check, Precision
+from pipeline.parity.sections import (
+    format_value,
+    markdown_table,
+    render_distillation,
+    render_localisation,
+    render_pruning,
+)
 from pipeline.parity.target import TargetParity, fallback_failures, render_placement, render_target_parity
 from pipeline.pruning.summary import PruningSummary
 from pipeline.quantization.performance import PerformanceCheck
@@ -110,6 +116,15 @@ class Comparison(_Record):
         """No check failed."""
         return not self.failures()
 
+    def output_result(self, output: OutputParity) -> str:
+        """An output's row result: "FAIL" when one of its checks failed, or when it is the
+        classifier output and the accuracy-drop check failed; "measured" when no rule applies."""
+        accuracy_check = self.accuracy.check if self.accuracy and self.accuracy.output == output.name else None
+        checks = [*output.checks, *([accuracy_check] if accuracy_check else [])]
+        if not checks:
+            return "measured"
+        return "pass" if all(check.passed for check in checks) else "FAIL"
+
 
 class ParityReport(_Record):
     """Everything parity measured for a job.
@@ -204,15 +219,28 @@ def _worst(check: Check, metrics: OutputMetrics) -> str:
     )
 
 
-def format_value(value: float | None) -> str:
-    """A metric for tables: 4 significant digits, small and huge values in exponent form."""
-    if value is None:
+def _top1_accuracy(comparison: Comparison, output: OutputParity) -> str:
+    accuracy = comparison.accuracy
+    if accuracy is None or accuracy.output != output.name:
         return "-"
-    if math.isinf(value) or math.isnan(value):
-        return str(value)
-    return f"{value:.4g}" if abs(value) < 1e-3 or abs(value) >= 1e4 else f"{value:.4f}"
+    return f"{100 * accuracy.candidate:.2f}%"
 
 
+# Every column a comparison table can show: the cell of one (comparison, output) row.
+_CELLS: dict[str, Callable[[Comparison, OutputParity], str]] = {
+    "stage": lambda c, o: c.label,
+    "target": lambda c, o: c.target,
+    "candidate vs reference": lambda c, o: f"{c.candidate} vs {c.reference}",
+    "output": lambda c, o: o.name,
+    "max abs": lambda c, o: format_value(o.metrics.max_abs),
+    "p99 abs": lambda c, o: format_value(o.metrics.p99_abs),
+    "cosine (mean/min)": lambda c, o: f"{format_value(o.metrics.cosine_mean)} / {format_value(o.metrics.cosine_min)}",
+    "cosine mean": lambda c, o: format_value(o.metrics.cosine_mean),
+    "SNR dB": lambda c, o: format_value(o.metrics.snr_db),
+    "top-1 agree": lambda c, o: format_value(o.metrics.top1_agreement),
+    "top-1 acc": _top1_accuracy,
+    "result": lambda c, o: c.output_result(o),
+}
 COMPARISON_COLUMNS = [
     "stage",
     "target",
@@ -225,27 +253,35 @@ COMPARISON_COLUMNS = [
     "top-1 agree",
     "result",
 ]
+# The terminal's narrower table (the CLI).
+CONSOLE_COLUMNS = [
+    "stage",
+    "target",
+    "output",
+    "max abs",
+    "cosine mean",
+    "SNR dB",
+    "top-1 agree",
+    "top-1 acc",
+    "result",
+]
 
 
-def comparison_table(report: ParityReport) -> tuple[list[str], list[list[str]]]:
-    """The comparisons as a table of plain text: one row per (comparison, output); last cell the result."""
+def comparison_table(
+    report: ParityReport, columns: Sequence[str] = COMPARISON_COLUMNS
+) -> tuple[list[str], list[list[str]]]:
+    """The comparisons as a table of plain text: one row per (comparison, output); last cell the result.
+
+    The result cell counts the accuracy-drop check on the classifier output's row, so a row never
+    shows "pass" for a comparison whose accuracy gate failed.
+    """
+    cells = [_CELLS[column] for column in columns]
     rows = [
-        [
-            comparison.label,
-            comparison.target,
-            f"{comparison.candidate} vs {comparison.reference}",
-            output.name,
-            format_value(output.metrics.max_abs),
-            format_value(output.metrics.p99_abs),
-            f"{format_value(output.metrics.cosine_mean)} / {format_value(output.metrics.cosine_min)}",
-            format_value(output.metrics.snr_db),
-            format_value(output.metrics.top1_agreement),
-            output.result,
-        ]
+        [cell(comparison, output) for cell in cells]
         for comparison in report.comparisons
         for output in comparison.outputs
     ]
-    return COMPARISON_COLUMNS, rows
+    return list(columns), rows
 
 
 def render_markdown(report: ParityReport) -> str:
@@ -257,42 +293,8 @@ def render_markdown(report: ParityReport) -> str:
         "",
     ]
     lines += [f"> {note}" for note in report.notes] + ([""] if report.notes else [])
-    lines += _markdown_table(*comparison_table(report))
-    accuracy_rows = [
-        [
-            comparison.label,
-            comparison.target,
-            accuracy.output,
-            f"{100 * accuracy.reference:.2f}%",
-            f"{100 * accuracy.candidate:.2f}%",
-            f"{100 * (accuracy.reference - accuracy.candidate):.2f}",
-        ]
-        for comparison in report.comparisons
-        if (accuracy := comparison.accuracy) is not None
-    ]
-    if accuracy_rows:
-        accuracy_header = ["stage", "target", "output", "reference top-1", "candidate top-1", "drop (points)"]
-        lines += ["", *_markdown_table(accuracy_header, accuracy_rows)]
-    if report.performance:
-        lines += ["", "## int8 speed", ""]
-        lines += _markdown_table(
-            ["target", "batch", "float ms", "int8 ms", "int8 / float", "unfused Q/DQ", "float Conv/MatMul/Gemm"],
-            [
-                [
-                    check.target,
-                    "x".join(map(str, check.batch_shape)),
-                    f"{check.fp32_ms:.2f}",
-                    f"{check.int8_ms:.2f}",
-                    f"{check.ratio:.2f}",
-                    "-" if check.unfused_qdq is None else str(check.unfused_qdq),
-                    str(check.float_compute_nodes),
-                ]
-                for check in report.performance
-            ],
-        )
-        for check in report.performance:
-            if not check.faster:
-                lines.append(f"\nint8 is not faster on {check.target}: {'; '.join(check.reasons)}.")
+    lines += markdown_table(*comparison_table(report))
+    lines += _accuracy_section(report) + _speed_section(report)
     if report.distillation is not None:
         lines += ["", *render_distillation(report.distillation)]
     if report.pruning is not None:
@@ -308,174 +310,47 @@ def render_markdown(report: ParityReport) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_distillation(summary: DistillationSummary) -> list[str]:
-    """The distillation section: teacher vs student, how training went, every epoch."""
-    teacher, student = summary.teacher, summary.student_model
-    batch = ", ".join(f"{name} {'x'.join(map(str, dims))}" for name, dims in summary.batch_shape.items())
-    loss = summary.loss
-    if summary.loss == "kd":
-        labels = "teacher only" if summary.alpha is None else f"alpha {summary.alpha:g}"
-        loss = f"kd (T {summary.temperature:g}, {labels})"
-    ending = "stopped early" if summary.stopped_early else "ran every epoch"
-    lines = [
-        "## Distillation",
-        "",
-        f"Student `{summary.student}` trained with {loss}; held-out {summary.metric} on {summary.validation}.",
-        "",
-        *_markdown_table(
-            ["model", "parameters", "state bytes", f"PyTorch ms ({batch})", f"held-out {summary.metric}"],
-            [
-                [
-                    "teacher",
-                    f"{teacher.parameters:,}",
-                    f"{teacher.state_bytes:,}",
-                    f"{teacher.latency_ms:.3f}",
-                    summary.format_score(teacher.score),
-                ],
-                [
-                    "student",
-                    f"{student.parameters:,}",
-                    f"{student.state_bytes:,}",
-                    f"{student.latency_ms:.3f}",
-                    summary.format_score(student.score),
-                ],
-                [
-                    "student / teacher",
-                    _ratio((teacher.parameters, student.parameters)),
-                    _ratio((teacher.state_bytes, student.state_bytes)),
-                    f"{student.latency_ms / teacher.latency_ms:.2f}x" if teacher.latency_ms else "-",
-                    "",
-                ],
-            ],
-        ),
-        "",
-        f"{len(summary.history)} of {summary.epochs_planned} epochs ({ending}); the student keeps epoch "
-        f"{summary.best_epoch}"
-        + (f"; resumed after epoch {summary.resumed_from}" if summary.resumed_from else "")
-        + f". Checkpoints: `{summary.checkpoints}`.",
-    ]
-    lines += [""] + [f"> {note}" for note in summary.notes] if summary.notes else []
-    lines += [
-        "",
-        *_markdown_table(
-            ["epoch", "learning rate", "train loss", f"held-out {summary.metric}", "seconds"],
-            [
-                [
-                    str(r.epoch),
-                    f"{r.learning_rate:.3g}",
-                    f"{r.train_loss:.4f}",
-                    summary.format_score(r.score),
-                    f"{r.seconds:.2f}",
-                ]
-                for r in summary.history
-            ],
-        ),
-    ]
-    return lines
-
-
-def render_pruning(summary: PruningSummary) -> list[str]:
-    """The pruning section: totals, per-layer changes, recovery errors, sparsity, what is blocked."""
-    shape = ", ".join(f"{name} {'x'.join(map(str, dims))}" for name, dims in summary.input_shape.items())
-    lines = [
-        "## Pruning",
-        "",
-        f"Parameters {summary.parameters[0]:,} -> {summary.parameters[1]:,} "
-        f"({_ratio(summary.parameters)}); MACs per sample ({shape}) {summary.macs[0]:,} -> {summary.macs[1]:,} "
-        f"({_ratio(summary.macs)}).",
-    ]
-    if summary.note:
-        lines += ["", summary.note]
-    if summary.layers:
-        lines += [""] + _markdown_table(
-            ["layer", "in channels", "out channels", "params", "MACs", "sparsity"],
-            [
-                [
-                    change.layer,
-                    f"{change.inputs[0]} -> {change.inputs[1]}",
-                    f"{change.outputs[0]} -> {change.outputs[1]}",
-                    f"{change.parameters[0]:,} -> {change.parameters[1]:,}",
-                    f"{change.macs[0]:,} -> {change.macs[1]:,}",
-                    "-" if change.sparsity is None else f"{100 * change.sparsity:.1f}%",
-                ]
-                for change in summary.layers
-            ],
-        )
-    if summary.recovery:
-        lines += ["", "Recovery (relative output error vs the unpruned layer, calibration data):", ""]
-        lines += _markdown_table(
-            ["layer", "without recovery", "with recovery", "rows", "note"],
-            [
-                [r.layer, format_value(r.error_without), format_value(r.error_with), str(r.rows), r.skipped or ""]
-                for r in summary.recovery
-            ],
-        )
-    if (sparsity := summary.sparsity) is not None:
-        lines += [
-            "",
-            f"Sparsity {sparsity.pattern}: {100 * sparsity.sparsity:.1f}% zeros in {sparsity.layers} layers; "
-            f"weights {sparsity.weight_bytes:,} bytes stored, compressed (zlib) "
-            f"{sparsity.compressed_before:,} -> {sparsity.compressed_after:,} bytes.",
+def _accuracy_section(report: ParityReport) -> list[str]:
+    """Top-1 accuracy of reference and candidate per comparison, when measured."""
+    rows = [
+        [
+            comparison.label,
+            comparison.target,
+            accuracy.output,
+            f"{100 * accuracy.reference:.2f}%",
+            f"{100 * accuracy.candidate:.2f}%",
+            f"{100 * (accuracy.reference - accuracy.candidate):.2f}",
         ]
-        lines += [f"- {layer} left dense: {why}" for layer, why in sparsity.skipped.items()]
-    if summary.blocked:
-        lines += ["", f"{len(summary.blocked)} channel groups cannot be pruned:", ""]
-        lines += [f"- {layer}: {why}" for layer, why in summary.blocked.items()]
-    if summary.skipped:
-        lines += ["", "Skipped by the job: " + ", ".join(summary.skipped)]
-    return lines
-
-
-def render_localisation(localisation: Localisation, rows: int = 10) -> list[str]:
-    """Where the error enters: the first diverging tensor and the worst steps with their culprits."""
-    lines = [
-        f"## Where the error enters: {localisation.candidate} vs {localisation.reference}",
-        "",
-        f"{localisation.compared} intermediate tensors compared on {localisation.samples} samples"
-        + (f" ({localisation.skipped} shared tensors of another shape skipped)" if localisation.skipped else "")
-        + ".",
+        for comparison in report.comparisons
+        if (accuracy := comparison.accuracy) is not None
     ]
-    first = localisation.first_diverging
-    if first is None:
-        lines.append(f"No tensor falls below {localisation.threshold_db:g} dB SQNR.")
-    else:
-        lines.append(
-            f"First below {localisation.threshold_db:g} dB SQNR: `{first.tensor}` ({first.op_type} node "
-            f"`{first.node}`, {first.kind}), {first.sqnr_db:.1f} dB."
-        )
-    steps = [t for t in localisation.ranked[:rows] if t.local_sqnr_db < EXACT_DB]
-    if not steps:
-        lines += ["", "Every compared tensor matches exactly (within float rounding)."]
-        return lines
-    lines += ["", "Steps adding the most error (lowest local SQNR first):", ""]
-    lines += _markdown_table(
-        ["tensor", "step", "op", "SQNR dB", "local SQNR dB", "cosine", "exclude to remove"],
+    if not rows:
+        return []
+    header = ["stage", "target", "output", "reference top-1", "candidate top-1", "drop (points)"]
+    return ["", *markdown_table(header, rows)]
+
+
+def _speed_section(report: ParityReport) -> list[str]:
+    """int8 vs float latency per target, and why int8 is not faster where it is not."""
+    if not report.performance:
+        return []
+    lines = ["", "## int8 speed", ""]
+    lines += markdown_table(
+        ["target", "batch", "float ms", "int8 ms", "int8 / float", "unfused Q/DQ", "float Conv/MatMul/Gemm"],
         [
             [
-                f"`{t.tensor}`",
-                t.kind,
-                t.op_type,
-                f"{t.sqnr_db:.1f}",
-                f"{t.local_sqnr_db:.1f}",
-                format_value(t.cosine),
-                ", ".join(f"`{node}`" for node in t.culprits),
+                check.target,
+                "x".join(map(str, check.batch_shape)),
+                f"{check.fp32_ms:.2f}",
+                f"{check.int8_ms:.2f}",
+                f"{check.ratio:.2f}",
+                "-" if check.unfused_qdq is None else str(check.unfused_qdq),
+                str(check.float_compute_nodes),
             ]
-            for t in steps
+            for check in report.performance
         ],
     )
-    culprits = localisation.responsible_nodes(rows)
-    if culprits:
-        lines += ["", "To keep them in float: `quantize.exclude_nodes = " + json.dumps(culprits) + "`"]
-    return lines
-
-
-def _ratio(pair: tuple[int, int]) -> str:
-    return f"{pair[1] / pair[0]:.2f}x" if pair[0] else "-"
-
-
-def _markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return [
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
-        *("| " + " | ".join(row) + " |" for row in rows),
+    lines += [
+        f"\nint8 is not faster on {c.target}: {'; '.join(c.reasons)}." for c in report.performance if not c.faster
     ]
+    return lines

@@ -12,11 +12,11 @@ import torch
 from pydantic import BaseModel
 
 from backends.base import Backend
-from pipeline.artifacts import Artifact
-from pipeline.distillation.student import load_student
+from pipeline.artifacts import Artifact, RecordT
 from pipeline.feeds import Batch, FeedSource
 from pipeline.job import ConversionJob, InputSpec, TargetSpec
 from pipeline.model_source import SourceModel
+from pipeline.records import ModelRecord, StageName, StageRecord
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,23 @@ class Target:
         return self.spec.backend
 
 
+@dataclass(frozen=True)
+class PreparedInputs:
+    """What the runner's preflight loaded and checked, before anything is written.
+
+    Attributes:
+        source: The job's model as loaded (a module, an ExportedProgram or an ONNX file).
+        calibration: Calibration batches (None when the job has none).
+        evaluation: Batches parity is measured on.
+        targets: The job's targets, resolved.
+    """
+
+    source: SourceModel
+    calibration: FeedSource | None
+    evaluation: FeedSource
+    targets: list[Target]
+
+
 @dataclass
 class StageContext:
     """Everything a stage may read, and the artifacts earlier stages produced.
@@ -44,10 +61,9 @@ class StageContext:
         calibration: Calibration batches (None when the job has none).
         evaluation: Batches parity is measured on.
         targets: The job's targets, resolved.
-        distill_data: Distillation training batches (None when the job does not distil).
-        distill_validation: Distillation held-out batches (None: the evaluation data).
         progress: Where a long stage reports its steps: ``(done, total, detail)``.
         artifacts: Artifacts by stage name, filled in as stages run.
+        student: The distilled student once loaded (see `pipeline.stages.distill.pytorch_model`).
     """
 
     job: ConversionJob
@@ -56,12 +72,15 @@ class StageContext:
     calibration: FeedSource | None
     evaluation: FeedSource
     targets: list[Target]
-    distill_data: FeedSource | None = None
-    distill_validation: FeedSource | None = None
     progress: Callable[[int, int, str], None] = field(default=lambda done, total, detail: None, repr=False)
     artifacts: dict[str, Artifact] = field(default_factory=dict)
+    student: torch.nn.Module | None = field(default=None, repr=False)
     _example: Batch | None = field(default=None, init=False, repr=False)
-    _student: torch.nn.Module | None = field(default=None, init=False, repr=False)
+
+    @classmethod
+    def prepared(cls, job: ConversionJob, workdir: Path, inputs: PreparedInputs) -> StageContext:
+        """The context of a run of `job` writing into `workdir`, with what preflight loaded."""
+        return cls(job, workdir, inputs.source, inputs.calibration, inputs.evaluation, inputs.targets)
 
     def path_of(self, stage: str) -> Path:
         """The file of the artifact a stage produced."""
@@ -73,25 +92,29 @@ class StageContext:
             self._example = next(iter(self.evaluation))
         return self._example
 
-    @property
-    def pytorch_model(self) -> torch.nn.Module | None:
-        """The PyTorch model the ONNX chain starts from: the distilled student when the job
-        distils, else the job's model (None for an ONNX-file source)."""
-        if "distill" not in self.artifacts:
-            return self.source.module
-        if self._student is None:
-            self._student = load_student(self.job, self.path_of("distill"))
-        return self._student
+    def artifact_with(self, record_type: type[StageRecord]) -> Artifact | None:
+        """The first artifact whose record is a `record_type` (None: no stage wrote one)."""
+        return next((a for a in self.artifacts.values() if isinstance(a.record, record_type)), None)
 
-    @property
-    def pytorch_program(self) -> torch.export.ExportedProgram | None:
-        """The ExportedProgram to export as it is (None when a student replaced the job's model)."""
-        return None if "distill" in self.artifacts else self.source.program
+    def record(self, record_type: type[RecordT]) -> RecordT | None:
+        """The record of type `record_type`, when a stage of this run wrote one."""
+        artifact = self.artifact_with(record_type)
+        return artifact.record_as(record_type) if artifact is not None else None
 
-    def latest_model(self) -> Artifact:
-        """The newest ONNX model artifact (what the next stage transforms)."""
-        models = [a for a in self.artifacts.values() if a.path.endswith(".onnx")]
-        return models[-1]
+    def model_chain(self) -> list[Artifact]:
+        """The ONNX models of the run so far, in the order the stages wrote them."""
+        return [artifact for artifact in self.artifacts.values() if isinstance(artifact.record, ModelRecord)]
+
+    def current_model(self) -> Artifact:
+        """The model a transforming stage takes: the last ONNX model of the chain.
+
+        Raises:
+            LookupError: No stage has written a model yet (a stage-order bug).
+        """
+        chain = self.model_chain()
+        if not chain:
+            raise LookupError(f"job {self.job.name}: no ONNX model has been written yet")
+        return chain[-1]
 
 
 class Stage(Protocol):
@@ -101,10 +124,18 @@ class Stage(Protocol):
         name: Stage name, used in the manifest, reports and errors.
     """
 
-    name: str
+    name: StageName
 
     def enabled(self, job: ConversionJob) -> bool:
         """Whether the job asks for this stage."""
+        ...
+
+    def check(self, job: ConversionJob, inputs: PreparedInputs) -> None:
+        """The stage's preconditions, checked by preflight before anything is written.
+
+        Raises:
+            JobError: The job cannot run this stage (bad settings, data or model).
+        """
         ...
 
     def key(self, ctx: StageContext) -> str | None:
@@ -114,6 +145,13 @@ class Stage(Protocol):
     def run(self, ctx: StageContext) -> Artifact:
         """Do the work, write the artifact atomically into ``ctx.workdir`` and describe it."""
         ...
+
+
+class NoPreconditions:
+    """Mixin of stages that need nothing checked up front beyond the job's own validation."""
+
+    def check(self, job: ConversionJob, inputs: PreparedInputs) -> None:
+        """Nothing to check: the job model and the common preflight cover this stage."""
 
 
 def resize_feeds(feeds: dict[str, np.ndarray], inputs: list[InputSpec], sizes: dict[str, int]) -> dict[str, np.ndarray]:

@@ -11,7 +11,14 @@ import torch
 
 from pipeline.artifacts import Artifact, sha256_file, write_with
 from pipeline.distillation.losses import LossKind, make_loss
-from pipeline.distillation.student import build_student, check_student, latency_ms, parameter_count, state_bytes
+from pipeline.distillation.student import (
+    build_student,
+    check_student,
+    latency_ms,
+    load_student,
+    parameter_count,
+    state_bytes,
+)
 from pipeline.distillation.summary import DistillationSummary, EpochRecord, ModelSize, format_score
 from pipeline.distillation.trainer import Metric, TrainingPlan, held_out_score, train_student
 from pipeline.errors import JobError
@@ -19,8 +26,9 @@ from pipeline.feeds import Batch, FeedSource, describe_source
 from pipeline.job import ConversionJob, DataSource, DistillOptions
 from pipeline.model_source import model_hashes
 from pipeline.outputs import classifier_index, flatten_outputs, torch_inputs
+from pipeline.records import DistillRecord, StageName
 from pipeline.stage_cache import content_key
-from pipeline.stages.base import StageContext
+from pipeline.stages.base import PreparedInputs, StageContext
 
 logger = logging.getLogger(__name__)
 
@@ -30,11 +38,25 @@ STUDENT_WEIGHTS = "student.safetensors"
 class DistillStage:
     """Train the job's student against its model (the teacher) and write the student's weights."""
 
-    name = "distill"
+    name = StageName.DISTILL
 
     def enabled(self, job: ConversionJob) -> bool:
         """When the job has an enabled [distill] section."""
         return job.distill is not None and job.distill.enabled
+
+    def check(self, job: ConversionJob, inputs: PreparedInputs) -> None:
+        """The training data is readable, the student builds and fits the teacher's outputs on a
+        real training batch, and the loss suits the model.
+
+        Raises:
+            JobError: The data, the student or the loss does not fit the job.
+        """
+        train, validation = _feed_sources(job, inputs.evaluation)
+        train.check()
+        if validation is not inputs.evaluation:
+            validation.check()
+        assert inputs.source.module is not None, "the job validator rejects [distill] for ONNX-file sources"
+        check_distillation(job, inputs.source.module, train)
 
     def key(self, ctx: StageContext) -> str | None:
         """The teacher's weights, the student factory, the training settings and both data sets."""
@@ -102,10 +124,7 @@ class DistillStage:
             notes=_notes(job, kind, has_labels),
         )
         return Artifact(
-            stage=self.name,
-            path=STUDENT_WEIGHTS,
-            sha256=sha256_file(target),
-            metadata={"summary": summary.model_dump(mode="json")},
+            stage=self.name, path=STUDENT_WEIGHTS, sha256=sha256_file(target), record=DistillRecord(summary=summary)
         )
 
 
@@ -162,9 +181,41 @@ def _options(job: ConversionJob) -> DistillOptions:
     return job.distill
 
 
+def pytorch_model(ctx: StageContext) -> torch.nn.Module | None:
+    """The PyTorch model the ONNX chain starts from: the distilled student when the job distils,
+    else the job's model (None for an ONNX-file source)."""
+    artifact = ctx.artifact_with(DistillRecord)
+    if artifact is None:
+        return ctx.source.module
+    if ctx.student is None:
+        ctx.student = load_student(ctx.job, ctx.workdir / artifact.path)
+    return ctx.student
+
+
+def pytorch_program(ctx: StageContext) -> torch.export.ExportedProgram | None:
+    """The ExportedProgram to export as it is (None when a student replaced the job's model)."""
+    return None if ctx.artifact_with(DistillRecord) is not None else ctx.source.program
+
+
+def teacher_model(ctx: StageContext) -> torch.nn.Module | None:
+    """The job's own model when a distilled student replaced it in the chain (None otherwise)."""
+    return ctx.source.module if ctx.artifact_with(DistillRecord) is not None else None
+
+
 def _data(ctx: StageContext) -> tuple[FeedSource, FeedSource]:
-    assert ctx.distill_data is not None, "preflight opens the distillation data"
-    return ctx.distill_data, ctx.distill_validation or ctx.evaluation
+    return _feed_sources(ctx.job, ctx.evaluation)
+
+
+def _feed_sources(job: ConversionJob, evaluation: FeedSource) -> tuple[FeedSource, FeedSource]:
+    """The training batches and the held-out batches (the evaluation data unless the job names its own)."""
+    options = _options(job)
+    train = FeedSource(options.data, job.inputs, origin=job.origin, key="distill.data", python_path=job.python_path)
+    if options.validation is None:
+        return train, evaluation
+    validation = FeedSource(
+        options.validation, job.inputs, origin=job.origin, key="distill.validation", python_path=job.python_path
+    )
+    return train, validation
 
 
 def _validation_source(job: ConversionJob) -> DataSource:

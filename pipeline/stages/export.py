@@ -22,8 +22,10 @@ from pipeline.job import ConversionJob, InputSpec
 from pipeline.model_source import input_hashes
 from pipeline.onnx_io import check_model, load_graph_only, model_artifact, save_model
 from pipeline.outputs import named_outputs, torch_inputs
+from pipeline.records import DistillRecord, ExportRecord, StageName
 from pipeline.stage_cache import content_key
-from pipeline.stages.base import StageContext
+from pipeline.stages.base import NoPreconditions, StageContext
+from pipeline.stages.distill import pytorch_model, pytorch_program
 from pipeline.threads import session_options
 
 logger = logging.getLogger(__name__)
@@ -33,10 +35,10 @@ FP32_MODEL = "model.fp32.onnx"
 _OP_PATTERN = re.compile(r"\baten(?:::|\.)[A-Za-z_]\w*(?:\.\w+)?")
 
 
-class ExportStage:
+class ExportStage(NoPreconditions):
     """Export the job's model (or adopt its ONNX file), keep named dims dynamic, check the result."""
 
-    name = "export"
+    name = StageName.EXPORT
 
     def enabled(self, job: ConversionJob) -> bool:
         """Export always runs (for an ONNX-file source it adopts and checks the file)."""
@@ -53,7 +55,7 @@ class ExportStage:
                 "inputs": [spec.model_dump(mode="json") for spec in job.inputs],
                 "export": job.export.model_dump(mode="json"),
                 "example": feeds_digest(ctx.example_batch().feeds),
-                "student": ctx.artifacts["distill"].sha256 if "distill" in ctx.artifacts else None,
+                "student": student.sha256 if (student := ctx.artifact_with(DistillRecord)) is not None else None,
             },
         )
 
@@ -90,24 +92,24 @@ class ExportStage:
             self.name,
             target,
             None,
-            {
-                "exporter": exporter,
-                "fallback_reason": failures.get("dynamo", ""),
-                "opset": _default_opset(proto),
-                "ir_version": proto.ir_version,
-                "external_data": external,
-                "nodes": len(proto.graph.node),
-                "inputs": [value.name for value in proto.graph.input],
-                "outputs": [value.name for value in proto.graph.output],
-                "seconds": {phase: round(value, 4) for phase, value in seconds.items()},
-            },
+            ExportRecord(
+                exporter=exporter,
+                fallback_reason=failures.get("dynamo", ""),
+                opset=_default_opset(proto),
+                ir_version=proto.ir_version,
+                external_data=external,
+                nodes=len(proto.graph.node),
+                inputs=[value.name for value in proto.graph.input],
+                outputs=[value.name for value in proto.graph.output],
+                seconds={phase: round(value, 4) for phase, value in seconds.items()},
+            ),
         )
 
     def _reference_outputs(
         self, ctx: StageContext, example: tuple[torch.Tensor, ...]
     ) -> list[tuple[str, torch.Tensor]]:
         """PyTorch's outputs on the example, named by the job or by their structure."""
-        model = ctx.pytorch_model
+        model = pytorch_model(ctx)
         assert model is not None
         with torch.inference_mode():
             try:
@@ -202,8 +204,8 @@ def _export_dynamo(
     ctx: StageContext, example: tuple[torch.Tensor, ...], output_names: list[str], scratch: Path
 ) -> ir.Model:
     job = ctx.job
-    program = ctx.pytorch_program
-    exported: torch.nn.Module | torch.export.ExportedProgram | None = program or ctx.pytorch_model
+    program = pytorch_program(ctx)
+    exported: torch.nn.Module | torch.export.ExportedProgram | None = program or pytorch_model(ctx)
     assert exported is not None
     # optimize=False: simplification is the simplify stage's job, so each step stays measurable.
     with warnings.catch_warnings():
@@ -227,7 +229,7 @@ def _export_torchscript(
     ctx: StageContext, example: tuple[torch.Tensor, ...], output_names: list[str], scratch: Path
 ) -> ir.Model:
     job = ctx.job
-    model = ctx.pytorch_model
+    model = pytorch_model(ctx)
     assert model is not None
     scratch.mkdir(parents=True, exist_ok=True)
     path = scratch / FP32_MODEL

@@ -24,8 +24,9 @@ from pipeline.pruning.recovery import recover
 from pipeline.pruning.sparsity import compressed_weight_bytes, sparsify
 from pipeline.pruning.structured import choose_channels, global_kept_counts, kept_count, remove_channels
 from pipeline.pruning.summary import LayerChange, PruningSummary, RecoveryRecord, SparsityRecord
+from pipeline.records import PruneRecord, StageName
 from pipeline.stage_cache import content_key
-from pipeline.stages.base import StageContext
+from pipeline.stages.base import NoPreconditions, StageContext
 
 logger = logging.getLogger(__name__)
 
@@ -42,10 +43,10 @@ class _FeedDicts:
         return (batch.feeds for batch in self._source)
 
 
-class PruneStage:
+class PruneStage(NoPreconditions):
     """Remove channels (the graph shrinks), re-fit what follows, zero small weights."""
 
-    name = "prune"
+    name = StageName.PRUNE
 
     def enabled(self, job: ConversionJob) -> bool:
         """Runs when the job asks for channel pruning or sparsity."""
@@ -56,7 +57,7 @@ class PruneStage:
         return content_key(
             self.name,
             {
-                "parent": ctx.latest_model().sha256,
+                "parent": ctx.current_model().sha256,
                 "prune": ctx.job.prune.model_dump(mode="json"),
                 "calibration": ctx.calibration.digest() if ctx.calibration is not None else None,
                 "example": _example_shapes(ctx),
@@ -67,7 +68,7 @@ class PruneStage:
     def run(self, ctx: StageContext) -> Artifact:
         """Prune the newest model and write it as model.pruned.onnx."""
         job, options = ctx.job, ctx.job.prune
-        parent = ctx.latest_model()
+        parent = ctx.current_model()
         target = ctx.workdir / PRUNED_MODEL
         try:
             # Weights in memory: pruning rewrites them, and probes run the model from bytes.
@@ -104,7 +105,7 @@ class PruneStage:
             *record.parameters,
             *record.macs,
         )
-        return model_artifact(self.name, target, parent, {"summary": record.model_dump(mode="json")})
+        return model_artifact(self.name, target, parent, PruneRecord(summary=record))
 
     def _structured(self, ctx: StageContext, model: ir.Model, spec: StructuredPruning) -> dict[str, object]:
         """Remove channels group by group; re-fit the layers after them."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from itertools import islice
 from pathlib import Path
 
@@ -20,15 +20,16 @@ from pipeline.calibration.ranges import compute_range
 from pipeline.errors import JobError, StageError, first_line
 from pipeline.job import ConversionJob, Int8Policy
 from pipeline.onnx_io import PROTOBUF_LIMIT_BYTES, load_graph_only, model_artifact, save_model
-from pipeline.parity.metrics import OutputComparator, OutputMetrics
-from pipeline.parity.policy import task_checks
+from pipeline.parity.chain import Link, ParityChain
+from pipeline.parity.report import Comparison
 from pipeline.quantization.cpu import needs_reduce_range
 from pipeline.quantization.fusions import contrib_ops
 from pipeline.quantization.mixed_precision import rank_by_damage, rank_candidates, search
 from pipeline.quantization.qdq import QdqSettings, quantize_qdq
 from pipeline.quantization.recipe import Recipe, choose_recipe, irregular_tensor_nodes
+from pipeline.records import CalibrationRecord, IrregularTensor, ProbeRecord, QuantizeRecord, StageName
 from pipeline.stage_cache import content_key
-from pipeline.stages.base import StageContext, Target
+from pipeline.stages.base import PreparedInputs, StageContext, Target
 from pipeline.threads import session_options
 
 logger = logging.getLogger(__name__)
@@ -36,16 +37,26 @@ logger = logging.getLogger(__name__)
 INT8_MODEL = "model.int8.onnx"
 # Calibration batches the mixed-precision search judges each candidate on.
 _JUDGE_BATCHES = 4
+# Run names of the judge's two models (the float model runs once, its outputs kept).
+CPU, FLOAT = "cpu", "float"
 
 
 class QuantizeStage:
     """Quantize weights and activations to int8 (QDQ), ranges from streamed calibration data."""
 
-    name = "quantize"
+    name = StageName.QUANTIZE
 
     def enabled(self, job: ConversionJob) -> bool:
         """Runs unless the job turns it off."""
         return job.quantize.enabled
+
+    def check(self, job: ConversionJob, inputs: PreparedInputs) -> None:
+        """Every target runs the activation type the job asks for.
+
+        Raises:
+            JobError: A target cannot run it.
+        """
+        resolve_activation_type(job, inputs.targets)
 
     def key(self, ctx: StageContext) -> str | None:
         """The parent model, the calibration data, the settings (targets' and the CPU's included)
@@ -56,7 +67,7 @@ class QuantizeStage:
         return content_key(
             self.name,
             {
-                "parent": ctx.latest_model().sha256,
+                "parent": ctx.current_model().sha256,
                 "calibration": ctx.calibration.digest(),
                 "quantize": job.quantize.model_dump(mode="json"),
                 "settings": asdict(settings),
@@ -69,99 +80,80 @@ class QuantizeStage:
     def run(self, ctx: StageContext) -> Artifact:
         """Calibrate, quantize, search mixed precision if needed, write model.int8.onnx."""
         job = ctx.job
-        options = job.quantize
-        assert ctx.calibration is not None  # the job model requires calibration data when enabled
-        parent = ctx.latest_model()
+        parent = ctx.current_model()
         source = ctx.workdir / parent.path
         settings, reduce_range_reason = quantization_settings(job, ctx.targets)
+        calibrated = self._calibrate(ctx, source, parent.sha256)
+        kept = {**calibrated.recipe.kept_float, **irregular_tensor_nodes(calibrated.model, calibrated.stats)}
+        probes: list[ProbeRecord] = []
+        if job.quantize.mixed_precision and _has_checks(job.parity.int8):
+            kept, probes = self._mixed_precision(ctx, source, calibrated, settings, kept)
+        quantized = self._quantize(job, calibrated, settings, kept)
+        target = ctx.workdir / INT8_MODEL
+        save_model(ir.from_proto(quantized), target, job.export.external_data_threshold_bytes)
+        graph = load_graph_only(target).graph
+        record = QuantizeRecord(
+            recipe=calibrated.recipe.family,
+            quantize_outputs=calibrated.recipe.quantize_outputs,
+            op_types=list(calibrated.recipe.op_types) if calibrated.recipe.op_types else "all ONNX Runtime quantizes",
+            calibration=calibrated.record(job.quantize.calibration_method),
+            activation_type="int8" if settings.power_of_two else settings.activation_type,
+            activation_symmetric=settings.activation_symmetric or settings.power_of_two,
+            weight_type=settings.weight_type,
+            per_channel=settings.per_channel,
+            reduce_range=settings.reduce_range,
+            reduce_range_reason=reduce_range_reason,
+            power_of_two_scales=settings.power_of_two,
+            fused_ops=dict(sorted(contrib_ops(graph).items())),
+            kept_float=kept,
+            mixed_precision_probes=probes,
+            nodes=len(graph.node),
+            quantize_linear=sum(node.op_type == "QuantizeLinear" for node in graph.node),
+            dequantize_linear=sum(node.op_type == "DequantizeLinear" for node in graph.node),
+        )
+        return model_artifact(self.name, target, parent, record)
+
+    def _calibrate(self, ctx: StageContext, source: Path, model_sha256: str) -> _Calibrated:
+        """Load the float model with shapes, choose its recipe, measure the activation ranges."""
+        options = ctx.job.quantize
         try:
             model = load_model_with_shape_infer(source)
         except Exception as e:  # shape inference raises many types
-            raise StageError(self.name, job.name, f"shape inference failed: {first_line(e)}") from e
+            raise StageError(self.name, ctx.job.name, f"shape inference failed: {first_line(e)}") from e
         recipe = choose_recipe(model, options.op_types, options.exclude_nodes)
         op_types = set(recipe.op_types) if recipe.op_types else None
         tensors = select_tensors(model, op_types, recipe.quantize_outputs)
         clock = time.perf_counter()
-        stats, cache_hit = self._statistics(ctx, model, parent.sha256, tensors)
-        calibration_seconds = time.perf_counter() - clock
+        stats, cache_hit = self._statistics(ctx, model, model_sha256, tensors)
+        seconds = time.perf_counter() - clock
         ranges = {
             name: compute_range(h, options.calibration_method, percentile=options.percentile)
             for name, h in stats.tensors.items()
         }
-        kept = {**recipe.kept_float, **irregular_tensor_nodes(model, stats)}
-        probes: list[dict[str, object]] = []
-        if options.mixed_precision and _has_checks(job.parity.int8):
-            kept, probes = self._mixed_precision(ctx, source, model, stats, ranges, settings, recipe, kept)
-        quantized = self._quantize(job, model, ranges, settings, recipe, kept)
-        target = ctx.workdir / INT8_MODEL
-        save_model(ir.from_proto(quantized), target, job.export.external_data_threshold_bytes)
-        graph = load_graph_only(target).graph
-        return model_artifact(
-            self.name,
-            target,
-            parent,
-            {
-                "format": "QDQ",
-                "recipe": recipe.family,
-                "quantize_outputs": recipe.quantize_outputs,
-                "op_types": list(recipe.op_types) if recipe.op_types else "all ONNX Runtime quantizes",
-                "calibration": {
-                    "method": options.calibration_method,
-                    "batches": stats.batches,
-                    "samples": stats.samples,
-                    "tensors": len(stats.tensors),
-                    "seconds": round(calibration_seconds, 3),
-                    "cache_hit": cache_hit,
-                    "irregular_tensors": {
-                        name: {"nonfinite": h.nonfinite, "huge": h.huge}
-                        for name, h in stats.tensors.items()
-                        if h.nonfinite or h.huge
-                    },
-                },
-                "activation_type": "int8" if settings.power_of_two else settings.activation_type,
-                "activation_symmetric": settings.activation_symmetric or settings.power_of_two,
-                "weight_type": settings.weight_type,
-                "per_channel": settings.per_channel,
-                "reduce_range": settings.reduce_range,
-                "reduce_range_reason": reduce_range_reason,
-                "power_of_two_scales": settings.power_of_two,
-                "fused_ops": dict(sorted(contrib_ops(graph).items())),
-                "kept_float": kept,
-                "mixed_precision_probes": probes,
-                "nodes": len(graph.node),
-                "quantize_linear": sum(node.op_type == "QuantizeLinear" for node in graph.node),
-                "dequantize_linear": sum(node.op_type == "DequantizeLinear" for node in graph.node),
-            },
-        )
+        return _Calibrated(model, recipe, stats, ranges, cache_hit, seconds)
 
     def _mixed_precision(
-        self,
-        ctx: StageContext,
-        source: Path,
-        model: onnx.ModelProto,
-        stats: CalibrationStats,
-        ranges: dict[str, tuple[float, float]],
-        settings: QdqSettings,
-        recipe: Recipe,
-        kept: dict[str, str],
-    ) -> tuple[dict[str, str], list[dict[str, object]]]:
+        self, ctx: StageContext, source: Path, calibrated: _Calibrated, settings: QdqSettings, kept: dict[str, str]
+    ) -> tuple[dict[str, str], list[ProbeRecord]]:
         """The float nodes the int8 policy needs (on calibration data), and every probe made."""
         job = ctx.job
-        judge = _PolicyJudge(ctx, source, job.parity.int8)
-        estimated = rank_candidates(model, stats.tensors, ranges, recipe.op_types, set(kept))
+        judge = PolicyJudge(ctx, source)
+        estimated = rank_candidates(
+            calibrated.model, calibrated.stats.tensors, calibrated.ranges, calibrated.recipe.op_types, set(kept)
+        )
 
         def alone(node: str) -> float:
-            return judge.damage(self._quantize(job, model, ranges, settings, recipe, kept, only=[node]))
+            return judge.damage(self._quantize(job, calibrated, settings, kept, only=[node]))
 
         def evaluate(extra_float: list[str]) -> tuple[bool, str]:
             candidate_kept = {**kept, **dict.fromkeys(extra_float, "")}
-            return judge(self._quantize(job, model, ranges, settings, recipe, candidate_kept))
+            return judge(self._quantize(job, calibrated, settings, candidate_kept))
 
         result = search(lambda: rank_by_damage(estimated, alone), evaluate, job.quantize.max_float_share)
         if not result.met:
             share = 100 * job.quantize.max_float_share
             logger.warning("%s: int8 policy not met with up to %.0f%% of nodes float", job.name, share)
-        probes = [{"kept_float": p.kept_float, "passed": p.passed, "summary": p.summary} for p in result.probes]
+        probes = [ProbeRecord(kept_float=p.kept_float, passed=p.passed, summary=p.summary) for p in result.probes]
         return {**kept, **result.kept_float}, probes
 
     def _statistics(
@@ -194,18 +186,53 @@ class QuantizeStage:
     def _quantize(
         self,
         job: ConversionJob,
-        model: onnx.ModelProto,
-        ranges: dict[str, tuple[float, float]],
+        calibrated: _Calibrated,
         settings: QdqSettings,
-        recipe: Recipe,
         kept: dict[str, str],
         only: list[str] | None = None,
     ) -> onnx.ModelProto:
+        recipe = calibrated.recipe
         try:
-            return quantize_qdq(model, ranges, settings, recipe.op_types, list(kept), only, recipe.quantize_outputs)
+            return quantize_qdq(
+                calibrated.model,
+                calibrated.ranges,
+                settings,
+                recipe.op_types,
+                list(kept),
+                only,
+                recipe.quantize_outputs,
+            )
         except Exception as e:  # ORT's quantizer raises many types
             detail = f"ONNX Runtime's QDQ quantizer failed: {type(e).__name__}: {first_line(e)}"
             raise StageError(self.name, job.name, detail) from e
+
+
+@dataclass(frozen=True)
+class _Calibrated:
+    """The float model with inferred shapes, its recipe, and its measured activation ranges."""
+
+    model: onnx.ModelProto
+    recipe: Recipe
+    stats: CalibrationStats
+    ranges: dict[str, tuple[float, float]]
+    cache_hit: bool
+    seconds: float
+
+    def record(self, method: str) -> CalibrationRecord:
+        """The calibration as the manifest records it."""
+        return CalibrationRecord(
+            method=method,
+            batches=self.stats.batches,
+            samples=self.stats.samples,
+            tensors=len(self.stats.tensors),
+            seconds=round(self.seconds, 3),
+            cache_hit=self.cache_hit,
+            irregular_tensors={
+                name: IrregularTensor(nonfinite=h.nonfinite, huge=h.huge)
+                for name, h in self.stats.tensors.items()
+                if h.nonfinite or h.huge
+            },
+        )
 
 
 def quantization_settings(job: ConversionJob, targets: list[Target]) -> tuple[QdqSettings, str]:
@@ -261,43 +288,49 @@ def _has_checks(policy: Int8Policy) -> bool:
     )
 
 
-class _PolicyJudge:
-    """Judges a candidate int8 model against the float model on a few calibration batches."""
+class PolicyJudge:
+    """Judges candidate int8 models against the float model on a few calibration batches.
 
-    def __init__(self, ctx: StageContext, float_model: Path, policy: Int8Policy) -> None:
+    The judging is the parity engine's (`pipeline.parity.chain`), with the job's own int8 policy:
+    the checks that apply to each output are the ones validation applies. Without labels in the
+    calibration data, the classifier output's top-1 agreement bounds the accuracy drop.
+    """
+
+    def __init__(self, ctx: StageContext, float_model: Path) -> None:
         assert ctx.calibration is not None
-        self._policy = policy
-        self._batches = [batch.feeds for batch in islice(ctx.calibration, _JUDGE_BATCHES)]
+        self._job = ctx.job
+        batches = list(islice(ctx.calibration, _JUDGE_BATCHES))
+        self._feeds = [batch.feeds for batch in batches]
+        self._labels = [batch.labels for batch in batches]
         session = _session(float_model)
         self._names = [output.name for output in session.get_outputs()]
-        self._references = [session.run(self._names, feeds) for feeds in self._batches]
-        self._rtol = ctx.job.parity.fp32.rtol
+        self._references = [session.run(self._names, feeds) for feeds in self._feeds]
 
     def damage(self, model: onnx.ModelProto) -> float:
         """1 - cosine of the worst output on the first batch: a continuous harm score."""
-        metrics = self._metrics(model, batches=1)
-        return max(1.0 - m.cosine_mean for m in metrics)
+        comparison = self._compare(model, batches=1)
+        return max(1.0 - output.metrics.cosine_mean for output in comparison.outputs)
 
     def __call__(self, model: onnx.ModelProto) -> tuple[bool, str]:
-        metrics = self._metrics(model, batches=len(self._batches))
-        checks = [check for m in metrics for check in task_checks(m, self._policy)]
-        agreement = [m.top1_agreement for m in metrics]
-        if self._policy.max_accuracy_drop is not None:
-            # Without labels, top-1 disagreement bounds the accuracy drop from above.
-            limit = 1.0 - self._policy.max_accuracy_drop / 100.0
-            passed_agreement = all(a is None or a >= limit for a in agreement)
-        else:
-            passed_agreement = True
+        """Whether the candidate meets the int8 policy on the judge's batches, and its figures."""
+        comparison = self._compare(model, batches=len(self._feeds))
+        checks = [check for output in comparison.outputs for check in output.checks]
+        if comparison.accuracy is not None and comparison.accuracy.check is not None:
+            checks.append(comparison.accuracy.check)
         summary = ", ".join(f"{c.metric} {c.value:.4f}" for c in checks if c.metric != "nan_inf_count")
-        return all(check.passed for check in checks) and passed_agreement, summary
+        return comparison.passed, summary
 
-    def _metrics(self, model: onnx.ModelProto, batches: int) -> list[OutputMetrics]:
+    def _compare(self, model: onnx.ModelProto, batches: int) -> Comparison:
         session = _session(model)
-        comparators = [OutputComparator(self._rtol) for _ in self._names]
-        for feeds, reference in zip(self._batches[:batches], self._references[:batches], strict=True):
-            for comparator, ref, cand in zip(comparators, reference, session.run(self._names, feeds), strict=True):
-                comparator.update(ref, cand)
-        return [comparator.result() for comparator in comparators]
+        link = Link.on_target(QuantizeStage.name, CPU, FLOAT, INT8_MODEL, "int8")
+        chain = ParityChain([link], self._names, rtol=self._job.parity.fp32.rtol, is_classifier=self._job.is_classifier)
+        for feeds, labels, reference in zip(
+            self._feeds[:batches], self._labels[:batches], self._references[:batches], strict=True
+        ):
+            runs = {link.reference_run: list(reference), link.candidate_run: session.run(self._names, feeds)}
+            chain.update(runs, len(next(iter(feeds.values()))), labels)
+        (comparison,) = chain.judge(self._job.parity, agreement_bounds_drop=True)
+        return comparison
 
 
 def _session(model: Path | onnx.ModelProto) -> ort.InferenceSession:

@@ -14,18 +14,19 @@ from pipeline.artifacts import Artifact
 from pipeline.errors import StageError, first_line
 from pipeline.job import ConversionJob
 from pipeline.onnx_io import check_model, model_artifact, parameter_count, save_model
+from pipeline.records import GraphCounts, SimplifyRecord, StageName
 from pipeline.stage_cache import content_key
-from pipeline.stages.base import StageContext
+from pipeline.stages.base import NoPreconditions, StageContext
 
 logger = logging.getLogger(__name__)
 
 SIMPLIFIED_MODEL = "model.simplified.onnx"
 
 
-class SimplifyStage:
+class SimplifyStage(NoPreconditions):
     """Fold constants, drop dead nodes and unused initializers; report the counts before and after."""
 
-    name = "simplify"
+    name = StageName.SIMPLIFY
 
     def enabled(self, job: ConversionJob) -> bool:
         """Runs unless the job turns it off."""
@@ -35,12 +36,12 @@ class SimplifyStage:
         """The parent model and the saving threshold."""
         return content_key(
             self.name,
-            {"parent": ctx.latest_model().sha256, "threshold_mb": ctx.job.export.external_data_threshold_mb},
+            {"parent": ctx.current_model().sha256, "threshold_mb": ctx.job.export.external_data_threshold_mb},
         )
 
     def run(self, ctx: StageContext) -> Artifact:
         """Optimize the newest model and write it as model.simplified.onnx."""
-        parent = ctx.latest_model()
+        parent = ctx.current_model()
         model = ir.load(ctx.workdir / parent.path)
         before = graph_counts(model)
         ops_before = Counter(node.op_type for node in model.graph)
@@ -54,16 +55,14 @@ class SimplifyStage:
             save_model(model, target, ctx.job.export.external_data_threshold_bytes, verify=check_model)
         except Exception as e:  # optimizer and checker raise many types
             raise StageError(self.name, ctx.job.name, f"{type(e).__name__}: {first_line(e)}") from e
-        logger.info("simplify %s: nodes %d -> %d", ctx.job.name, before["nodes"], after["nodes"])
+        logger.info("simplify %s: nodes %d -> %d", ctx.job.name, before.nodes, after.nodes)
         # What went, by op type: folded BatchNorms, Identities, constant subgraphs, dead nodes.
-        metadata: dict[str, object] = {"before": before, "after": after, "removed_ops": dict(sorted(removed.items()))}
-        return model_artifact(self.name, target, parent, metadata)
+        record = SimplifyRecord(before=before, after=after, removed_ops=dict(sorted(removed.items())))
+        return model_artifact(self.name, target, parent, record)
 
 
-def graph_counts(model: ir.Model) -> dict[str, int]:
+def graph_counts(model: ir.Model) -> GraphCounts:
     """Node, initializer and parameter (initializer element) counts of a model's main graph."""
-    return {
-        "nodes": sum(1 for _ in model.graph),
-        "initializers": len(model.graph.initializers),
-        "parameters": parameter_count(model),
-    }
+    return GraphCounts(
+        nodes=sum(1 for _ in model.graph), initializers=len(model.graph.initializers), parameters=parameter_count(model)
+    )

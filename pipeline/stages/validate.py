@@ -13,76 +13,42 @@ import onnx_ir as ir
 from backends.base import PlacementReport, Session
 from backends.registry import get_backend
 from pipeline.artifacts import Artifact, sha256_file
-from pipeline.distillation.summary import DistillationSummary
 from pipeline.errors import BackendError, JobError, StageError, first_line
 from pipeline.feeds import describe_source
-from pipeline.job import ConversionJob, TaskPolicy
-from pipeline.outputs import classifier_index, run_torch
+from pipeline.job import POLICY_SECTIONS, ConversionJob, Precision, TaskPolicy
+from pipeline.outputs import run_torch
+from pipeline.parity.chain import Link, ParityChain, RunKey, Runs
 from pipeline.parity.localize import Localisation, localize
-from pipeline.parity.metrics import AccuracyCounter, OutputComparator
-from pipeline.parity.policy import Precision, accuracy_drop_check, fp32_checks, task_checks
-from pipeline.parity.report import AccuracyParity, Comparison, OutputParity, ParityReport
+from pipeline.parity.report import Comparison, ParityReport
 from pipeline.parity.target import ThreeWay
 from pipeline.parity.writers import write_reports
-from pipeline.pruning.summary import PruningSummary
 from pipeline.quantization.performance import PerformanceCheck, performance_check
-from pipeline.stages.base import StageContext, Target, resize_feeds
+from pipeline.records import DistillRecord, PruneRecord, QuantizeRecord, StageName, ValidateRecord
+from pipeline.stages.base import NoPreconditions, StageContext, Target, resize_feeds
+from pipeline.stages.distill import pytorch_model, teacher_model
 
 logger = logging.getLogger(__name__)
 
 PYTORCH = "pytorch"
 TEACHER = "teacher"  # the job's model, when a distilled student takes its place as "pytorch"
 CPU = "cpu"  # the reference backend of on-target parity
-# Which policy judges each stage's output against the model before it.
-_PRECISION: dict[str, Precision] = {
-    "distill": "distilled",
-    "export": "fp32",
-    "simplify": "fp32",
-    "prune": "pruned",
-    "quantize": "int8",
-}
 
-# The [parity.*] section of each task-level precision.
-_POLICY_SECTION: dict[Precision, str] = {"distilled": "distill", "pruned": "prune", "int8": "int8"}
-
-Sessions = dict[tuple[str, str], Session]
-Runs = dict[tuple[str, str], list[np.ndarray]]
-
-
-@dataclass
-class _Step:
-    """One link of the chain on one target, accumulating as batches stream through."""
-
-    stage: str
-    target: str
-    reference: str
-    candidate: str
-    comparators: list[OutputComparator] = field(default_factory=list)
-
-    def update(self, runs: Runs) -> None:
-        """Compare the candidate's outputs on one batch with the reference's."""
-        reference = runs[(self.target, self.reference)]
-        candidate = runs[(self.target, self.candidate)]
-        for comparator, ref, cand in zip(self.comparators, reference, candidate, strict=True):
-            comparator.update(ref, cand)
+Sessions = dict[RunKey, Session]
 
 
 @dataclass
 class _Stream:
-    """What one pass over the evaluation data measured, besides the steps' own accumulators."""
+    """What one pass over the evaluation data measured, besides the chain's own accumulators."""
 
-    output_names: list[str] = field(default_factory=list)
-    classifier: int | None = None
-    accuracy: dict[tuple[str, str], AccuracyCounter] = field(default_factory=dict)
+    chain: ParityChain
+    output_names: list[str]
     on_target: dict[str, ThreeWay] = field(default_factory=dict)
-    samples: int = 0
-    comparators_ready: bool = False
 
 
-class ValidateStage:
+class ValidateStage(NoPreconditions):
     """Measure parity along the chain and write report.json and report.md."""
 
-    name = "validate"
+    name = StageName.VALIDATE
 
     def enabled(self, job: ConversionJob) -> bool:
         """Validation always runs: it is the product's promise."""
@@ -94,22 +60,8 @@ class ValidateStage:
 
     def run(self, ctx: StageContext) -> Artifact:
         """Stream the evaluation data through PyTorch and every model on every target."""
-        stages = [stage for stage in _PRECISION if stage in ctx.artifacts and stage != "distill"]
-        models = [ctx.artifacts[stage].path for stage in stages]
-        # Each model is judged against the one before it; the root is PyTorch (the teacher, then its
-        # student, when the job distils), or the ONNX file given.
-        if "distill" in ctx.artifacts:
-            roots, stages = [TEACHER, PYTORCH], ["distill", *stages]
-        elif ctx.source.module is not None:
-            roots = [PYTORCH]
-        else:  # the given ONNX file (the export artifact) is the root, not a link
-            roots, stages = [], stages[1:]
-        chain = [*roots, *models]
-        steps = [
-            _Step(stage, target.name, reference, candidate)
-            for target in ctx.targets
-            for stage, reference, candidate in zip(stages, chain[:-1], chain[1:], strict=True)
-        ]
+        models = [artifact.path for artifact in ctx.model_chain()]
+        links = chain_links(ctx)
         with ExitStack() as stack:
             sessions: Sessions = {
                 (target.name, path): stack.enter_context(self._open(ctx, target, path))
@@ -119,96 +71,84 @@ class ValidateStage:
             output_names = next(iter(sessions.values())).output_names
             # Before the data streams through: a misnamed override is bad input, found at once.
             _check_output_overrides(ctx.job, output_names)
-            stream = _Stream(on_target=self._on_target(ctx, sessions, stack, output_names))
-            self._stream(ctx, sessions, steps, stream)
-            comparisons = [self._comparison(ctx.job, step, stream) for step in steps]
-            comparisons += self._shape_checks(ctx, sessions, stream, steps)
+            chain = ParityChain(links, output_names, rtol=ctx.job.parity.fp32.rtol, is_classifier=ctx.job.is_classifier)
+            stream = _Stream(chain, output_names, self._on_target(ctx, sessions, stack, output_names))
+            self._stream(ctx, sessions, stream)
+            comparisons = chain.judge(ctx.job.parity) + self._shape_checks(ctx, sessions, stream)
             placements = [self._placement(ctx, target, models[-1]) for target in ctx.targets]
             performance = self._performance(ctx, sessions, placements)
-        localisations = self._localise(ctx, comparisons)
-        pruning = distillation = None
-        if "prune" in ctx.artifacts:
-            pruning = PruningSummary.model_validate(ctx.artifacts["prune"].metadata["summary"])
-        if "distill" in ctx.artifacts:
-            distillation = DistillationSummary.model_validate(ctx.artifacts["distill"].metadata["summary"])
-        report = ParityReport.build(
-            job=ctx.job.name,
-            data=describe_source(ctx.job.parity_data, "evaluation" if ctx.job.evaluation else "calibration"),
-            samples=stream.samples,
-            notes=_notes(ctx, stream),
-            comparisons=comparisons,
-            performance=performance,
-            pruning=pruning,
-            distillation=distillation,
-            localisations=localisations,
-            placements=placements,
-            on_target=[three_way.result() for three_way in stream.on_target.values()],
-            max_fallback={target.name: target.spec.max_fallback for target in ctx.targets},
-        )
+        report = self._report(ctx, stream, comparisons, placements, performance)
         report_path = write_reports(report, ctx.workdir)
         logger.info("parity %s: %s", ctx.job.name, report.verdict)
         return Artifact(
             stage=self.name,
             path=report_path.name,
             sha256=sha256_file(report_path),
-            metadata={"verdict": report.verdict},
+            record=ValidateRecord(verdict=report.verdict),
         )
 
-    def _stream(self, ctx: StageContext, sessions: Sessions, steps: list[_Step], stream: _Stream) -> None:
+    def _report(
+        self,
+        ctx: StageContext,
+        stream: _Stream,
+        comparisons: list[Comparison],
+        placements: list[PlacementReport],
+        performance: list[PerformanceCheck],
+    ) -> ParityReport:
+        pruning, distillation = ctx.record(PruneRecord), ctx.record(DistillRecord)
+        return ParityReport.build(
+            job=ctx.job.name,
+            data=describe_source(ctx.job.parity_data, "evaluation" if ctx.job.evaluation else "calibration"),
+            samples=stream.chain.samples,
+            notes=_notes(ctx, stream.chain),
+            comparisons=comparisons,
+            performance=performance,
+            pruning=pruning.summary if pruning is not None else None,
+            distillation=distillation.summary if distillation is not None else None,
+            localisations=self._localise(ctx, comparisons),
+            placements=placements,
+            on_target=[three_way.result() for three_way in stream.on_target.values()],
+            max_fallback={target.name: target.spec.max_fallback for target in ctx.targets},
+        )
+
+    def _stream(self, ctx: StageContext, sessions: Sessions, stream: _Stream) -> None:
         """One pass over the data: every model on every target sees each batch once."""
-        rtol = ctx.job.parity.fp32.rtol
         for batch in ctx.evaluation:
-            runs = self._run_all(ctx, sessions, batch.feeds, stream)
-            if not stream.comparators_ready:
-                shapes = [array.shape for array in runs[next(iter(runs))]]
-                stream.classifier = classifier_index(shapes) if ctx.job.is_classifier else None
-                for step in steps:
-                    step.comparators = _comparators(len(stream.output_names), rtol, stream.classifier)
-                stream.comparators_ready = True
-            for step in steps:
-                step.update(runs)
+            runs = self._run_all(ctx, sessions, batch.feeds, stream.output_names)
+            stream.chain.update(runs, batch.size, batch.labels)
             for target, three_way in stream.on_target.items():
                 float_model, int8 = three_way.float_model, three_way.int8_model
                 three_way.update(runs[(CPU, float_model)], runs[(CPU, int8)], runs[(target, int8)])
-            if stream.classifier is not None and batch.labels is not None:
-                for key, outputs in runs.items():
-                    stream.accuracy.setdefault(key, AccuracyCounter()).update(outputs[stream.classifier], batch.labels)
-            stream.samples += batch.size
 
-    def _run_all(self, ctx: StageContext, sessions: Sessions, feeds: dict[str, np.ndarray], stream: _Stream) -> Runs:
+    def _run_all(self, ctx: StageContext, sessions: Sessions, feeds: dict[str, np.ndarray], names: list[str]) -> Runs:
         """Outputs of PyTorch (when there is a module) and of every session, on one batch."""
-        if not stream.output_names:
-            stream.output_names = next(iter(sessions.values())).output_names
         runs: Runs = {}
-        teacher = ctx.source.module if "distill" in ctx.artifacts else None
-        for role, model in ((TEACHER, teacher), (PYTORCH, ctx.pytorch_model)):
+        for role, model in ((TEACHER, teacher_model(ctx)), (PYTORCH, pytorch_model(ctx))):
             if model is not None:
                 torch_outputs = run_torch(model, feeds)
                 runs.update({(target.name, role): torch_outputs for target in ctx.targets})
         for key, session in sessions.items():
             produced = session.run(feeds)
-            runs[key] = [produced[name] for name in stream.output_names]
+            runs[key] = [produced[name] for name in names]
         return runs
 
-    def _shape_checks(
-        self, ctx: StageContext, sessions: Sessions, stream: _Stream, steps: list[_Step]
-    ) -> list[Comparison]:
+    def _shape_checks(self, ctx: StageContext, sessions: Sessions, stream: _Stream) -> list[Comparison]:
         """The whole chain again at each extra shape the job lists (inputs cut or tiled from the example).
 
         Float links (export, simplify) must hold at any shape and are gated. Pruned and int8 links
         are measured but not gated here: cut or tiled copies of one batch are not the data their
-        task-level policy is about.
+        task-level policy is about. Accuracy is measured on the evaluation data only.
         """
         example = ctx.example_batch().feeds
+        job = ctx.job
         comparisons = []
-        for sizes in ctx.job.export.check_shapes:
-            runs = self._run_all(ctx, sessions, resize_feeds(example, ctx.job.inputs, sizes), stream)
-            for template in steps:
-                step = _Step(template.stage, template.target, template.reference, template.candidate)
-                step.comparators = _comparators(len(stream.output_names), ctx.job.parity.fp32.rtol, stream.classifier)
-                step.update(runs)
-                # Accuracy is measured on the evaluation data only, not on these resized copies.
-                comparison = self._comparison(ctx.job, step, stream)
+        for sizes in job.export.check_shapes:
+            runs = self._run_all(ctx, sessions, resize_feeds(example, job.inputs, sizes), stream.output_names)
+            at_shape = ParityChain(
+                stream.chain.links, stream.output_names, rtol=job.parity.fp32.rtol, is_classifier=job.is_classifier
+            )
+            at_shape.update(runs, ctx.example_batch().size)
+            for comparison in at_shape.judge(job.parity):
                 update: dict[str, object] = {"shape": dict(sizes), "accuracy": None}
                 if comparison.precision != "fp32":
                     update["outputs"] = [output.model_copy(update={"checks": []}) for output in comparison.outputs]
@@ -249,9 +189,10 @@ class ValidateStage:
     ) -> dict[str, ThreeWay]:
         """Three-way accumulators for every non-CPU target, opening the CPU references when no target is CPU."""
         others = [target for target in ctx.targets if target.name != CPU]
-        if "quantize" not in ctx.artifacts or not others:
+        pair = _quantized_pair(ctx)
+        if pair is None or not others:
             return {}
-        before, int8 = _quantized_pair(ctx)
+        before, int8 = pair
         cpu = get_backend(CPU)
         for path in (before, int8):
             if (CPU, path) not in sessions:
@@ -274,9 +215,10 @@ class ValidateStage:
         the int8 model (the last of the chain when quantize ran); other targets show theirs in the
         Placement section.
         """
-        if "quantize" not in ctx.artifacts:
+        pair = _quantized_pair(ctx)
+        if pair is None:
             return []
-        before, int8 = _quantized_pair(ctx)
+        before, int8 = pair
         feeds = ctx.example_batch().feeds
         unfused = {placement.backend: placement.unfused_qdq for placement in placements}
         return [
@@ -298,46 +240,38 @@ class ValidateStage:
         except BackendError as e:
             raise StageError(self.name, ctx.job.name, f"cannot open {path} on {target.name}: {e}") from e
 
-    def _comparison(self, job: ConversionJob, step: _Step, stream: _Stream) -> Comparison:
-        precision = _PRECISION[step.stage]
-        section = _POLICY_SECTION.get(precision, "int8")
-        task_policy: TaskPolicy = getattr(job.parity, section)
-        outputs = []
-        for name, comparator in zip(stream.output_names, step.comparators, strict=True):
-            metrics = comparator.result()
-            override = job.parity.outputs.get(name)
-            if precision == "fp32":
-                checks = fp32_checks(metrics, (override and override.fp32) or job.parity.fp32)
-            else:
-                checks = task_checks(metrics, (override and getattr(override, section)) or task_policy)
-            outputs.append(OutputParity(name=name, metrics=metrics, checks=checks))
-        accuracy = None
-        reference = stream.accuracy.get((step.target, step.reference))
-        candidate = stream.accuracy.get((step.target, step.candidate))
-        if stream.classifier is not None and reference is not None and candidate is not None and candidate.total:
-            check = None
-            if precision != "fp32":
-                check = accuracy_drop_check(reference.accuracy, candidate.accuracy, task_policy)
-            accuracy = AccuracyParity(
-                output=stream.output_names[stream.classifier],
-                reference=reference.accuracy,
-                candidate=candidate.accuracy,
-                check=check,
-            )
-        return Comparison(
-            stage=step.stage,
-            target=step.target,
-            reference=step.reference,
-            candidate=step.candidate,
-            precision=precision,
-            outputs=outputs,
-            accuracy=accuracy,
-        )
+
+def chain_links(ctx: StageContext) -> list[Link]:
+    """The parity chain on every target: each model judged against the one before it.
+
+    The root is PyTorch (the teacher, then its student, when the job distils), or the ONNX file
+    given (the export artifact, which is then the root and not a link). Each link's precision is
+    the one its stage's record names.
+    """
+    models = ctx.model_chain()
+    distilled = ctx.artifact_with(DistillRecord)
+    judged: list[Artifact] = [*([distilled] if distilled is not None else []), *models]
+    if distilled is not None:
+        roots = [TEACHER, PYTORCH]
+    elif ctx.source.module is not None:
+        roots = [PYTORCH]
+    else:
+        roots, judged = [], judged[1:]
+    chain = [*roots, *(model.path for model in models)]
+    links = []
+    for target in ctx.targets:
+        for artifact, reference, candidate in zip(judged, chain[:-1], chain[1:], strict=True):
+            precision = type(artifact.record).precision if artifact.record is not None else None
+            assert precision is not None, f"the {artifact.stage} artifact is no link of the parity chain"
+            links.append(Link.on_target(artifact.stage, target.name, reference, candidate, precision))
+    return links
 
 
-def _quantized_pair(ctx: StageContext) -> tuple[str, str]:
-    """The model quantize started from, and the int8 model it wrote."""
-    quantized = ctx.artifacts["quantize"]
+def _quantized_pair(ctx: StageContext) -> tuple[str, str] | None:
+    """The model quantize started from, and the int8 model it wrote (None: the job does not quantize)."""
+    quantized = ctx.artifact_with(QuantizeRecord)
+    if quantized is None:
+        return None
     before = next(a.path for a in ctx.artifacts.values() if a.sha256 == quantized.parent_sha256)
     return before, quantized.path
 
@@ -351,33 +285,38 @@ def _check_output_overrides(job: ConversionJob, output_names: list[str]) -> None
             )
 
 
-def _comparators(count: int, rtol: float, classifier: int | None) -> list[OutputComparator]:
-    return [OutputComparator(rtol, classifier=index == classifier) for index in range(count)]
-
-
-def _notes(ctx: StageContext, stream: _Stream) -> list[str]:
+def _notes(ctx: StageContext, chain: ParityChain) -> list[str]:
     job = ctx.job
     notes = []
     if job.evaluation is None:
         notes.append("The job has no [evaluation] data: parity was measured on the calibration data.")
     if ctx.source.module is None:
         notes.append("The model came as an ONNX file: the chain starts at it; there is no PyTorch reference.")
-    if job.export.check_shapes and any(stage in ctx.artifacts for stage in ("prune", "quantize")):
+    task_level = {link.precision for link in chain.links} - {"fp32"}
+    if job.export.check_shapes and task_level - {"distilled"}:
         notes.append(
             "At the export.check_shapes sizes, pruned and int8 models are measured but not gated: their inputs are "
             "cut or tiled copies of one evaluation batch, not the data the task-level policy is about."
         )
-    if "quantize" in ctx.artifacts:
+    if ctx.artifact_with(QuantizeRecord) is not None:
         for target in ctx.targets:
             if not target.backend.capabilities.measured_latency:
                 notes.append(
                     f"{target.name} runs on an emulator: its int8 latency is the cost model's estimate in the "
                     "Placement section, not a timing."
                 )
-    reason = "no [samples, classes] classifier output" if stream.classifier is None else "no labels in the data"
-    for stage in ("distill", "prune", "quantize"):
-        section = _POLICY_SECTION[_PRECISION[stage]]
-        policy: TaskPolicy = getattr(job.parity, section)
-        if stage in ctx.artifacts and policy.max_accuracy_drop is not None and not stream.accuracy:
-            notes.append(f"parity.{section}.max_accuracy_drop was not checked: {reason}.")
+    return notes + _unchecked_accuracy_notes(job, chain, task_level)
+
+
+def _unchecked_accuracy_notes(job: ConversionJob, chain: ParityChain, precisions: set[Precision]) -> list[str]:
+    """Which accuracy-drop limits could not be checked, and why."""
+    if chain.accuracy_measured:
+        return []
+    classifier = chain.roles.classifier if chain.roles is not None else None
+    reason = "no [samples, classes] classifier output" if classifier is None else "no labels in the data"
+    notes = []
+    for precision in ("distilled", "pruned", "int8"):
+        rule = job.parity.section(precision)
+        if precision in precisions and isinstance(rule, TaskPolicy) and rule.max_accuracy_drop is not None:
+            notes.append(f"parity.{POLICY_SECTIONS[precision]}.max_accuracy_drop was not checked: {reason}.")
     return notes

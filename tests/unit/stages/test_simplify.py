@@ -19,6 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 import pipeline
 from pipeline.artifacts import Artifact, sha256_file
 from pipeline.job import ConversionJob
+from pipeline.records import ModelRecord
 from pipeline.stages.base import StageContext
 from pipeline.stages.simplify import SIMPLIFIED_MODEL, SimplifyStage
 from tests.conftest import stage_context
@@ -122,7 +123,9 @@ def test_simplify_uses_the_newest_model(tmp_path: Path) -> None:
     ctx = make_context(tmp_path)
     # A later .onnx artifact is what the stage must transform; a non-model artifact is ignored.
     newer = write_foldable_model(ctx.workdir / "model.newer.onnx")
-    ctx.artifacts["other"] = Artifact(stage="other", path="model.newer.onnx", sha256=sha256_file(newer))
+    ctx.artifacts["other"] = Artifact(
+        stage="other", path="model.newer.onnx", sha256=sha256_file(newer), record=ModelRecord()
+    )
     ctx.artifacts["notes"] = Artifact(stage="notes", path="notes.txt", sha256="0" * 64)
 
     artifact = SimplifyStage().run(ctx)

@@ -1,0 +1,200 @@
+"""What each stage records of its run: one typed record per stage, stored in its artifact.
+
+Stages hand these to each other and to the manifest instead of dicts with string keys: the
+runner reads the exporter from `ExportRecord`, validate reads `PruneRecord.summary`, and the
+manifest serialises each record under its artifact's ``metadata`` key.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipeline.distillation.summary import DistillationSummary
+from pipeline.job import Precision
+from pipeline.pruning.summary import PruningSummary
+
+
+class StageName(StrEnum):
+    """The pipeline's stages, in run order (a StrEnum: ``StageName.EXPORT == "export"``)."""
+
+    DISTILL = "distill"
+    EXPORT = "export"
+    SIMPLIFY = "simplify"
+    PRUNE = "prune"
+    QUANTIZE = "quantize"
+    VALIDATE = "validate"
+
+
+class StageRecord(BaseModel):
+    """Base of every stage's record: immutable; infinities serialise as strings.
+
+    Attributes:
+        precision: The policy that judges the stage's output against the model before it in the
+            parity chain (None: the output is no link of the chain).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", ser_json_inf_nan="strings")
+
+    precision: ClassVar[Precision | None] = None
+
+
+class ModelRecord(StageRecord):
+    """A record whose artifact is an ONNX model (what the transforming stages take)."""
+
+
+class GraphCounts(StageRecord):
+    """Size of a model's main graph."""
+
+    nodes: int
+    initializers: int
+    parameters: int
+
+
+class ExportRecord(ModelRecord):
+    """How the fp32 model was made.
+
+    Attributes:
+        exporter: The exporter that produced it ("dynamo", "torchscript", or that the ONNX file
+            was given).
+        fallback_reason: Why dynamo failed when TorchScript was used ("" otherwise).
+        opset: Default-domain opset of the graph.
+        ir_version: ONNX IR version of the file.
+        external_data: Weights are stored beside the model.
+        nodes: Nodes of the main graph.
+        inputs: Graph input names.
+        outputs: Graph output names.
+        seconds: Time per phase (export, save_and_check, pytorch_check).
+    """
+
+    precision: ClassVar[Precision | None] = "fp32"
+
+    exporter: str
+    fallback_reason: str = ""
+    opset: int
+    ir_version: int
+    external_data: bool
+    nodes: int
+    inputs: list[str]
+    outputs: list[str]
+    seconds: dict[str, float]
+
+
+class SimplifyRecord(ModelRecord):
+    """What simplification removed: counts before and after, and the removed ops by type."""
+
+    precision: ClassVar[Precision | None] = "fp32"
+
+    before: GraphCounts
+    after: GraphCounts
+    removed_ops: dict[str, int]
+
+
+class PruneRecord(ModelRecord):
+    """What pruning removed, per layer."""
+
+    precision: ClassVar[Precision | None] = "pruned"
+
+    summary: PruningSummary
+
+
+class IrregularTensor(StageRecord):
+    """A calibration tensor with values the ranges must not follow (counts per kind)."""
+
+    nonfinite: int
+    huge: int
+
+
+class CalibrationRecord(StageRecord):
+    """How the activation ranges were measured."""
+
+    method: str
+    batches: int
+    samples: int
+    tensors: int
+    seconds: float
+    cache_hit: bool
+    irregular_tensors: dict[str, IrregularTensor] = Field(default_factory=dict)
+
+
+class ProbeRecord(StageRecord):
+    """One candidate model of the mixed-precision search: how many ranked nodes were float, the verdict."""
+
+    kept_float: int
+    passed: bool
+    summary: str
+
+
+class QuantizeRecord(ModelRecord):
+    """How the int8 model was quantized.
+
+    Attributes:
+        format: Always "QDQ".
+        recipe: The model family's recipe (e.g. "cnn", "transformer").
+        quantize_outputs: Whether compute ops' outputs are quantized too.
+        op_types: The op types quantized, or "all ONNX Runtime quantizes".
+        calibration: The calibration run.
+        activation_type: Activation element type.
+        activation_symmetric: Activations have zero point 0.
+        weight_type: Weight element type.
+        per_channel: One weight scale per output channel.
+        reduce_range: 7-bit weights.
+        reduce_range_reason: Why reduce_range is what it is.
+        power_of_two_scales: Every scale is a power of two.
+        fused_ops: Contrib ops fused into the int8 model, by op type.
+        kept_float: Node name to why it stays float.
+        mixed_precision_probes: Every candidate the mixed-precision search judged.
+        nodes: Nodes of the int8 model.
+        quantize_linear: Its QuantizeLinear nodes.
+        dequantize_linear: Its DequantizeLinear nodes.
+    """
+
+    precision: ClassVar[Precision | None] = "int8"
+
+    format: Literal["QDQ"] = "QDQ"
+    recipe: str
+    quantize_outputs: bool
+    op_types: list[str] | str
+    calibration: CalibrationRecord
+    activation_type: str
+    activation_symmetric: bool
+    weight_type: str
+    per_channel: bool
+    reduce_range: bool
+    reduce_range_reason: str
+    power_of_two_scales: bool
+    fused_ops: dict[str, int]
+    kept_float: dict[str, str]
+    mixed_precision_probes: list[ProbeRecord]
+    nodes: int
+    quantize_linear: int
+    dequantize_linear: int
+
+
+class DistillRecord(StageRecord):
+    """The distilled student (its artifact is a weights file, not an ONNX model)."""
+
+    precision: ClassVar[Precision | None] = "distilled"
+
+    summary: DistillationSummary
+
+
+class ValidateRecord(StageRecord):
+    """The parity verdict (the report itself is the artifact)."""
+
+    verdict: str
+
+
+AnyRecord = ExportRecord | SimplifyRecord | PruneRecord | QuantizeRecord | DistillRecord | ValidateRecord | ModelRecord
+
+# The record type of each stage's artifact, to read a manifest or a stage-cache entry back typed.
+RECORD_TYPES: dict[str, type[StageRecord]] = {
+    StageName.DISTILL: DistillRecord,
+    StageName.EXPORT: ExportRecord,
+    StageName.SIMPLIFY: SimplifyRecord,
+    StageName.PRUNE: PruneRecord,
+    StageName.QUANTIZE: QuantizeRecord,
+    StageName.VALIDATE: ValidateRecord,
+}
