@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, TypeVar
 
 from pydantic import Field
 
@@ -17,6 +17,7 @@ Precision = Literal["fp32", "distilled", "pruned", "int8", "task"]
 SectionName = Literal["fp32", "distill", "prune", "int8"]
 # The job-file section that judges each precision; "task" comparisons take the int8 section's
 # rule shape (task-level checks, no element-wise bound).
+_SECTION_ORDER: tuple[SectionName, ...] = ("fp32", "distill", "prune", "int8")
 POLICY_SECTIONS: dict[Precision, SectionName] = {
     "fp32": "fp32",
     "distilled": "distill",
@@ -24,6 +25,14 @@ POLICY_SECTIONS: dict[Precision, SectionName] = {
     "int8": "int8",
     "task": "int8",
 }
+
+
+Rule = TypeVar("Rule")
+
+
+def _section_rule(precision: Precision, rules: tuple[Rule, ...]) -> Rule:
+    """The rule of `precision`'s section among the (fp32, distill, prune, int8) rules of a policy table."""
+    return rules[_SECTION_ORDER.index(POLICY_SECTIONS[precision])]
 
 
 class Fp32Policy(Section):
@@ -99,15 +108,8 @@ class OutputPolicy(Section):
         Args:
             precision: What the link compares.
         """
-        match POLICY_SECTIONS[precision]:
-            case "fp32":
-                return self.fp32
-            case "distill":
-                return self.distill
-            case "prune":
-                return self.prune
-            case "int8":
-                return self.int8
+        rules: tuple[Fp32Policy | TaskPolicy | None, ...] = (self.fp32, self.distill, self.prune, self.int8)
+        return _section_rule(precision, rules)
 
 
 class ParityPolicy(Section):
@@ -138,15 +140,8 @@ class ParityPolicy(Section):
         Args:
             precision: What the link compares.
         """
-        match POLICY_SECTIONS[precision]:
-            case "fp32":
-                return self.fp32
-            case "distill":
-                return self.distill
-            case "prune":
-                return self.prune
-            case "int8":
-                return self.int8
+        rules: tuple[Fp32Policy | TaskPolicy, ...] = (self.fp32, self.distill, self.prune, self.int8)
+        return _section_rule(precision, rules)
 
     def for_link(self, precision: Precision, output: str) -> Fp32Policy | TaskPolicy:
         """The rule judging one output on a link of a precision: that output's override of the
