@@ -228,7 +228,9 @@ def run_jobs(
 
     Each running job is polled until it reports a result or runs past `timeout_s` (then it is
     killed: "timeout"). A job's events are passed to `on_event` before its outcome goes to
-    `on_outcome`. A job that did not finish has its hidden staging folder removed.
+    `on_outcome`. A job that did not finish has its hidden staging folder removed. If the loop
+    itself is stopped (an exception, a callback's included, or KeyboardInterrupt), every running
+    job is killed before it propagates: no job outlives its batch.
 
     Returns:
         One outcome per job, in the jobs' order.
@@ -236,25 +238,40 @@ def run_jobs(
     pending = deque(enumerate(jobs))
     running: list[_Running[Handle]] = []
     outcomes: dict[int, JobOutcome] = {}
-    while pending or running:
-        while pending and len(running) < workers:
-            index, job = pending.popleft()
-            running.append(_Running(index, job, launcher.start(job), time.monotonic()))
-        _drain(launcher, on_event)
-        for item in list(running):
-            outcome = _check(launcher, item, timeout_s)
-            if outcome is None:
-                continue
-            running.remove(item)
-            outcomes[item.index] = outcome
-            logger.info("job %s: %s %s", outcome.job, outcome.status, outcome.message)
-            _drain(launcher, on_event)  # the job's last events before its outcome
-            if on_outcome is not None:
-                on_outcome(outcome)
-        if running:
-            time.sleep(poll_seconds)
+    try:
+        while pending or running:
+            while pending and len(running) < workers:
+                index, job = pending.popleft()
+                running.append(_Running(index, job, launcher.start(job), time.monotonic()))
+            _drain(launcher, on_event)
+            for item in list(running):
+                outcome = _check(launcher, item, timeout_s)
+                if outcome is None:
+                    continue
+                running.remove(item)
+                outcomes[item.index] = outcome
+                logger.info("job %s: %s %s", outcome.job, outcome.status, outcome.message)
+                _drain(launcher, on_event)  # the job's last events before its outcome
+                if on_outcome is not None:
+                    on_outcome(outcome)
+            if running:
+                time.sleep(poll_seconds)
+    except BaseException:
+        _abandon(launcher, running)
+        raise
     _drain(launcher, on_event)
     return [outcomes[index] for index in range(len(jobs))]
+
+
+def _abandon(launcher: JobLauncher[Handle], running: list[_Running[Handle]]) -> None:
+    """The batch is stopping early: kill every running job and remove its staging folder."""
+    for item in running:
+        logger.warning("job %s: killed, the batch is stopping", item.job.name)
+        try:
+            launcher.kill(item.handle)
+        except Exception:  # keep killing the others; the batch's own error propagates
+            logger.exception("job %s: could not be killed", item.job.name)
+        remove_staging(item.job)
 
 
 def _check(launcher: JobLauncher[Handle], item: _Running[Handle], timeout_s: float) -> JobOutcome | None:

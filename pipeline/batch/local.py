@@ -2,15 +2,14 @@
 
 A job that segfaults, is OOM-killed, hangs or raises is reported with its status and cause; the
 others are not affected. Nothing half-written stays visible: a killed job's staging folder is
-removed (the runner publishes an output folder only once it is complete).
+removed (the runner publishes an output folder only once it is complete). The batch process owns
+its job processes and their fork server: they die with it (`pipeline.batch.lifetime`).
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
 import queue
-import signal
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,13 +18,17 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.batch.base import BatchSettings, IsolatingExecutor, WorkerResult
+from pipeline.batch.death import OomCounter, death_cause, oom_counters, oom_evidence
+from pipeline.batch.lifetime import Lifeline, bind_to_batch, scratch_folder, start_owned
 from pipeline.batch.worker import convert_one, limit_process
 from pipeline.job import ConversionJob
 from pipeline.runner import StageEvent
 
-# Imported once by the fork server (names it cannot import are skipped): the pipeline, and what
-# torch and ONNX Runtime otherwise import lazily on a job's first export and quantization.
+# Imported once by the fork server (names it cannot import are skipped): first the guard that
+# ties it to the batch process, then the pipeline, and what torch and ONNX Runtime otherwise
+# import lazily on a job's first export and quantization.
 _PRELOAD = [
+    "pipeline.batch.forkserver_guard",
     "pipeline.api",
     "pipeline.batch.local",
     "pipeline.batch.worker",
@@ -40,6 +43,7 @@ _PRELOAD = [
 class _LocalJob:
     process: BaseProcess
     result_file: Path
+    oom_before: list[OomCounter]  # the kernel's OOM-kill counters when the job started
 
 
 def _child(
@@ -50,8 +54,10 @@ def _child(
     memory_limit_mb: int | None,
     threads: int | None,
     resume: bool,
+    lifeline: Any,
 ) -> None:
-    """Runs in the job's process: convert one job, write its result as JSON."""
+    """Runs in the job's process: tie it to the batch, convert one job, write its result as JSON."""
+    bind_to_batch(lifeline)
     limit_process(memory_limit_mb, threads)
 
     result = convert_one(job_json, source_file, resume, events.put, memory_limit_mb)
@@ -59,12 +65,16 @@ def _child(
 
 
 class _LocalLauncher:
-    """Starts, polls and kills job processes; their events come back through one queue."""
+    """Starts, polls and kills job processes; their events come back through one queue.
 
-    def __init__(self, settings: BatchSettings, scratch: Path) -> None:
+    Every job holds a read end of the batch's lifeline (`pipeline.batch.lifetime.Lifeline`).
+    """
+
+    def __init__(self, settings: BatchSettings, scratch: Path, context: Any, lifeline: Lifeline) -> None:
         self._settings = settings
         self._scratch = scratch
-        self._context = _job_process_context()
+        self._context = context
+        self._lifeline = lifeline
         self._events = self._context.Queue()
 
     def start(self, job: ConversionJob) -> _LocalJob:
@@ -80,11 +90,13 @@ class _LocalLauncher:
                 settings.memory_limit_mb,
                 settings.threads_per_job(),
                 settings.resume,
+                self._lifeline.reader,
             ),
             name=f"onnxforge-{job.name}",
         )
+        oom_before = oom_counters()
         process.start()
-        return _LocalJob(process, result_file)
+        return _LocalJob(process, result_file, oom_before)
 
     def poll(self, handle: _LocalJob) -> WorkerResult | None:
         if handle.process.is_alive():
@@ -92,7 +104,9 @@ class _LocalLauncher:
         handle.process.join()
         if handle.result_file.is_file():
             return WorkerResult.model_validate_json(handle.result_file.read_text(encoding="utf-8"))
-        return WorkerResult(status="crashed", message=_death_cause(handle.process.exitcode))
+        exitcode = handle.process.exitcode
+        evidence = oom_evidence(handle.oom_before) if exitcode is not None and exitcode < 0 else None
+        return WorkerResult(status="crashed", message=death_cause(exitcode, evidence))
 
     def kill(self, handle: _LocalJob) -> None:
         handle.process.kill()
@@ -111,8 +125,22 @@ class LocalExecutor(IsolatingExecutor):
 
     @contextmanager
     def _launcher(self) -> Iterator[_LocalLauncher]:
-        with tempfile.TemporaryDirectory(prefix="onnxforge-batch-") as scratch:
-            yield _LocalLauncher(self.settings, Path(scratch))
+        """A launcher with its scratch folder and lifeline, both gone when the batch ends.
+
+        The fork server (where one is used, and unless it runs already) is started here, owned by
+        this process: it dies with it.
+        """
+        context = _job_process_context()
+        if context.get_start_method() == "forkserver":
+            from multiprocessing import forkserver
+
+            start_owned(forkserver.ensure_running)
+        lifeline = Lifeline(context)
+        try:
+            with scratch_folder() as scratch:
+                yield _LocalLauncher(self.settings, scratch, context, lifeline)
+        finally:
+            lifeline.close()
 
 
 def _job_process_context() -> Any:
@@ -127,14 +155,3 @@ def _job_process_context() -> Any:
     context = mp.get_context("forkserver")
     context.set_forkserver_preload(_PRELOAD)
     return context
-
-
-def _death_cause(exitcode: int | None) -> str:
-    if exitcode is not None and exitcode < 0:
-        try:
-            name = signal.Signals(-exitcode).name
-        except ValueError:
-            name = f"signal {-exitcode}"
-        hint = " (out of memory: the kernel's OOM killer)" if name == "SIGKILL" else ""
-        return f"the job's process died of {name}{hint}"
-    return f"the job's process exited with code {exitcode} without a result"
