@@ -13,13 +13,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import onnx
 import safetensors.torch
 import torch
 
 from pipeline.artifacts import sha256_file
 from pipeline.errors import JobError, first_line
 from pipeline.imports import resolve_import
+from pipeline.intake import IntakeResult, check_onnx_source
 from pipeline.job import ConversionJob
 
 logger = logging.getLogger(__name__)
@@ -43,11 +43,13 @@ class SourceModel:
         module: What runs as the PyTorch reference (None when the source is an ONNX file).
         program: A loaded ExportedProgram, exported as it is (None otherwise).
         onnx_file: An existing ONNX file the chain starts from (None otherwise).
+        onnx_intake: What intake found in `onnx_file` (its external data files, hashed).
     """
 
     module: torch.nn.Module | None
     program: torch.export.ExportedProgram | None = None
     onnx_file: Path | None = None
+    onnx_intake: IntakeResult | None = None
 
 
 def load_model(job: ConversionJob) -> SourceModel:
@@ -65,8 +67,7 @@ def load_model(job: ConversionJob) -> SourceModel:
     """
     source = job.model
     if source.onnx is not None:
-        _check_onnx_file(job, source.onnx)
-        return SourceModel(module=None, onnx_file=source.onnx)
+        return SourceModel(module=None, onnx_file=source.onnx, onnx_intake=_check_onnx_file(job, source.onnx))
     if source.exported_program is not None:
         program = _load_exported_program(job, source.exported_program)
         return SourceModel(module=program.module(), program=program)
@@ -77,14 +78,14 @@ def load_model(job: ConversionJob) -> SourceModel:
     return SourceModel(module=module.eval())
 
 
-def _check_onnx_file(job: ConversionJob, path: Path) -> None:
-    """Parse the graph (not the weights) so that a corrupt file is bad input, caught up front."""
-    try:
-        onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # protobuf and onnx raise several types
-        raise JobError(
-            job.origin, "model.onnx", f"{path.name} is not a readable ONNX model ({type(e).__name__}: {first_line(e)})"
-        ) from e
+def _check_onnx_file(job: ConversionJob, path: Path) -> IntakeResult:
+    """Model intake on the job's ONNX file (`pipeline.intake`): a bad model is bad input, caught up front.
+
+    Raises:
+        JobError: The file does not parse, is damaged, its external data leaves its folder, the
+            checker refuses it, its inputs do not match the job's, or its constants are too big.
+    """
+    return check_onnx_source(job, path)
 
 
 def _build_from_factory(job: ConversionJob) -> torch.nn.Module:
@@ -241,6 +242,10 @@ def model_hashes(job: ConversionJob, source: SourceModel) -> dict[str, str]:
         path = getattr(job.model, role)
         if path is not None:
             hashes[f"model_{role}"] = sha256_file(path)
+    if source.onnx_intake is not None:
+        # The weights of an ONNX source with external data live in its data files.
+        for data_file in source.onnx_intake.external_data:
+            hashes[f"model_onnx_data:{data_file.location}"] = data_file.sha256
     if source.module is not None:
         hashes["model_state_dict"] = state_dict_sha256(source.module)
     return hashes

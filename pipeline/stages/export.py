@@ -18,9 +18,10 @@ import torch
 from pipeline.artifacts import Artifact
 from pipeline.errors import StageError, first_line
 from pipeline.feeds import feeds_digest
+from pipeline.intake import ModelSubject, adopt_onnx_source, check_model_file
 from pipeline.job import ConversionJob, InputSpec
 from pipeline.model_source import input_hashes
-from pipeline.onnx_io import check_model, load_graph_only, model_artifact, save_model
+from pipeline.onnx_io import load_graph_only, model_artifact, save_model
 from pipeline.outputs import named_outputs, torch_inputs
 from pipeline.records import DistillRecord, ExportRecord, StageName
 from pipeline.stage_cache import content_key
@@ -70,7 +71,8 @@ class ExportStage(NoPreconditions):
             failures: dict[str, str] = {}
             reference: list[tuple[str, torch.Tensor]] = []
             if ctx.source.onnx_file is not None:
-                model, exporter = ir.load(ctx.source.onnx_file), "none (ONNX file given)"
+                # Weights read from the checked data files, saved under this stage's own names.
+                model, exporter = adopt_onnx_source(job, ctx.source.onnx_file), "none (ONNX file given)"
             else:
                 example = torch_inputs(ctx.example_batch().feeds)
                 reference = self._reference_outputs(ctx, example)
@@ -79,7 +81,7 @@ class ExportStage(NoPreconditions):
                 model.ir_version = job.export.ir_version
             seconds["export"], clock = time.perf_counter() - clock, time.perf_counter()
             external = save_model(
-                model, target, job.export.external_data_threshold_bytes, verify=lambda path: self._check_file(path, job)
+                model, target, job.export.external_data_threshold_bytes, verify=lambda path: self._check_file(path, ctx)
             )
             seconds["save_and_check"], clock = time.perf_counter() - clock, time.perf_counter()
         finally:
@@ -144,15 +146,14 @@ class ExportStage(NoPreconditions):
                     raise StageError(self.name, job.name, f"every exporter failed ({causes})") from e
         raise AssertionError("unreachable: the loop returns or raises")
 
-    def _check_file(self, path: Path, job: ConversionJob) -> None:
-        """The ONNX checker on the saved file, then every named dim must still be symbolic."""
-        try:
-            check_model(path)
-        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
-            raise StageError(self.name, job.name, f"the model fails the ONNX checker: {first_line(e)}") from e
-        graph_inputs = {value.name: value for value in load_graph_only(path).graph.input}
-        for spec in job.inputs:
-            _check_dynamic_axes(spec, graph_inputs.get(spec.name), job.name, self.name)
+    def _check_file(self, path: Path, ctx: StageContext) -> None:
+        """Model intake on the saved file before it is moved into place: the ONNX checker, the inputs
+        against the job's (named dims still symbolic), tensors, constants (`pipeline.intake`).
+
+        Raises:
+            JobError: The model fails a check; named as the user's file or source, never `path`.
+        """
+        check_model_file(ctx.job, _subject(path, ctx))
 
     def _check_against_pytorch(self, path: Path, ctx: StageContext, reference: list[tuple[str, torch.Tensor]]) -> None:
         """Output names, order and shapes of the saved model against PyTorch on the example."""
@@ -172,23 +173,16 @@ class ExportStage(NoPreconditions):
                 )
 
 
-def _check_dynamic_axes(spec: InputSpec, value: onnx.ValueInfoProto | None, job: str, stage: str) -> None:
-    if value is None:
-        raise StageError(stage, job, f"input {spec.name!r} is missing from the ONNX graph")
-    dims = value.type.tensor_type.shape.dim
-    if len(dims) != len(spec.shape):
-        raise StageError(
-            stage, job, f"input {spec.name!r} has rank {len(dims)} in the graph; the job says {spec.shape}"
-        )
-    for axis, name in spec.dynamic_axes.items():
-        if not dims[axis].HasField("dim_param"):
-            raise StageError(
-                stage,
-                job,
-                f"input {spec.name!r} axis {axis} ({name!r}) should be dynamic but the graph fixes it to "
-                f"{dims[axis].dim_value}; the model specialises on that size (e.g. a constant-shaped tensor "
-                "combined with the input), so it cannot run at other sizes",
-            )
+def _subject(path: Path, ctx: StageContext) -> ModelSubject:
+    """The saved file, named in errors as what the user gave: their ONNX file, or the exported source."""
+    job = ctx.job
+    if ctx.source.onnx_file is not None:
+        return ModelSubject.onnx_source(ctx.source.onnx_file, read_from=path)
+    if ctx.artifact_with(DistillRecord) is not None and job.distill is not None:
+        return ModelSubject.exported(path, f"the distilled student {job.distill.student}", "distill.student")
+    if job.model.exported_program is not None:
+        return ModelSubject.exported(path, str(job.model.exported_program), "model.exported_program")
+    return ModelSubject.exported(path, str(job.model.factory), "model.factory")
 
 
 def torch_dynamic_shapes(inputs: list[InputSpec]) -> tuple[dict[int, torch.export.Dim], ...]:
