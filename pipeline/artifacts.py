@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from pipeline.errors import StorageError
 from pipeline.records import RECORD_TYPES, AnyRecord, StageRecord
 
 _CHUNK = 1 << 20
@@ -45,26 +46,46 @@ def fsync_dir(folder: Path) -> None:
 
 
 @contextmanager
+def storage_errors(target: Path) -> Iterator[None]:
+    """Turn an `OSError` raised in the block (disk full, no permission, read-only) into a
+    `StorageError` naming `target` (or the file the error names) and its errno.
+
+    Raises:
+        StorageError: The block raised an `OSError` (a `StorageError` passes through unchanged).
+    """
+    try:
+        yield
+    except StorageError:
+        raise
+    except OSError as e:
+        raise StorageError.from_os_error(e, target) from e
+
+
+@contextmanager
 def atomic_path(target: Path) -> Iterator[Path]:
     """Yield a temporary path beside `target`; on success fsync it and rename it over `target`.
 
     Whoever writes to the yielded path can be any library that takes a file name. If the block
     raises, the temporary file is removed and `target` is untouched.
+
+    Raises:
+        StorageError: The filesystem refused the write (an `OSError` in the block included).
     """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Keep the suffix: some writers pick the file format from it.
-    fd, temp_name = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=f".tmp{target.suffix}", dir=target.parent)
-    os.close(fd)
-    temp = Path(temp_name)
-    try:
-        yield temp
-        with temp.open("rb+") as handle:
-            os.fsync(handle.fileno())
-        temp.chmod(FILE_MODE)
-        os.replace(temp, target)
-        fsync_dir(target.parent)
-    finally:
-        temp.unlink(missing_ok=True)
+    with storage_errors(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # Keep the suffix: some writers pick the file format from it.
+        fd, temp_name = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=f".tmp{target.suffix}", dir=target.parent)
+        os.close(fd)
+        temp = Path(temp_name)
+        try:
+            yield temp
+            with temp.open("rb+") as handle:
+                os.fsync(handle.fileno())
+            temp.chmod(FILE_MODE)
+            os.replace(temp, target)
+            fsync_dir(target.parent)
+        finally:
+            temp.unlink(missing_ok=True)
 
 
 @contextmanager
@@ -75,31 +96,43 @@ def staged_files(target: Path) -> Iterator[Path]:
     For writers that name companion files after their output (ONNX external data): the names
     inside the files stay right because the files keep their final names. If the block raises,
     the folder is removed and nothing beside `target` changes.
+
+    Raises:
+        StorageError: The filesystem refused the write (an `OSError` in the block included).
     """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    folder = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    try:
-        yield folder / target.name
-        written = sorted(folder.iterdir(), key=lambda path: path.name == target.name)
-        for path in written:
-            with path.open("rb+") as handle:
-                os.fsync(handle.fileno())
-            path.chmod(FILE_MODE)
-            os.replace(path, target.parent / path.name)
-        fsync_dir(target.parent)
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+    with storage_errors(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+        try:
+            yield folder / target.name
+            written = sorted(folder.iterdir(), key=lambda path: path.name == target.name)
+            for path in written:
+                with path.open("rb+") as handle:
+                    os.fsync(handle.fileno())
+                path.chmod(FILE_MODE)
+                os.replace(path, target.parent / path.name)
+            fsync_dir(target.parent)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def write_atomic(target: Path, data: bytes | str) -> None:
-    """Write bytes or UTF-8 text to `target` atomically."""
+    """Write bytes or UTF-8 text to `target` atomically.
+
+    Raises:
+        StorageError: The filesystem refused the write.
+    """
     payload = data.encode("utf-8") if isinstance(data, str) else data
     with atomic_path(target) as temp:
         temp.write_bytes(payload)
 
 
 def write_with(target: Path, writer: Callable[[Path], None]) -> None:
-    """Let `writer(path)` produce `target` atomically (for libraries that save to a file name)."""
+    """Let `writer(path)` produce `target` atomically (for libraries that save to a file name).
+
+    Raises:
+        StorageError: The filesystem refused the write (an `OSError` from `writer` included).
+    """
     with atomic_path(target) as temp:
         writer(temp)
 

@@ -6,6 +6,8 @@ re-exported here.
 
 from __future__ import annotations
 
+import errno as errno_codes
+import os
 from pathlib import Path
 
 # Defined in backends (which must not import pipeline); the same classes, re-exported.
@@ -29,6 +31,7 @@ __all__ = [
     "ParityError",
     "SessionClosedError",
     "StageError",
+    "StorageError",
     "UnknownBackendError",
     "first_line",
 ]
@@ -50,6 +53,104 @@ class JobError(OnnxforgeError):
         self.key = key
         self.problem = problem
         super().__init__(f"{self.source}: {key}: {problem}")
+
+
+class StorageError(OnnxforgeError, OSError):
+    """The filesystem refused a write (disk full, no permission, read-only): not a bug, not the job.
+
+    Also an `OSError` (what the write raised before), so callers catching that keep working.
+
+    Attributes:
+        path: The file or folder that could not be written.
+        errno: The OS error number (e.g. ``errno.ENOSPC``), or None when the OS gave none.
+        reason: The OS's words for it, with the errno (``No space left on device (errno 28, ENOSPC)``).
+        hint: What to do about it.
+    """
+
+    exit_code = ExitCode.BAD_INPUT
+
+    def __init__(self, path: str | Path, errno: int | None, reason: str, hint: str) -> None:
+        super().__init__(f"cannot write {path}: {reason}; to fix: {hint}")
+        self.path = str(path)
+        self.errno = errno
+        self.reason = reason
+        self.hint = hint
+
+    @classmethod
+    def from_os_error(cls, error: OSError, path: str | Path | None) -> StorageError:
+        """The typed form of an `OSError` raised while writing `path`.
+
+        Args:
+            error: What the write raised (a `StorageError` is returned as it is).
+            path: What was being written (None: the file the error names).
+        """
+        if isinstance(error, StorageError):
+            return error
+        named = error.filename if isinstance(error.filename, str | bytes | os.PathLike) else None
+        where = os.fsdecode(path if path is not None else named if named is not None else "<unknown path>")
+        code = error.errno
+        words = error.strerror or str(error) or type(error).__name__
+        reason = f"{words} (errno {code}, {errno_codes.errorcode.get(code, '?')})" if code is not None else words
+        return cls(where, code, reason, _storage_hint(code))
+
+    @staticmethod
+    def found_in(error: BaseException) -> OSError | None:
+        """The refused write behind `error` (a stage may have wrapped it), or None.
+
+        Follows the chain of causes to a `StorageError`, or to an `OSError` whose errno is the
+        filesystem's (disk full, quota, read-only, permission, I/O).
+        """
+        seen: set[int] = set()
+        current: BaseException | None = error
+        while current is not None and id(current) not in seen:
+            seen.add(id(current))
+            if isinstance(current, StorageError) or (
+                isinstance(current, OSError) and current.errno in _FILESYSTEM_ERRNOS
+            ):
+                return current
+            current = current.__cause__ or current.__context__
+        return None
+
+    @classmethod
+    def while_staging(cls, error: OSError, staging: Path, output_dir: Path) -> StorageError:
+        """A failed write in a job's staging folder, named by where the file was going (`output_dir`).
+
+        Args:
+            error: What the write raised (an `OSError`, or a `StorageError` already).
+            staging: The hidden folder the run writes into, beside `output_dir`.
+            output_dir: The job's output folder.
+        """
+        typed = cls.from_os_error(error, staging if error.filename is None else None)
+        path = Path(typed.path)
+        if not path.is_relative_to(staging):
+            return cls(typed.path, typed.errno, typed.reason, typed.hint)
+        reason = f"{typed.reason}, in the staging folder {staging.name} beside {output_dir.name}"
+        return cls(output_dir / path.relative_to(staging), typed.errno, reason, typed.hint)
+
+
+# The errnos of a filesystem refusing a write: the user's disk, not onnxforge.
+_FILESYSTEM_ERRNOS = frozenset(
+    {
+        errno_codes.ENOSPC,
+        errno_codes.EDQUOT,
+        errno_codes.EFBIG,
+        errno_codes.EROFS,
+        errno_codes.EACCES,
+        errno_codes.EPERM,
+        errno_codes.EIO,
+    }
+)
+
+
+def _storage_hint(code: int | None) -> str:
+    """What a user can do about a failed write, by errno."""
+    if code in (errno_codes.ENOSPC, errno_codes.EDQUOT, errno_codes.EFBIG):
+        return "free space (or quota) on that disk, or set output_dir to a folder on another disk"
+    if code in (errno_codes.EACCES, errno_codes.EPERM):
+        return "make the folder writable for this user, or set output_dir to a folder you can write"
+    if code == errno_codes.EROFS:
+        return "that filesystem is read-only: set output_dir to a folder on a writable one"
+    return "check the disk and the folder (free space, permissions, mount), then run again"
 
 
 class StageError(OnnxforgeError):

@@ -75,16 +75,26 @@ class FeedSource:
         self._key = f"{key}.npz" if source.npz is not None else f"{key}.factory"
         self._python_path = python_path
         self._digest: str | None = None
+        self._dropped: int | None = None
+
+    @property
+    def dropped_samples(self) -> int | None:
+        """Samples left out for NaN or infinity (``nonfinite = "drop"``) in the last complete pass
+        over the data (None: no pass has completed yet)."""
+        return self._dropped
 
     def check(self) -> None:
-        """Validate the source up front: reads the whole .npz, or a factory's first batch.
+        """Validate the source up front: every batch of an .npz (NaN and infinity included), or a
+        factory's first batch (later batches are checked as they stream).
 
         Raises:
-            JobError: The data cannot be read or does not match the input specs.
+            JobError: The data cannot be read, does not match the input specs, holds NaN or
+                infinity (unless they are dropped), or yields no batches.
         """
-        for _ in islice(self, 1):
-            return
-        raise JobError(self._origin, self._key, "the data source yielded no batches")
+        batches = iter(self) if self._source.npz is not None else islice(self, 1)
+        if sum(1 for _ in batches) == 0:
+            dropped = f" ({self._dropped} samples with NaN or infinity were dropped)" if self._dropped else ""
+            raise JobError(self._origin, self._key, f"the data source yielded no batches{dropped}")
 
     def digest(self) -> str:
         """A content hash of the data as batched (file hash for an .npz, the batches for a factory).
@@ -92,7 +102,10 @@ class FeedSource:
         Computed once per source: the stage cache and the calibration cache both ask.
         """
         if self._digest is None:
-            digest = hashlib.sha256(f"batch_size={self._source.batch_size};max={self._source.max_batches}".encode())
+            batching = f"batch_size={self._source.batch_size};max={self._source.max_batches}"
+            # Dropping changes the batches: its mode is part of the data (the default keeps old digests).
+            mode = ";nonfinite=drop" if self._source.nonfinite == "drop" else ""
+            digest = hashlib.sha256(f"{batching}{mode}".encode())
             if self._source.npz is not None:
                 digest.update(sha256_file(self._source.npz).encode())
             else:
@@ -119,8 +132,63 @@ class FeedSource:
         return self._checked(self._factory_batches({"epoch": epoch}))
 
     def _checked(self, raw_batches: Iterator[Mapping[str, np.ndarray]]) -> Iterator[Batch]:
+        """Validated batches, NaN / infinity refused or dropped; a complete pass records the drops."""
+        dropped = samples = 0
         for index, raw in enumerate(islice(raw_batches, self._source.max_batches)):
-            yield self._validated(index, raw)
+            batch = self._validated(index, raw)
+            finite = self._finite(index, batch)
+            samples += batch.size
+            dropped += batch.size - (finite.size if finite is not None else 0)
+            if finite is not None:
+                yield finite
+        if dropped and self._dropped is None:
+            where = describe_source(self._source, self._section)
+            logger.warning(
+                '%s: dropped %d of %d samples holding NaN or infinity (%s.nonfinite = "drop")',
+                where,
+                dropped,
+                samples,
+                self._section,
+            )
+        self._dropped = dropped
+
+    def _finite(self, index: int, batch: Batch) -> Batch | None:
+        """The batch without its samples holding NaN or infinity (None: none is left).
+
+        Raises:
+            JobError: The batch holds such values and the source's ``nonfinite`` is "error".
+        """
+        bad = np.zeros(batch.size, dtype=bool)
+        for spec in self._inputs:
+            counts = _nonfinite_per_sample(batch.feeds[spec.name], batch.size)
+            if counts is None:
+                continue
+            if self._source.nonfinite == "error":
+                problem = self._nonfinite_problem(index, spec.name, batch.feeds[spec.name], counts)
+                raise JobError(self._origin, self._key, problem)
+            bad |= counts > 0
+        if not bad.any():
+            return batch
+        keep = ~bad
+        if not keep.any():
+            return None
+        labels = batch.labels[keep] if batch.labels is not None else None
+        return Batch(feeds={name: _rows(array, keep) for name, array in batch.feeds.items()}, labels=labels)
+
+    def _nonfinite_problem(self, index: int, name: str, array: np.ndarray, counts: np.ndarray) -> str:
+        where = self._source.npz if self._source.npz is not None else f"the batches of {self._source.factory}"
+        total = int(np.count_nonzero(~np.isfinite(array)))
+        return (
+            f"{where}: batch {index}, input {name!r}: {total} non-finite value{'s' if total != 1 else ''} "
+            f"(NaN or infinity) in {int(np.count_nonzero(counts))} of its {counts.size} samples; such values can be "
+            f'neither calibrated nor compared: fix the data, or set {self._section}.nonfinite = "drop" to leave '
+            "those samples out"
+        )
+
+    @property
+    def _section(self) -> str:
+        """The job section of this data (``calibration``, ``distill.data``), for messages."""
+        return self._key.rsplit(".", 1)[0]
 
     def _npz_batches(self, shuffle: np.random.Generator | None = None) -> Iterator[Mapping[str, np.ndarray]]:
         path = self._source.npz
@@ -229,6 +297,33 @@ class FeedSource:
                 f"{where}: labels {self._source.labels!r} are {got}; expected integers of shape [{samples}]",
             )
         return labels
+
+
+def _nonfinite_per_sample(array: np.ndarray, samples: int) -> np.ndarray | None:
+    """NaN and infinite values per sample of one float input (None: there are none).
+
+    An additive attention mask (every value 0 or -inf) is no bad data: its -inf are what mask,
+    and calibration keeps the nodes they reach float. An input without the batch's sample axis
+    counts against every sample.
+    """
+    if not np.issubdtype(array.dtype, np.inexact):
+        return None
+    nonfinite = ~np.isfinite(array)
+    if not nonfinite.any() or _is_additive_mask(array):
+        return None
+    if array.ndim and array.shape[0] == samples:
+        return nonfinite.reshape(samples, -1).sum(axis=1)
+    return np.full(samples, int(nonfinite.sum()))
+
+
+def _is_additive_mask(array: np.ndarray) -> bool:
+    """Every value is 0 (attend) or -inf (masked out), as in a transformer's attention mask."""
+    return bool(np.all((array == 0) | (array == -np.inf)))
+
+
+def _rows(array: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """The kept samples of an input (an input without the sample axis is kept whole)."""
+    return array[keep] if array.ndim and array.shape[0] == keep.size else array
 
 
 def _accepted(function: Callable[..., object], keywords: dict[str, int]) -> dict[str, int]:

@@ -108,7 +108,12 @@ class IrregularTensor(StageRecord):
 
 
 class CalibrationRecord(StageRecord):
-    """How the activation ranges were measured."""
+    """How the activation ranges were measured.
+
+    Attributes:
+        dropped_samples: Calibration samples left out for NaN or infinity in an input
+            (``[calibration] nonfinite = "drop"``).
+    """
 
     method: str
     batches: int
@@ -117,6 +122,7 @@ class CalibrationRecord(StageRecord):
     seconds: float
     cache_hit: bool
     irregular_tensors: dict[str, IrregularTensor] = Field(default_factory=dict)
+    dropped_samples: int = 0
 
 
 class ProbeRecord(StageRecord):

@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from pipeline.artifacts import storage_errors
 from pipeline.calibration.histogram import HISTOGRAM_SAMPLE, TensorHistogram
 from pipeline.onnx_io import PROTOBUF_LIMIT_BYTES
 from pipeline.threads import cpu_threads, session_options
@@ -102,12 +103,17 @@ def collect_statistics(
 
     Returns:
         The statistics.
+
+    Raises:
+        StorageError: The augmented copy could not be written in `model_dir` (disk full, permissions).
     """
     stats = CalibrationStats(tensors={name: TensorHistogram() for name in tensors})
-    with (
-        tempfile.TemporaryDirectory(dir=model_dir, prefix=".calibration-") as folder,
-        ThreadPoolExecutor(max_workers=cpu_threads()) as pool,
-    ):
+    if not tensors:  # nothing of the op types to quantize: no model to run (ONNX Runtime wants an output)
+        logger.info("no tensor to calibrate")
+        return stats
+    with storage_errors(model_dir):
+        temporary = tempfile.TemporaryDirectory(dir=model_dir, prefix=".calibration-")
+    with temporary as folder, ThreadPoolExecutor(max_workers=cpu_threads()) as pool:
         runner = _SliceRunner(
             session=_session(_save_augmented(model, tensors, Path(folder)), threads),
             pool=pool,
@@ -203,12 +209,13 @@ def _save_augmented(model: onnx.ModelProto, tensors: list[str], folder: Path) ->
     path = folder / "augmented.onnx"
     weight_bytes = sum(len(tensor.raw_data) for tensor in augmented.graph.initializer)
     # Weights go to a sidecar file only when they would not fit in one protobuf.
-    onnx.save_model(
-        augmented,
-        str(path),
-        save_as_external_data=weight_bytes > PROTOBUF_LIMIT_BYTES // 2,
-        location="augmented.onnx.data",
-    )
+    with storage_errors(path):
+        onnx.save_model(
+            augmented,
+            str(path),
+            save_as_external_data=weight_bytes > PROTOBUF_LIMIT_BYTES // 2,
+            location="augmented.onnx.data",
+        )
     return path
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
@@ -23,6 +24,11 @@ class DataSource(Section):
         labels: Key of the class labels, used for task accuracy.
         batch_size: Samples per batch when reading an .npz.
         max_batches: Stop after this many batches (all when unset).
+        nonfinite: What to do with samples holding NaN or infinity in a float input: "error"
+            refuses the data (naming the batch, the input and the count), "drop" leaves those
+            samples out, counted and reported. Quantization cannot calibrate on them and parity
+            cannot compare them. An additive attention mask (an input of only 0 and -inf) is not
+            refused: its -inf are what masks.
     """
 
     npz: FilePath | None = None
@@ -30,6 +36,7 @@ class DataSource(Section):
     labels: Identifier | None = None
     batch_size: int = Field(default=DEFAULT_BATCH_SIZE, ge=1)
     max_batches: int | None = Field(default=None, ge=1)
+    nonfinite: Literal["error", "drop"] = "error"
 
     @field_validator("npz")
     @classmethod

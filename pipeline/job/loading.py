@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import codecs
+import difflib
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -29,16 +31,99 @@ def load_job(path: str | Path, **overrides: Any) -> ConversionJob:
             file, the key and what was expected.
     """
     job_file = Path(path).resolve()
+    text = _job_text(job_file)
     try:
-        raw = tomllib.loads(job_file.read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        raise JobError(job_file, "<file>", "job file not found") from e
-    except (OSError, UnicodeDecodeError) as e:
-        raise JobError(job_file, "<file>", f"cannot read the job file: {e}") from e
+        raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise JobError(job_file, "<file>", f"not valid TOML: {e}") from e
+        kind = _model_file_kind(job_file, None)
+        raise JobError(job_file, "<file>", kind or f"not valid TOML: {e}") from e
     _merge(raw, {key: value for key, value in overrides.items() if value is not None})
     return validate_job(raw, origin=job_file, base_dir=job_file.parent)
+
+
+def _job_text(job_file: Path) -> str:
+    """The job file's text; a model, data or other binary file given instead is named as such.
+
+    Raises:
+        JobError: The file is missing, unreadable, binary or too big to be a job file.
+    """
+    try:
+        with job_file.open("rb") as handle:
+            head = handle.read(_SNIFF_BYTES)
+            size = job_file.stat().st_size
+            data = head + handle.read() if size <= _MAX_JOB_FILE_BYTES else head
+    except FileNotFoundError as e:
+        raise JobError(job_file, "<file>", "job file not found") from e
+    except OSError as e:
+        raise JobError(job_file, "<file>", f"cannot read the job file: {e}") from e
+    if not _is_text(head):
+        raise JobError(job_file, "<file>", _model_file_kind(job_file, data) or _NOT_TEXT)
+    if size > _MAX_JOB_FILE_BYTES:
+        raise JobError(job_file, "<file>", f"{size} bytes is too big for a job file (a TOML file of settings)")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise JobError(job_file, "<file>", _model_file_kind(job_file, data) or f"{_NOT_TEXT} ({e})") from e
+
+
+# Read to tell a job file from a model or data file; job files are small TOML text.
+_SNIFF_BYTES = 64 * 1024
+_MAX_JOB_FILE_BYTES = 16 * 2**20
+_NOT_TEXT = "this is a binary file, not a job file: a job file is TOML text (UTF-8)"
+_WRITE_JOB = "write a job file (TOML) with"
+
+
+def _is_text(head: bytes) -> bool:
+    """UTF-8 text without NUL bytes (a multi-byte character cut at the end of `head` is fine)."""
+    if b"\0" in head:
+        return False
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _model_file_kind(job_file: Path, head: bytes | None) -> str | None:
+    """What to say when a model or data file is given where the job file belongs (None: not one).
+
+    Args:
+        job_file: The file given as the job file.
+        head: Its first bytes (the whole file when small enough; None: read them here).
+    """
+    if head is None:
+        with job_file.open("rb") as handle:
+            head = handle.read(_SNIFF_BYTES)
+    name = job_file.name
+    if job_file.suffix == ".onnx" or _parses_as_onnx(job_file, head):
+        return f'this is an ONNX model, not a job file: {_WRITE_JOB} [model] onnx = "{name}"'
+    if head.startswith(b"PK\x03\x04") and job_file.suffix == ".npz":
+        return f'this is an .npz of arrays, not a job file: {_WRITE_JOB} [calibration] npz = "{name}"'
+    if head.startswith(b"PK\x03\x04"):
+        return (
+            f"this is a zip archive (a PyTorch .pt / .pt2 file?), not a job file: {_WRITE_JOB} [model] "
+            f'exported_program = "{name}" (a torch.export .pt2), or factory = "..." and weights = "{name}"'
+        )
+    # safetensors: an 8-byte little-endian header length, then the JSON header.
+    if job_file.suffix == ".safetensors" or (head[8:10] == b'{"' and int.from_bytes(head[:8], "little") < len(head)):
+        return (
+            f'this is a safetensors file, not a job file: {_WRITE_JOB} [model] factory = "..." and weights = "{name}"'
+        )
+    return None
+
+
+def _parses_as_onnx(job_file: Path, head: bytes) -> bool:
+    """A binary file that parses as an ONNX model with a graph (when `head` is not the whole file, by name only)."""
+    if _is_text(head) or len(head) < job_file.stat().st_size:
+        return False
+    import onnx  # only on this error path: the job package does not need it otherwise
+
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(head)
+    except Exception:  # noqa: BLE001 - protobuf's DecodeError, or anything a garbage file triggers
+        return False
+    return model.ir_version > 0 and model.HasField("graph")
 
 
 def _merge(raw: dict[str, Any], overrides: dict[str, Any]) -> None:
@@ -67,7 +152,8 @@ def validate_job(raw: dict[str, Any], origin: str | Path, base_dir: Path | None 
     try:
         job = ConversionJob.model_validate(raw, context={"base_dir": base_dir})
     except ValidationError as e:
-        errors = e.errors(include_url=False)
+        # A misspelt key first: the unknown [calibraton] explains the missing [calibration] it causes.
+        errors = sorted(e.errors(include_url=False), key=lambda error: _misspelling(error) is None)
         key, problem = describe_validation_error(errors[0], raw)
         # A value failing a union (int or dim name) yields one error per branch: count keys, not errors.
         others = {describe_validation_error(error, raw)[0] for error in errors[1:]} - {key}
@@ -89,14 +175,34 @@ def describe_validation_error(error: ErrorDetails, raw: Any) -> tuple[str, str]:
     loc = error["loc"]
     key = _dotted_key(loc, raw) or "<job>"
     if kind == "extra_forbidden":
-        allowed = _allowed_keys(loc[:-1])
-        return key, f"unknown key; expected one of: {', '.join(sorted(allowed))}"
+        return key, _unknown_key(error)
     if kind == "missing":
         return key, "required key is missing"
     message = error["msg"].removeprefix("Value error, ")
     if kind in ("value_error", "assertion_error"):
         return key, message
     return key, f"{message} (got {error['input']!r})"
+
+
+def _misspelling(error: ErrorDetails) -> str | None:
+    """The allowed key an unknown key most likely misspells (difflib), or None."""
+    loc = error["loc"]
+    if error["type"] != "extra_forbidden" or not loc:
+        return None
+    close = difflib.get_close_matches(str(loc[-1]), _allowed_keys(loc[:-1]), n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def _unknown_key(error: ErrorDetails) -> str:
+    """An unknown key or table, with the allowed key it most likely misspells."""
+    allowed = ", ".join(sorted(_allowed_keys(error["loc"][:-1])))
+    table = isinstance(error["input"], dict)
+    meant = _misspelling(error)
+    if meant is None:
+        guess = ""
+    else:
+        guess = f"did you mean [{meant}]? " if table else f"did you mean {meant!r}? "
+    return f"unknown key{' (a table)' if table else ''}; {guess}expected one of: {allowed}"
 
 
 def _dotted_key(loc: tuple[int | str, ...], raw: Any) -> str:

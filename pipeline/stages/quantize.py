@@ -11,13 +11,13 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 import onnxruntime as ort
-from onnxruntime.quantization.quant_utils import load_model_with_shape_infer
 
 from pipeline.artifacts import Artifact
 from pipeline.calibration import cache
 from pipeline.calibration.collector import CalibrationStats, collect_statistics, select_tensors
 from pipeline.calibration.ranges import compute_range
-from pipeline.errors import JobError, StageError, first_line
+from pipeline.errors import JobError, OnnxforgeError, StageError, first_line
+from pipeline.feeds import FeedSource
 from pipeline.job import ConversionJob, Int8Policy
 from pipeline.onnx_io import PROTOBUF_LIMIT_BYTES, load_graph_only, model_artifact, save_model
 from pipeline.parity.chain import Link, ParityChain
@@ -27,6 +27,7 @@ from pipeline.quantization.fusions import contrib_ops
 from pipeline.quantization.mixed_precision import rank_by_damage, rank_candidates, search
 from pipeline.quantization.qdq import QdqSettings, quantize_qdq
 from pipeline.quantization.recipe import Recipe, choose_recipe, irregular_tensor_nodes
+from pipeline.quantization.shapes import load_with_shapes
 from pipeline.records import CalibrationRecord, IrregularTensor, ProbeRecord, QuantizeRecord, StageName
 from pipeline.stage_cache import content_key
 from pipeline.stages.base import PreparedInputs, StageContext, Target
@@ -89,6 +90,7 @@ class QuantizeStage:
         if job.quantize.mixed_precision and _has_checks(job.parity.int8):
             kept, probes = self._mixed_precision(ctx, source, calibrated, settings, kept)
         quantized = self._quantize(job, calibrated, settings, kept)
+        _check_quantized(job, quantized, calibrated.recipe, kept)
         target = ctx.workdir / INT8_MODEL
         save_model(ir.from_proto(quantized), target, job.export.external_data_threshold_bytes)
         graph = load_graph_only(target).graph
@@ -96,7 +98,7 @@ class QuantizeStage:
             recipe=calibrated.recipe.family,
             quantize_outputs=calibrated.recipe.quantize_outputs,
             op_types=list(calibrated.recipe.op_types) if calibrated.recipe.op_types else "all ONNX Runtime quantizes",
-            calibration=calibrated.record(job.quantize.calibration_method),
+            calibration=calibrated.record(job.quantize.calibration_method, ctx.calibration),
             activation_type="int8" if settings.power_of_two else settings.activation_type,
             activation_symmetric=settings.activation_symmetric or settings.power_of_two,
             weight_type=settings.weight_type,
@@ -117,7 +119,9 @@ class QuantizeStage:
         """Load the float model with shapes, choose its recipe, measure the activation ranges."""
         options = ctx.job.quantize
         try:
-            model = load_model_with_shape_infer(source)
+            model = load_with_shapes(source)
+        except OnnxforgeError:
+            raise
         except Exception as e:  # shape inference raises many types
             raise StageError(self.name, ctx.job.name, f"shape inference failed: {first_line(e)}") from e
         recipe = choose_recipe(model, options.op_types, options.exclude_nodes)
@@ -171,7 +175,7 @@ class QuantizeStage:
             stats = collect_statistics(
                 model, ctx.workdir, tensors, (batch.feeds for batch in ctx.calibration), histograms=True
             )
-        except JobError:
+        except OnnxforgeError:  # bad data (JobError), a full disk (StorageError)
             raise
         except Exception as e:  # ONNX Runtime raises several types
             detail = f"calibration failed: {type(e).__name__}: {first_line(e)}"
@@ -218,8 +222,8 @@ class _Calibrated:
     cache_hit: bool
     seconds: float
 
-    def record(self, method: str) -> CalibrationRecord:
-        """The calibration as the manifest records it."""
+    def record(self, method: str, data: FeedSource | None) -> CalibrationRecord:
+        """The calibration as the manifest records it (with the samples `data` dropped for NaN / inf)."""
         return CalibrationRecord(
             method=method,
             batches=self.stats.batches,
@@ -232,6 +236,7 @@ class _Calibrated:
                 for name, h in self.stats.tensors.items()
                 if h.nonfinite or h.huge
             },
+            dropped_samples=(data.dropped_samples or 0) if data is not None else 0,
         )
 
 
@@ -285,6 +290,34 @@ def _has_checks(policy: Int8Policy) -> bool:
     return any(
         value is not None
         for value in (policy.min_cosine, policy.min_snr_db, policy.min_top1_agreement, policy.max_accuracy_drop)
+    )
+
+
+def _check_quantized(job: ConversionJob, quantized: onnx.ModelProto, recipe: Recipe, kept: dict[str, str]) -> None:
+    """An int8 model must have at least one quantized node (one fed through a DequantizeLinear).
+
+    A model where every node stayed float would pass any int8 policy while being the float model
+    under another name; a few float nodes (mixed precision, exclusions) are fine.
+
+    Raises:
+        JobError: Nothing was quantized; the message says why every candidate stayed float.
+    """
+    if any(node.op_type == "DequantizeLinear" for node in quantized.graph.node):
+        return
+    ops = sorted({node.op_type for node in quantized.graph.node})
+    if kept:
+        shown = "; ".join(f"{name or '<unnamed>'}: {why}" for name, why in list(kept.items())[:3])
+        more = f" (and {len(kept) - 3} more)" if len(kept) > 3 else ""
+        why = f"{len(kept)} node(s) were kept float: {shown}{more}"
+    elif recipe.op_types is not None:
+        why = f"no node of the op types quantized ({list(recipe.op_types)}) could be quantized; the model has {ops}"
+    else:
+        why = f"ONNX Runtime's quantizer found nothing to quantize among the model's op types {ops}"
+    raise JobError(
+        job.origin,
+        "quantize",
+        f"no node was quantized, so the int8 model would be the float model: {why}. Fix the cause (the calibration "
+        "data, quantize.op_types, quantize.exclude_nodes), or set quantize.enabled = false to convert without int8",
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from itertools import islice
@@ -13,7 +14,7 @@ import onnx_ir as ir
 from backends.base import PlacementReport, Session
 from backends.registry import get_backend
 from pipeline.artifacts import Artifact, sha256_file
-from pipeline.errors import BackendError, JobError, StageError, first_line
+from pipeline.errors import BackendError, JobError, first_line
 from pipeline.feeds import describe_source
 from pipeline.job import POLICY_SECTIONS, ConversionJob, Precision, TaskPolicy
 from pipeline.outputs import run_torch
@@ -196,7 +197,10 @@ class ValidateStage(NoPreconditions):
         cpu = get_backend(CPU)
         for path in (before, int8):
             if (CPU, path) not in sessions:
-                sessions[(CPU, path)] = stack.enter_context(cpu.open(ctx.workdir / path))
+                try:
+                    sessions[(CPU, path)] = stack.enter_context(cpu.open(ctx.workdir / path))
+                except BackendError as e:
+                    raise _model_error(ctx, e, "open", path, CPU) from e
         return {target.name: ThreeWay(target.name, before, int8, output_names) for target in others}
 
     def _placement(self, ctx: StageContext, target: Target, model: str) -> PlacementReport:
@@ -204,7 +208,7 @@ class ValidateStage(NoPreconditions):
         try:
             return target.backend.placement(ctx.workdir / model, target.options)
         except BackendError as e:
-            raise StageError(self.name, ctx.job.name, f"cannot place {model} on {target.name}: {e}") from e
+            raise _model_error(ctx, e, "place", model, target.name) from e
 
     def _performance(
         self, ctx: StageContext, sessions: Sessions, placements: list[PlacementReport]
@@ -238,7 +242,20 @@ class ValidateStage(NoPreconditions):
         try:
             return target.backend.open(ctx.workdir / path, target.options)
         except BackendError as e:
-            raise StageError(self.name, ctx.job.name, f"cannot open {path} on {target.name}: {e}") from e
+            raise _model_error(ctx, e, "open", path, target.name) from e
+
+
+def _model_error(ctx: StageContext, error: BackendError, action: str, path: str, target: str) -> BackendError:
+    """A backend that cannot open or place one of the job's models: bad input (the user's model or
+    target), named by the model's file, the stage that made it, and the target."""
+    artifact = next((a for a in ctx.artifacts.values() if a.path == path), None)
+    made_by = f", from the {artifact.stage} stage" if artifact is not None else ""
+    given = ctx.job.model.onnx
+    if artifact is not None and artifact.stage == StageName.EXPORT and given is not None:
+        made_by = f", the job's model.onnx {given}"
+    reason = error.reason.replace(f"{ctx.workdir}{os.sep}", "")  # the staging folder is gone by the time it is read
+    problem = f"cannot {action} {path} (job {ctx.job.name!r}{made_by}) on target {target!r}: {reason}"
+    return BackendError(error.backend, problem, error.hint)
 
 
 def chain_links(ctx: StageContext) -> list[Link]:
@@ -305,7 +322,16 @@ def _notes(ctx: StageContext, chain: ParityChain) -> list[str]:
                     f"{target.name} runs on an emulator: its int8 latency is the cost model's estimate in the "
                     "Placement section, not a timing."
                 )
-    return notes + _unchecked_accuracy_notes(job, chain, task_level)
+    return notes + _dropped_notes(ctx) + _unchecked_accuracy_notes(job, chain, task_level)
+
+
+def _dropped_notes(ctx: StageContext) -> list[str]:
+    """Samples the parity data lost to NaN or infinity (``nonfinite = "drop"``)."""
+    dropped = ctx.evaluation.dropped_samples
+    if not dropped:
+        return []
+    section = "evaluation" if ctx.job.evaluation is not None else "calibration"
+    return [f"{dropped} samples holding NaN or infinity were left out of the parity data ({section}.nonfinite = drop)."]
 
 
 def _unchecked_accuracy_notes(job: ConversionJob, chain: ParityChain, precisions: set[Precision]) -> list[str]:
