@@ -281,6 +281,7 @@ def test_every_node_excluded_names_the_exclusions(model_dir: Path, tmp_path: Pat
 
 
 def test_a_few_float_nodes_still_quantize(model_dir: Path, tmp_path: Path) -> None:
+    # A regression guard (it passed before the check existed): some float nodes are no refusal.
     from tests.conftest import stage_context
 
     job = pipeline.validate_job(

@@ -137,6 +137,7 @@ def test_a_misspelt_key_names_the_likely_key(digits_job: Raw, write_job: WriteJo
 
 
 def test_an_unknown_key_like_no_other_gets_no_guess(digits_job: Raw, write_job: WriteJob) -> None:
+    # A regression guard (it passed before): without a likely name the message is as it was.
     digits_job["quantize"]["colour"] = "red"
 
     with pytest.raises(JobError) as caught:
