@@ -83,13 +83,19 @@ class ExportRecord(ModelRecord):
 
 
 class SimplifyRecord(ModelRecord):
-    """What simplification removed: counts before and after, and the removed ops by type."""
+    """What simplification removed: counts before and after, and the removed ops by type.
+
+    Attributes:
+        optimizer_error: Why the constant-folding optimizer could not run on the model ("": it
+            ran); then only dead nodes and unused initializers were removed.
+    """
 
     precision: ClassVar[Precision | None] = "fp32"
 
     before: GraphCounts
     after: GraphCounts
     removed_ops: dict[str, int]
+    optimizer_error: str = ""
 
 
 class PruneRecord(ModelRecord):

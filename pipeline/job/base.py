@@ -56,6 +56,19 @@ def existing_file(value: Path | None, info: ValidationInfo, expected: str) -> Pa
     if value is None:
         return None
     path = resolve_path(value, info)
-    if not path.is_file():
+    if not is_kind(path, "file"):
         raise ValueError(f"file not found: {path} (expected {expected})")
     return path
+
+
+def is_kind(path: Path, kind: Literal["file", "folder"]) -> bool:
+    """Whether `path` is an existing file (or folder).
+
+    Raises:
+        ValueError: The path cannot even be looked up (too long, a loop of links, no permission),
+            which pathlib would raise as an untyped OSError.
+    """
+    try:
+        return path.is_file() if kind == "file" else path.is_dir()
+    except OSError as e:
+        raise ValueError(f"cannot look up {str(path)[:200]!r}: {e.strerror or e}") from e

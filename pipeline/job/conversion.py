@@ -7,7 +7,7 @@ from pathlib import Path
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from pipeline.errors import JobError
-from pipeline.job.base import FilePath, Identifier, Section, resolve_path
+from pipeline.job.base import FilePath, Identifier, Section, is_kind, resolve_path
 from pipeline.job.data import DataSource
 from pipeline.job.options import (
     DistillOptions,
@@ -71,7 +71,7 @@ class ConversionJob(Section):
     def _python_path_exists(cls, value: list[Path], info: ValidationInfo) -> list[Path]:
         resolved = [resolve_path(path, info) for path in value]
         for path in resolved:
-            if not path.is_dir():
+            if not is_kind(path, "folder"):
                 raise ValueError(f"folder not found: {path}")
         return resolved
 

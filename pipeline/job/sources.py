@@ -76,7 +76,7 @@ class InputSpec(Section):
     """
 
     name: Identifier
-    shape: list[Annotated[int, Field(ge=1)] | DimName]
+    shape: list[Annotated[int, Field(ge=1, lt=2**31)] | DimName]
     dtype: DType = "float32"
 
     @property

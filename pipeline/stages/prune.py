@@ -13,7 +13,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import LiftConstantsToInitializersPass, RemoveUnusedNodesPass, ShapeInferencePass
 
 from pipeline.artifacts import Artifact
-from pipeline.errors import StageError, first_line
+from pipeline.errors import OnnxforgeError, StageError, first_line
 from pipeline.feeds import FeedSource
 from pipeline.job import ConversionJob, SparsityOptions, StructuredPruning
 from pipeline.onnx_io import check_model, model_artifact, parameter_count, save_model
@@ -95,8 +95,8 @@ class PruneStage(NoPreconditions):
                 **summary,  # type: ignore[arg-type]
             )
             save_model(model, target, job.export.external_data_threshold_bytes, verify=check_model)
-        except StageError:
-            raise
+        except OnnxforgeError:
+            raise  # a StageError of its own, or e.g. a StorageError from a full disk
         except Exception as e:  # onnx-ir, ORT and numpy raise many types
             raise StageError(self.name, job.name, f"{type(e).__name__}: {first_line(e)}") from e
         logger.info(

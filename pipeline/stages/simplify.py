@@ -11,7 +11,7 @@ import onnxscript.optimizer
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from pipeline.artifacts import Artifact
-from pipeline.errors import StageError, first_line
+from pipeline.errors import OnnxforgeError, StageError, first_line
 from pipeline.job import ConversionJob
 from pipeline.onnx_io import check_model, model_artifact, parameter_count, save_model
 from pipeline.records import GraphCounts, SimplifyRecord, StageName
@@ -42,22 +42,33 @@ class SimplifyStage(NoPreconditions):
     def run(self, ctx: StageContext) -> Artifact:
         """Optimize the newest model and write it as model.simplified.onnx."""
         parent = ctx.current_model()
-        model = ir.load(ctx.workdir / parent.path)
+        source = ctx.workdir / parent.path
+        model = ir.load(source)
         before = graph_counts(model)
         ops_before = Counter(node.op_type for node in model.graph)
         target = ctx.workdir / SIMPLIFIED_MODEL
+        optimizer_error = ""
         try:
             onnxscript.optimizer.optimize(model)
+        except Exception as e:  # noqa: BLE001 - the optimizer fails on some valid graphs: simplify less, say why
+            optimizer_error = f"{type(e).__name__}: {first_line(e)}"
+            logger.warning("simplify %s: the optimizer failed (%s); only dead nodes are removed", ctx.job.name, e)
+            model = ir.load(source)  # it may have changed the graph half-way
+        try:
             RemoveUnusedNodesPass()(model)
             after = graph_counts(model)
             removed = ops_before - Counter(node.op_type for node in model.graph)
             # Checked by path (works past the 2 GiB protobuf limit) before it is moved into place.
             save_model(model, target, ctx.job.export.external_data_threshold_bytes, verify=check_model)
-        except Exception as e:  # optimizer and checker raise many types
+        except OnnxforgeError:
+            raise  # e.g. a StorageError from a full disk: already says what is wrong
+        except Exception as e:  # onnx-ir and the checker raise many types
             raise StageError(self.name, ctx.job.name, f"{type(e).__name__}: {first_line(e)}") from e
         logger.info("simplify %s: nodes %d -> %d", ctx.job.name, before.nodes, after.nodes)
         # What went, by op type: folded BatchNorms, Identities, constant subgraphs, dead nodes.
-        record = SimplifyRecord(before=before, after=after, removed_ops=dict(sorted(removed.items())))
+        record = SimplifyRecord(
+            before=before, after=after, removed_ops=dict(sorted(removed.items())), optimizer_error=optimizer_error
+        )
         return model_artifact(self.name, target, parent, record)
 
 

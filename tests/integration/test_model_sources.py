@@ -153,7 +153,7 @@ def test_onnx_file_with_a_fixed_dim_the_job_calls_dynamic(
     fixed = tmp_path / "fixed.onnx"
     torch.onnx.export(load_trained(), (torch.zeros(3, 1, 8, 8),), str(fixed), dynamo=False, input_names=["image"])
     digits_job["model"] = {"onnx": str(fixed)}
-    with pytest.raises(pipeline.StageError) as excinfo:
+    with pytest.raises(pipeline.JobError) as excinfo:  # bad input (exit 2), found by intake before any stage
         pipeline.convert(write_job(digits_job))
     message = str(excinfo.value)
     assert "input 'image' axis 0 ('batch') should be dynamic" in message and "fixes it to 3" in message

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+import onnxscript.optimizer
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
@@ -19,7 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 import pipeline
 from pipeline.artifacts import Artifact, sha256_file
 from pipeline.job import ConversionJob
-from pipeline.records import ModelRecord
+from pipeline.records import ModelRecord, SimplifyRecord
 from pipeline.stages.base import StageContext
 from pipeline.stages.simplify import SIMPLIFIED_MODEL, SimplifyStage
 from tests.conftest import stage_context
@@ -221,3 +222,23 @@ def _npz(folder: Path, arrays: dict[str, np.ndarray]) -> Path:
     path = folder / "data.npz"
     np.savez(path, **arrays)
     return path
+
+
+def test_an_optimizer_failure_on_a_valid_model_keeps_it_and_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ctx = make_context(tmp_path)
+
+    def fails(model: object) -> None:
+        raise ValueError("Cannot convert the shape [batch,256] to a tuple of ints")
+
+    monkeypatch.setattr(onnxscript.optimizer, "optimize", fails)
+
+    artifact = SimplifyStage().run(ctx)
+
+    record = artifact.record_as(SimplifyRecord)
+    assert record.optimizer_error == "ValueError: Cannot convert the shape [batch,256] to a tuple of ints"
+    # The dead Relu still goes; the constant Add stays, since nothing folded it.
+    assert record.removed_ops == {"Relu": 1}
+    assert (record.before.nodes, record.after.nodes) == (3, 2)
+    onnx.checker.check_model(str(ctx.workdir / SIMPLIFIED_MODEL), full_check=True)
