@@ -124,22 +124,27 @@ def check_text(message: Message, where: str = "model") -> None:
                 check_text(item, path)
 
 
+# ONNX Runtime's kernels start at opset 7 of the default domain (older Gemm, BatchNorm... have none).
+_ORT_OLDEST_OPSET = 7
+
+
 def check_opsets(model: onnx.ModelProto) -> None:
-    """The standard domains' opset versions are ones this onnx (and so ONNX Runtime) knows.
+    """The standard domains' opset versions are ones this onnx knows and ONNX Runtime runs.
 
     Raises:
-        ModelProblem: A version is below 1 or newer than the newest known.
+        ModelProblem: A version is older than ONNX Runtime runs, or newer than the newest known.
     """
     newest_ml = max(row[3] for row in onnx.helper.VERSION_TABLE)
     newest = {"": onnx.defs.onnx_opset_version(), "ai.onnx": onnx.defs.onnx_opset_version(), "ai.onnx.ml": newest_ml}
     for entry in model.opset_import:
         limit = newest.get(entry.domain)
-        if limit is not None and not 1 <= entry.version <= limit:
+        oldest = _ORT_OLDEST_OPSET if entry.domain in ("", "ai.onnx") else 1
+        if limit is not None and not oldest <= entry.version <= limit:
             domain = entry.domain or "ai.onnx"
             raise ModelProblem(
                 f"opset_import {domain!r}",
-                f"asks for opset {entry.version}; the versions known here are 1 .. {limit}: re-export the model "
-                f"with opset {limit} or lower",
+                f"asks for opset {entry.version}; the versions that run here are {oldest} .. {limit}: re-export "
+                f"the model with an opset in that range (or convert it with onnx.version_converter)",
             )
 
 
