@@ -27,6 +27,7 @@ _EXPORTS = {
     "OnnxforgeError": "pipeline.errors",
     "ParityError": "pipeline.errors",
     "StageError": "pipeline.errors",
+    "StorageError": "pipeline.errors",
     "ConversionJob": "pipeline.job",
     "DataSource": "pipeline.job",
     "DistillOptions": "pipeline.job",
@@ -77,7 +78,15 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
     from pipeline.batch.local import LocalExecutor  # noqa: F401
     from pipeline.batch.manifest import BatchManifest, load_manifest  # noqa: F401
     from pipeline.distillation.summary import DistillationSummary  # noqa: F401
-    from pipeline.errors import BackendError, ExitCode, JobError, OnnxforgeError, ParityError, StageError  # noqa: F401
+    from pipeline.errors import (  # noqa: F401
+        BackendError,
+        ExitCode,
+        JobError,
+        OnnxforgeError,
+        ParityError,
+        StageError,
+        StorageError,
+    )
     from pipeline.job import (  # noqa: F401
         ConversionJob,
         DataSource,
