@@ -4,21 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import shutil
-import socket
-import tempfile
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 from backends.base import Backend
 from backends.resolve import options_help as backend_options_help
 from backends.resolve import resolve_target
-from pipeline.artifacts import DIR_MODE, Artifact, Manifest, StageRun, fsync_dir, write_atomic
+from pipeline.artifacts import Artifact, Manifest, StageRun, write_atomic
 from pipeline.errors import (
     BackendError,
     BackendOptionError,
@@ -32,6 +26,7 @@ from pipeline.feeds import FeedSource
 from pipeline.job import ConversionJob, DataSource
 from pipeline.model_source import input_hashes, load_model
 from pipeline.parity.report import ParityReport
+from pipeline.publish import MANIFEST, Publication
 from pipeline.records import ExportRecord, ValidateRecord
 from pipeline.result import ConversionResult
 from pipeline.stage_cache import StageCache
@@ -40,8 +35,6 @@ from pipeline.stages.base import PreparedInputs, Stage, StageContext, Target
 from pipeline.versions import tool_versions
 
 logger = logging.getLogger(__name__)
-
-MANIFEST = "manifest.json"
 
 
 @dataclass(frozen=True)
@@ -75,9 +68,10 @@ def run_job(
 ) -> ConversionResult:
     """Convert one job end to end and publish its output folder.
 
-    Every input is checked before anything is written. Stages write into a staging folder
-    beside `job.output_dir`, which replaces the output folder only once the manifest is in
-    it, so a failed run leaves an earlier output untouched and nothing half-written.
+    Every input is checked before anything is written. The output folder is locked for the
+    run; stages write into a staging folder beside `job.output_dir`, which replaces the output
+    folder only once the manifest is in it, so a failed or killed run leaves an earlier output
+    complete and nothing half-written (`pipeline.publish`).
 
     Args:
         job: The validated job.
@@ -89,7 +83,8 @@ def run_job(
         The result, when every parity gate passed.
 
     Raises:
-        JobError: The job's model, data or targets are not usable (nothing written).
+        JobError: The job's model, data or targets are not usable (nothing written), or another
+            run holds the output folder's lock (`pipeline.publish`).
         BackendError: A target backend is unknown or unavailable (nothing written).
         StageError: A stage failed (the output folder is left as it was).
         ParityError: A parity gate failed; the artifacts and reports are published first and
@@ -97,22 +92,18 @@ def run_job(
     """
     notify = on_event or (lambda event: None)
     checked = preflight(job)
-    _check_output_dir(job)
-    job.output_dir.parent.mkdir(parents=True, exist_ok=True)
-    _remove_abandoned_staging(job.output_dir)
-    staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(job.output_dir), dir=job.output_dir.parent))
+    publication = Publication.start(job.output_dir, job.origin)  # the folder locked, leftovers recovered
+    staging = publication.staging
     try:
-        staging.chmod(DIR_MODE)
         ctx = StageContext.prepared(job, staging, checked)
         runs = [_run_stage(stage, ctx, notify, cache) for stage in STAGES]
         report_artifact = _report_artifact(ctx)
         report = ParityReport.model_validate_json((staging / report_artifact.path).read_text())
         manifest = _manifest(job, ctx, runs, report)
         write_atomic(staging / MANIFEST, manifest.model_dump_json(indent=2))
-        _publish(staging, job.output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        publication.publish()
+    finally:
+        publication.close()  # the staging folder deleted unless published, the lock released
     result = ConversionResult(
         job=job.name,
         output_dir=job.output_dir,
@@ -175,20 +166,6 @@ def _feeds(job: ConversionJob, source: DataSource | None, key: str) -> FeedSourc
     return feeds
 
 
-def _check_output_dir(job: ConversionJob) -> None:
-    """Refuse to replace a folder that is not an earlier onnxforge output."""
-    out = job.output_dir
-    if out.exists() and not out.is_dir():
-        raise JobError(job.origin, "output_dir", f"{out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
-        raise JobError(
-            job.origin,
-            "output_dir",
-            f"{out} is not empty and holds no {MANIFEST}: it is not an onnxforge output folder, "
-            "so it is not replaced; choose a new or empty folder",
-        )
-
-
 def _run_stage(stage: Stage, ctx: StageContext, notify: ProgressCallback, cache: StageCache | None) -> StageRun:
     if not stage.enabled(ctx.job):
         notify(StageEvent(ctx.job.name, stage.name, "skipped"))
@@ -240,43 +217,3 @@ def _manifest(job: ConversionJob, ctx: StageContext, runs: list[StageRun], repor
         parity=report.verdicts(),
         verdict=report.verdict,
     )
-
-
-def _staging_prefix(output_dir: Path) -> str:
-    """Hidden, beside the output, naming this host and process: ``.out.staging-host-1234-``."""
-    return f".{output_dir.name}.staging-{socket.gethostname()}-{os.getpid()}-"
-
-
-def _remove_abandoned_staging(output_dir: Path) -> None:
-    """Delete staging folders of this output left by killed runs on this host (their process is gone).
-
-    Folders of live processes, or of other hosts sharing the storage, are left alone.
-    """
-    host_prefix = f".{output_dir.name}.staging-{socket.gethostname()}-"
-    for folder in output_dir.parent.glob(f"{host_prefix}*"):
-        pid = folder.name[len(host_prefix) :].split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            logger.info("removing %s, left by a run that was killed", folder.name)
-            shutil.rmtree(folder, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process
-    return True
-
-
-def _publish(staging: Path, output_dir: Path) -> None:
-    """Move the complete staging folder into place, replacing an earlier output."""
-    if output_dir.exists():
-        previous = output_dir.with_name(f".{output_dir.name}.previous-{uuid.uuid4().hex[:8]}")
-        os.replace(output_dir, previous)
-        os.replace(staging, output_dir)
-        shutil.rmtree(previous, ignore_errors=True)
-    else:
-        os.replace(staging, output_dir)
-    fsync_dir(output_dir.parent)

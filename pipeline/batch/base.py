@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -22,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipeline.errors import ExitCode, JobError
 from pipeline.job import ConversionJob, describe_validation_error
+from pipeline.publish import remove_leftovers
 from pipeline.runner import ProgressCallback, StageEvent
 
 logger = logging.getLogger(__name__)
@@ -307,10 +307,12 @@ def job_outcome(job: ConversionJob, result: WorkerResult, seconds: float) -> Job
 
 
 def remove_staging(job: ConversionJob) -> None:
-    """A killed job leaves its hidden staging folder beside the output: remove it."""
-    out = job.output_dir
-    for leftover in out.parent.glob(f".{out.name}.staging-*"):
-        shutil.rmtree(leftover, ignore_errors=True)
+    """A killed job leaves hidden folders beside its output (staging; an earlier output moved aside
+    mid-publish) and its lock: take the lock over, restore or remove them, release it.
+
+    Nothing is touched while another live run holds the folder (`pipeline.publish.remove_leftovers`).
+    """
+    remove_leftovers(job.output_dir, job.origin)
 
 
 class BatchResult(BaseModel):
