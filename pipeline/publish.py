@@ -49,8 +49,8 @@ from functools import cache
 from pathlib import Path
 from typing import cast
 
-from pipeline.artifacts import DIR_MODE, fsync_dir
-from pipeline.errors import JobError
+from pipeline.artifacts import DIR_MODE, fsync_dir, storage_errors
+from pipeline.errors import JobError, StorageError
 
 logger = logging.getLogger(__name__)
 
@@ -138,12 +138,12 @@ class OutputLock:
             origin: The job file (or job name), for errors.
 
         Raises:
-            JobError: Another live run holds the folder, or a run of another host does, or the
-                lock file cannot be written.
+            JobError: Another live run holds the folder, or a run of another host does.
+            StorageError: The lock file cannot be written (permissions, a full disk).
         """
         holder = LockHolder.this_process()
         path = lock_path(output_dir)
-        with _as_job_error(origin, path), _guarded(path, origin, create=True) as fd:
+        with storage_errors(path), _guarded(path, origin, create=True) as fd:
             text = _read(fd)
             previous = LockHolder.parse(text)
             if previous is not None:
@@ -193,17 +193,17 @@ class Publication:
             origin: The job file (or job name), for errors.
 
         Raises:
-            JobError: `output_dir` is not an onnxforge output, another run holds it, or its
-                parent folder, lock or staging folder cannot be created.
+            JobError: `output_dir` is not an onnxforge output, or another run holds it.
+            StorageError: Its parent folder, lock or staging folder cannot be created.
         """
         check_output_dir(output_dir, origin)
-        with _as_job_error(origin, output_dir.parent):
+        with storage_errors(output_dir.parent):
             output_dir.parent.mkdir(parents=True, exist_ok=True)
         lock = OutputLock.acquire(output_dir, origin)
         try:
             recover(output_dir)
             _pause("locked", output_dir)
-            with _as_job_error(origin, output_dir.parent):
+            with storage_errors(output_dir.parent):
                 staging = Path(tempfile.mkdtemp(prefix=staging_prefix(output_dir), dir=output_dir.parent))
                 staging.chmod(DIR_MODE)
         except BaseException:
@@ -321,8 +321,8 @@ def remove_leftovers(output_dir: Path, origin: str) -> list[str]:
     """
     try:
         lock = OutputLock.acquire(output_dir, origin)
-    except JobError as e:
-        logger.info("left the leftovers beside %s alone: %s", output_dir, e.problem)
+    except (JobError, StorageError) as e:
+        logger.info("left the leftovers beside %s alone: %s", output_dir, e)
         return []
     try:
         return recover(output_dir)
@@ -354,16 +354,6 @@ def _abandoned(output_dir: Path, kind: str) -> list[Path]:
         if folder.is_dir() and not (pid.isdigit() and _alive(int(pid))):
             found.append(folder)
     return sorted(found)
-
-
-@contextmanager
-def _as_job_error(origin: str, path: Path) -> Iterator[None]:
-    """An `OSError` in the block (no permission, disk full) as a JobError on ``output_dir``."""
-    try:
-        yield
-    except OSError as e:
-        code = errno.errorcode.get(e.errno or 0, "?")
-        raise JobError(origin, "output_dir", f"cannot write {e.filename or path}: {e.strerror} ({code})") from e
 
 
 @contextmanager

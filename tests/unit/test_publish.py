@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 import pipeline.publish as publish
-from pipeline.errors import JobError
+from pipeline.errors import JobError, StorageError
 from pipeline.publish import (
     PAUSE_ENV,
     PAUSE_FILE_ENV,
@@ -153,16 +153,16 @@ def test_a_lock_naming_no_real_process_is_taken_over(tmp_path: Path) -> None:
     OutputLock.acquire(tmp_path / "out", "job.toml").release()
 
 
-def test_a_lock_that_cannot_be_written_is_a_job_error_and_leaves_no_file(
+def test_a_lock_that_cannot_be_written_is_a_storage_error_and_leaves_no_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def full(fd: int, holder: LockHolder) -> None:
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(publish, "_write", full)
-    with pytest.raises(JobError, match=r"No space left on device \(ENOSPC\)") as refused:
+    with pytest.raises(StorageError, match=r"No space left on device \(errno 28, ENOSPC\)") as refused:
         OutputLock.acquire(tmp_path / "out", "job.toml")
-    assert refused.value.exit_code == 2 and isinstance(refused.value.__cause__, OSError)
+    assert refused.value.exit_code == 2 and refused.value.path == str(lock_path(tmp_path / "out"))
     assert hidden(tmp_path / "out") == []
     assert remove_leftovers(tmp_path / "missing" / "out", "batch") == []  # nothing there, nothing done
 
