@@ -21,6 +21,7 @@ from pipeline.errors import (
     OnnxforgeError,
     ParityError,
     StageError,
+    StorageError,
 )
 from pipeline.feeds import FeedSource
 from pipeline.job import ConversionJob, DataSource
@@ -87,6 +88,7 @@ def run_job(
             run holds the output folder's lock (`pipeline.publish`).
         BackendError: A target backend is unknown or unavailable (nothing written).
         StageError: A stage failed (the output folder is left as it was).
+        StorageError: The filesystem refused a write (disk full, permissions), naming the path.
         ParityError: A parity gate failed; the artifacts and reports are published first and
             the result is attached as ``error.result``.
     """
@@ -102,6 +104,11 @@ def run_job(
         manifest = _manifest(job, ctx, runs, report)
         write_atomic(staging / MANIFEST, manifest.model_dump_json(indent=2))
         publication.publish()
+    except (OSError, StageError) as e:  # a refused write (disk full, permissions), perhaps wrapped by a stage
+        refused = e if isinstance(e, OSError) else StorageError.found_in(e)
+        if refused is None:
+            raise
+        raise StorageError.while_staging(refused, staging, job.output_dir) from e
     finally:
         publication.close()  # the staging folder deleted unless published, the lock released
     result = ConversionResult(
