@@ -20,6 +20,11 @@ from pipeline.job.options import (
 from pipeline.job.policies import ParityPolicy
 from pipeline.job.sources import InputSpec, ModelSource
 
+# A file name's limit on the usual filesystems, and what the output folder's own name may use of it:
+# its staging sibling is ".<name>.staging-<host>-<pid>-<8 chars>" (pipeline.publish).
+NAME_MAX_BYTES = 255
+OUTPUT_NAME_MAX_BYTES = 128
+
 
 class ConversionJob(Section):
     """One conversion: a model, its inputs and data, the stage options, targets and policy.
@@ -64,7 +69,16 @@ class ConversionJob(Section):
     @field_validator("output_dir")
     @classmethod
     def _resolve_output_dir(cls, value: Path, info: ValidationInfo) -> Path:
-        return resolve_path(value, info)
+        path = resolve_path(value, info)
+        too_long = [part for part in path.parts if len(part.encode()) > NAME_MAX_BYTES]
+        if too_long:
+            raise ValueError(f"a folder name is longer than the filesystem allows ({NAME_MAX_BYTES} bytes)")
+        if len(path.name.encode()) > OUTPUT_NAME_MAX_BYTES:
+            raise ValueError(
+                f"the folder name is {len(path.name.encode())} bytes; onnxforge writes hidden folders named after "
+                f"it beside it (staging, lock), so keep it to {OUTPUT_NAME_MAX_BYTES} bytes"
+            )
+        return path
 
     @field_validator("python_path")
     @classmethod

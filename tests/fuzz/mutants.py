@@ -10,6 +10,7 @@ leaves nothing in its output folder.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import random
 import shutil
@@ -294,12 +295,17 @@ def run_model_mutants(folder: Path, seeds: range) -> list[Outcome]:
 
 
 def run_job_mutants(folder: Path, seeds: range) -> list[Outcome]:
-    """Convert every job mutant of `seeds` around the valid seed model."""
+    """Convert every job mutant of `seeds` around the valid seed model.
+
+    The mutants run with `folder` as the current directory: a mutated relative path (an output
+    folder named "yes") lands there, not in the caller's directory.
+    """
     model = folder / "seed.onnx"
     onnx.save(seed_model(), model)
     outcomes = []
-    for seed in seeds:
-        raw, case = job_mutant(seed_job(folder, model) | {"output_dir": str(folder / f"j{seed}" / "out")}, seed)
-        outcomes.append(convert(raw, f"{seed}: {case}"))
-        shutil.rmtree(folder / f"j{seed}", ignore_errors=True)
+    with contextlib.chdir(folder):
+        for seed in seeds:
+            raw, case = job_mutant(seed_job(folder, model) | {"output_dir": str(folder / f"j{seed}" / "out")}, seed)
+            outcomes.append(convert(raw, f"{seed}: {case}"))
+            shutil.rmtree(folder / f"j{seed}", ignore_errors=True)
     return outcomes

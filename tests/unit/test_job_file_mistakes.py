@@ -145,3 +145,21 @@ def test_an_unknown_key_like_no_other_gets_no_guess(digits_job: Raw, write_job: 
 
     assert caught.value.problem.startswith("unknown key; expected one of: ")
     assert "did you mean" not in caught.value.problem
+
+
+@pytest.mark.parametrize(
+    ("output_dir", "expected"),
+    [
+        ("a" * 300, "longer than the filesystem allows (255 bytes)"),
+        ("b" * 200, "the folder name is 200 bytes; onnxforge writes hidden folders named after it"),
+    ],
+)
+def test_an_output_folder_name_too_long_for_its_hidden_siblings_is_a_job_error(
+    digits_job: Raw, write_job: WriteJob, output_dir: str, expected: str
+) -> None:
+    # Before: the name reached the filesystem and an untyped OSError (File name too long) escaped.
+    digits_job["output_dir"] = output_dir
+    with pytest.raises(JobError) as caught:
+        load_job(write_job(digits_job))
+    assert caught.value.key == "output_dir"
+    assert expected in caught.value.problem
