@@ -114,3 +114,15 @@ def stage_context(job: ConversionJob, model: Path, after: str, targets: list[Tar
         targets=targets if targets is not None else [resolved_target("cpu")],
         artifacts={after: Artifact(stage=after, path=model.name, sha256=sha256_file(model), record=ModelRecord())},
     )
+
+
+@pytest.fixture(scope="session")
+def digits_pt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The trained digits CNN as a torch.export .pt2 file with a dynamic batch dim."""
+    from samples.digits_cnn.model import load_trained
+
+    path = tmp_path_factory.mktemp("pt2") / "digits.pt2"
+    example = (torch.zeros(4, 1, 8, 8),)
+    program = torch.export.export(load_trained(), example, dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.export.save(program, path)
+    return path
