@@ -51,6 +51,7 @@ from typing import cast
 
 from pipeline.artifacts import DIR_MODE, fsync_dir, storage_errors
 from pipeline.errors import JobError, StorageError
+from pipeline.processes import pid_alive, proc_stat
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +107,7 @@ class LockHolder:
 
     def is_alive(self) -> bool:
         """Whether the holder's process still runs (asked of this host's processes)."""
-        if not _alive(self.pid):
+        if not pid_alive(self.pid):
             return False
         started = _start_time(self.pid)
         return self.started is None or started is None or started == self.started
@@ -351,7 +352,7 @@ def _abandoned(output_dir: Path, kind: str) -> list[Path]:
     found: list[Path] = []
     for folder in output_dir.parent.glob(f".{glob.escape(output_dir.name)}.{kind}-*"):
         pid = folder.name[len(here) :].split("-", 1)[0] if folder.name.startswith(here) else ""
-        if folder.is_dir() and not (pid.isdigit() and _alive(int(pid))):
+        if folder.is_dir() and not (pid.isdigit() and pid_alive(int(pid))):
             found.append(folder)
     return sorted(found)
 
@@ -417,33 +418,10 @@ def _write(fd: int, holder: LockHolder) -> None:
     os.fsync(fd)
 
 
-def _alive(pid: int) -> bool:
-    """Whether a process of this host runs (a zombie, dead but not yet reaped, does not)."""
-    if pid <= 0:  # kill(0) would ask about our own process group
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process
-    fields = _proc_stat(pid)
-    return fields is None or fields[0] != "Z"
-
-
 def _start_time(pid: int) -> int | None:
     """A process's start time in clock ticks since boot (Linux); None where unknown."""
-    fields = _proc_stat(pid)
+    fields = proc_stat(pid)
     return int(fields[19]) if fields is not None and len(fields) > 19 else None
-
-
-def _proc_stat(pid: int) -> list[str] | None:
-    """The fields of ``/proc/<pid>/stat`` after the command name (state first); None without /proc."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return text[text.rfind(")") + 2 :].split()
 
 
 @cache

@@ -37,6 +37,8 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, TypeVar
 
+from pipeline.processes import pid_alive
+
 logger = logging.getLogger(__name__)
 
 OWNER_ENV = "ONNXFORGE_BATCH_OWNER_PID"
@@ -147,27 +149,6 @@ def _batch_gone(lifeline: Connection, timeout: float | None) -> bool:
 def _watch(lifeline: Connection) -> None:
     if _batch_gone(lifeline, timeout=None):
         os._exit(ORPHANED_EXIT)
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether process `pid` on this host still runs (a zombie does not; another user's does)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except OSError:  # e.g. a pid out of range
-        return False
-    return not _zombie(pid)
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False  # no /proc (macOS), or it just went
-    return stat[stat.rindex(")") + 2 :].startswith(("Z", "X"))
 
 
 def _scratch_host_prefix() -> str:
