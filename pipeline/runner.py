@@ -98,7 +98,9 @@ def run_job(
     staging = publication.staging
     try:
         ctx = StageContext.prepared(job, staging, checked)
-        runs = [_run_stage(stage, ctx, notify, cache) for stage in STAGES]
+        for stage in STAGES:  # into the context as they finish: validate reports the times so far
+            ctx.stage_runs.append(_run_stage(stage, ctx, notify, cache))
+        runs = ctx.stage_runs
         report_artifact = _report_artifact(ctx)
         report = ParityReport.model_validate_json((staging / report_artifact.path).read_text())
         manifest = _manifest(job, ctx, runs, report)

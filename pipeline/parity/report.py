@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 
 from pydantic import BaseModel, ConfigDict
@@ -16,8 +17,12 @@ from pipeline.parity.sections import (
     markdown_table,
     render_distillation,
     render_localisation,
+    render_provenance,
     render_pruning,
+    render_quantization,
+    render_summary,
 )
+from pipeline.parity.summary import ModelFile, QuantizationSummary, RunFacts, StageTiming, TargetSummary, summarise
 from pipeline.parity.target import TargetParity, fallback_failures, render_placement, render_target_parity
 from pipeline.pruning.summary import PruningSummary
 from pipeline.quantization.performance import PerformanceCheck
@@ -25,7 +30,9 @@ from pipeline.quantization.performance import PerformanceCheck
 # 2: the pruned precision, per-model accuracy references and the pruning summary.
 # 3: placements per target (with the accelerator estimate) and three-way on-target parity.
 # 4: the distilled precision (student vs teacher) and the distillation summary.
-REPORT_SCHEMA_VERSION = 4
+# 5: the decision summary per target, model files with sizes, what quantize kept float (with the
+#    mixed-precision probes), stage timings, tool versions and input hashes.
+REPORT_SCHEMA_VERSION = 5
 
 
 class _Record(BaseModel):
@@ -142,6 +149,12 @@ class ParityReport(_Record):
         localisations: Where the error enters, per localised pair of models.
         placements: Which node of the final model runs where, per target.
         on_target: QDQ on each non-CPU target against QDQ on the CPU and float on the CPU.
+        summary: The decision summary per target (verdict, precision, sizes, latency, task metric, fallback).
+        models: The chain's models on disk with their sizes.
+        quantization: The mixed-precision probes and the nodes kept float (None: no quantize stage).
+        stage_timings: Every stage's wall-clock time, in run order.
+        tool_versions: Versions of onnxforge and the libraries in the conversion path.
+        input_hashes: sha256 of every input the conversion read.
         verdict: "pass" when every check passed, else "fail".
         failures: One line per failed check.
     """
@@ -158,6 +171,12 @@ class ParityReport(_Record):
     localisations: list[Localisation] = []
     placements: list[PlacementReport] = []
     on_target: list[TargetParity] = []
+    summary: list[TargetSummary] = []
+    models: list[ModelFile] = []
+    quantization: QuantizationSummary | None = None
+    stage_timings: list[StageTiming] = []
+    tool_versions: dict[str, str] = {}
+    input_hashes: dict[str, str] = {}
     verdict: str
     failures: list[str]
 
@@ -180,12 +199,13 @@ class ParityReport(_Record):
         placements: list[PlacementReport] | None = None,
         on_target: list[TargetParity] | None = None,
         max_fallback: dict[str, float | None] | None = None,
+        facts: RunFacts | None = None,
     ) -> ParityReport:
         """Assemble a report; its verdict fails on any failed comparison, on-target check or
-        placement over its target's `max_fallback`."""
+        placement over its target's `max_fallback`. `facts`: what the run recorded besides parity."""
         failures = [line for comparison in comparisons for line in comparison.failures()]
         failures += [line for parity in on_target or [] for line in parity.failures()]
-        limits = max_fallback or {}
+        limits, run = max_fallback or {}, facts or RunFacts()
         failures += [line for p in placements or [] for line in fallback_failures(p, limits.get(p.backend))]
         return cls(
             job=job,
@@ -199,6 +219,12 @@ class ParityReport(_Record):
             localisations=localisations or [],
             placements=placements or [],
             on_target=on_target or [],
+            summary=summarise(comparisons, performance or [], placements or [], on_target or [], limits, run),
+            models=run.models,
+            quantization=run.quantization,
+            stage_timings=run.stage_timings,
+            tool_versions=run.tool_versions,
+            input_hashes=run.input_hashes,
             verdict="fail" if failures else "pass",
             failures=failures,
         )
@@ -293,8 +319,13 @@ def render_markdown(report: ParityReport) -> str:
         "",
     ]
     lines += [f"> {note}" for note in report.notes] + ([""] if report.notes else [])
+    if report.summary:
+        lines += [*render_summary(report.summary), ""]
     lines += markdown_table(*comparison_table(report))
     lines += _accuracy_section(report) + _speed_section(report)
+    if report.quantization is not None:
+        lines += ["", *render_quantization(report.quantization)]
+    lines += ["", "## Parity chain: every check", "", *markdown_table(*check_table(report))]
     if report.distillation is not None:
         lines += ["", *render_distillation(report.distillation)]
     if report.pruning is not None:
@@ -305,9 +336,33 @@ def render_markdown(report: ParityReport) -> str:
         lines += ["", *render_target_parity(report.on_target)]
     for localisation in report.localisations:
         lines += ["", *render_localisation(localisation)]
+    lines += render_provenance(report.stage_timings, report.models, report.tool_versions, report.input_hashes)
     if report.failures:
         lines += ["", "## Failed checks", ""] + [f"- {line}" for line in report.failures]
     return "\n".join(lines) + "\n"
+
+
+def check_table(report: ParityReport) -> tuple[list[str], list[list[str]]]:
+    """Every check of the parity chain: one row per (comparison, output, check), accuracy gates included."""
+    rows = []
+    for comparison in report.comparisons:
+        checks = [(output.name, check) for output in comparison.outputs for check in output.checks]
+        if comparison.accuracy is not None and comparison.accuracy.check is not None:
+            checks.append((comparison.accuracy.output, comparison.accuracy.check))
+        rows += [
+            [
+                comparison.label,
+                comparison.target,
+                f"{comparison.candidate} vs {comparison.reference}",
+                output,
+                check.metric,
+                f"{check.value:.6g}",
+                check.rule,
+                "pass" if check.passed else "FAIL",
+            ]
+            for output, check in checks
+        ]
+    return ["stage", "target", "candidate vs reference", "output", "check", "value", "limit", "result"], rows
 
 
 def _accuracy_section(report: ParityReport) -> list[str]:
@@ -354,3 +409,8 @@ def _speed_section(report: ParityReport) -> list[str]:
         f"\nint8 is not faster on {c.target}: {'; '.join(c.reasons)}." for c in report.performance if not c.faster
     ]
     return lines
+
+
+def report_json_schema() -> str:
+    """The JSON Schema of report.json (``docs/report-schema.json`` holds it; a test keeps it current)."""
+    return json.dumps(ParityReport.model_json_schema(), indent=2) + "\n"

@@ -1,4 +1,5 @@
-"""Markdown sections of the parity report that stand on their own: distillation, pruning, localisation."""
+"""Markdown sections of the parity report that stand on their own: the decision summary, quantization,
+provenance (timings, models, versions, hashes), distillation, pruning, localisation."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import math
 
 from pipeline.distillation.summary import DistillationSummary
 from pipeline.parity.localize import EXACT_DB, Localisation
+from pipeline.parity.summary import ModelFile, QuantizationSummary, StageTiming, TargetSummary
 from pipeline.pruning.summary import PruningSummary
 
 
@@ -190,3 +192,102 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
         "|" + "---|" * len(header),
         *("| " + " | ".join(row) + " |" for row in rows),
     ]
+
+
+SUMMARY_COLUMNS = [
+    "target",
+    "verdict",
+    "ships",
+    "size fp32 -> shipped",
+    "latency vs float",
+    "metric",
+    "PyTorch",
+    "fp32",
+    "shipped",
+    "fallback",
+]
+
+
+def format_bytes(size: int | None) -> str:
+    """A file size for people: 1.23 MB, 456.7 kB, 89 B."""
+    if size is None:
+        return "-"
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if size >= scale:
+            return f"{size / scale:.2f} {unit}"
+    return f"{size} B"
+
+
+def _metric(value: float | None, metric: str) -> str:
+    if value is None:
+        return "-"
+    return f"{100 * value:.2f}%" if metric == "top-1 accuracy" else f"{value:.6f}"
+
+
+def summary_row(summary: TargetSummary) -> list[str]:
+    """One target's cells of the decision summary (`SUMMARY_COLUMNS`)."""
+    latency = "-" if summary.latency_ratio is None else f"{summary.latency_ratio:.2f}x"
+    if summary.fp32_ms is not None and summary.shipped_ms is not None:
+        latency += f" ({summary.shipped_ms:.3g} vs {summary.fp32_ms:.3g} ms)"
+    ratio = (
+        f" ({summary.shipped_bytes / summary.fp32_bytes:.2f}x)" if summary.fp32_bytes and summary.shipped_bytes else ""
+    )
+    metric = summary.metric + (f" ({summary.metric_output})" if summary.metric_output else "")
+    return [
+        summary.target,
+        summary.verdict.upper(),
+        summary.precision,
+        f"{format_bytes(summary.fp32_bytes)} -> {format_bytes(summary.shipped_bytes)}{ratio}",
+        latency,
+        metric,
+        *(_metric(v, summary.metric) for v in (summary.pytorch_metric, summary.fp32_metric, summary.shipped_metric)),
+        "-" if summary.fallback_share is None else f"{summary.fallback_share:.1%}",
+    ]
+
+
+def render_summary(summaries: list[TargetSummary]) -> list[str]:
+    """The decision summary: one row per target."""
+    return ["## Summary", "", *markdown_table(SUMMARY_COLUMNS, [summary_row(s) for s in summaries])]
+
+
+def render_quantization(quantization: QuantizationSummary) -> list[str]:
+    """The mixed-precision probes and the nodes kept float, with why."""
+    lines = [f"## Quantization ({quantization.model}, recipe {quantization.recipe})", ""]
+    if quantization.probes:
+        lines += ["Mixed-precision candidates the search judged:", ""]
+        lines += markdown_table(
+            ["probe", "ranked nodes float", "result", "measured"],
+            [
+                [str(i + 1), str(p.kept_float), "pass" if p.passed else "fail", p.summary]
+                for i, p in enumerate(quantization.probes)
+            ],
+        )
+        lines.append("")
+    if not quantization.kept_float:
+        return [*lines, "Every quantizable node runs in int8."]
+    lines += [f"{len(quantization.kept_float)} nodes kept float:", ""]
+    lines += markdown_table(
+        ["node", "damage alone in int8 (cosine)", "why"],
+        [[f"`{k.node}`", format_value(k.damage), k.reason] for k in quantization.kept_float],
+    )
+    return lines
+
+
+def render_provenance(
+    timings: list[StageTiming], models: list[ModelFile], versions: dict[str, str], hashes: dict[str, str]
+) -> list[str]:
+    """Stage timings, model files, tool versions and input hashes (empty when none was recorded)."""
+    lines: list[str] = []
+    if timings:
+        rows = [[t.stage, t.status, f"{t.seconds:.2f}"] for t in timings]
+        lines += ["", "## Stage timings", "", *markdown_table(["stage", "status", "seconds"], rows)]
+    if models:
+        rows = [[m.stage, m.file, f"{m.bytes:,}"] for m in models]
+        lines += ["", "## Model files", "", *markdown_table(["stage", "file", "bytes"], rows)]
+    if versions:
+        rows = [[name, version] for name, version in versions.items()]
+        lines += ["", "## Tool versions", "", *markdown_table(["tool", "version"], rows)]
+    if hashes:
+        rows = [[name, f"`{digest}`"] for name, digest in hashes.items()]
+        lines += ["", "## Input hashes (sha256)", "", *markdown_table(["input", "sha256"], rows)]
+    return lines

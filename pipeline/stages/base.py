@@ -12,7 +12,7 @@ import torch
 from pydantic import BaseModel
 
 from backends.base import Backend
-from pipeline.artifacts import Artifact, RecordT
+from pipeline.artifacts import Artifact, RecordT, StageRun
 from pipeline.feeds import Batch, FeedSource
 from pipeline.job import ConversionJob, InputSpec, TargetSpec
 from pipeline.model_source import SourceModel
@@ -64,6 +64,7 @@ class StageContext:
         progress: Where a long stage reports its steps: ``(done, total, detail)``.
         artifacts: Artifacts by stage name, filled in as stages run.
         student: The distilled student once loaded (see `pipeline.stages.distill.pytorch_model`).
+        stage_runs: The stages run so far, with their times (filled in by the runner).
     """
 
     job: ConversionJob
@@ -75,6 +76,7 @@ class StageContext:
     progress: Callable[[int, int, str], None] = field(default=lambda done, total, detail: None, repr=False)
     artifacts: dict[str, Artifact] = field(default_factory=dict)
     student: torch.nn.Module | None = field(default=None, repr=False)
+    stage_runs: list[StageRun] = field(default_factory=list, repr=False)
     _example: Batch | None = field(default=None, init=False, repr=False)
 
     @classmethod

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from itertools import islice
@@ -17,16 +18,19 @@ from pipeline.artifacts import Artifact, sha256_file
 from pipeline.errors import BackendError, JobError, first_line
 from pipeline.feeds import describe_source
 from pipeline.job import POLICY_SECTIONS, ConversionJob, Precision, TaskPolicy
+from pipeline.model_source import input_hashes
 from pipeline.outputs import run_torch
 from pipeline.parity.chain import Link, ParityChain, RunKey, Runs
 from pipeline.parity.localize import Localisation, localize
 from pipeline.parity.report import Comparison, ParityReport
+from pipeline.parity.summary import KeptFloat, ModelFile, Probe, QuantizationSummary, RunFacts, StageTiming, damage_of
 from pipeline.parity.target import ThreeWay
 from pipeline.parity.writers import write_reports
 from pipeline.quantization.performance import PerformanceCheck, performance_check
 from pipeline.records import DistillRecord, PruneRecord, QuantizeRecord, StageName, ValidateRecord
 from pipeline.stages.base import NoPreconditions, StageContext, Target, resize_feeds
 from pipeline.stages.distill import pytorch_model, teacher_model
+from pipeline.versions import tool_versions
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +65,7 @@ class ValidateStage(NoPreconditions):
 
     def run(self, ctx: StageContext) -> Artifact:
         """Stream the evaluation data through PyTorch and every model on every target."""
+        start = time.perf_counter()
         models = [artifact.path for artifact in ctx.model_chain()]
         links = chain_links(ctx)
         with ExitStack() as stack:
@@ -78,7 +83,8 @@ class ValidateStage(NoPreconditions):
             comparisons = chain.judge(ctx.job.parity) + self._shape_checks(ctx, sessions, stream)
             placements = [self._placement(ctx, target, models[-1]) for target in ctx.targets]
             performance = self._performance(ctx, sessions, placements)
-        report = self._report(ctx, stream, comparisons, placements, performance)
+        facts = run_facts(ctx, time.perf_counter() - start)
+        report = self._report(ctx, stream, comparisons, placements, performance, facts)
         report_path = write_reports(report, ctx.workdir)
         logger.info("parity %s: %s", ctx.job.name, report.verdict)
         return Artifact(
@@ -95,6 +101,7 @@ class ValidateStage(NoPreconditions):
         comparisons: list[Comparison],
         placements: list[PlacementReport],
         performance: list[PerformanceCheck],
+        facts: RunFacts,
     ) -> ParityReport:
         pruning, distillation = ctx.record(PruneRecord), ctx.record(DistillRecord)
         return ParityReport.build(
@@ -110,6 +117,7 @@ class ValidateStage(NoPreconditions):
             placements=placements,
             on_target=[three_way.result() for three_way in stream.on_target.values()],
             max_fallback={target.name: target.spec.max_fallback for target in ctx.targets},
+            facts=facts,
         )
 
     def _stream(self, ctx: StageContext, sessions: Sessions, stream: _Stream) -> None:
@@ -243,6 +251,51 @@ class ValidateStage(NoPreconditions):
             return target.backend.open(ctx.workdir / path, target.options)
         except BackendError as e:
             raise _model_error(ctx, e, "open", path, target.name) from e
+
+
+def run_facts(ctx: StageContext, validate_seconds: float) -> RunFacts:
+    """What the report shows of the run besides parity: model files, quantize's choices, stage times
+    (validate's own up to now), tool versions and input hashes."""
+    timings = [
+        StageTiming(
+            stage=run.name,
+            seconds=run.seconds,
+            status="restored" if run.restored else "skipped" if run.artifact is None else "ran",
+        )
+        for run in ctx.stage_runs
+    ]
+    timings.append(StageTiming(stage=StageName.VALIDATE, seconds=round(validate_seconds, 4), status="ran"))
+    models = [
+        ModelFile(
+            stage=a.stage,
+            file=a.path,
+            bytes=sum((ctx.workdir / name).stat().st_size for name in [a.path, *a.external_data]),
+        )
+        for a in ctx.model_chain()
+    ]
+    return RunFacts(
+        models=models,
+        quantization=_quantization(ctx),
+        stage_timings=timings,
+        tool_versions=tool_versions(),
+        input_hashes=input_hashes(ctx.job, ctx.source),
+    )
+
+
+def _quantization(ctx: StageContext) -> QuantizationSummary | None:
+    """The mixed-precision probes and the nodes kept float (None: the job does not quantize)."""
+    artifact = ctx.artifact_with(QuantizeRecord)
+    if artifact is None:
+        return None
+    record = artifact.record_as(QuantizeRecord)
+    return QuantizationSummary(
+        model=artifact.path,
+        recipe=record.recipe,
+        probes=[
+            Probe(kept_float=p.kept_float, passed=p.passed, summary=p.summary) for p in record.mixed_precision_probes
+        ],
+        kept_float=[KeptFloat(node=n, reason=why, damage=damage_of(why)) for n, why in record.kept_float.items()],
+    )
 
 
 def _model_error(ctx: StageContext, error: BackendError, action: str, path: str, target: str) -> BackendError:
