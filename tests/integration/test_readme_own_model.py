@@ -44,7 +44,9 @@ def assert_published(folder: Path) -> None:
     assert json.loads((folder / "report.json").read_text())["verdict"] == "pass"
 
 
-def test_readme_converts_own_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_readme_converts_own_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     blocks = readme_blocks()
     for name, body in blocks.items():
         if name != "run":
