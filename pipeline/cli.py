@@ -1,37 +1,49 @@
-"""The `onnxforge` command: parses arguments, calls the Python API, prints with rich."""
+"""The `onnxforge` command: parses arguments, calls the Python API, prints with rich.
+
+Only typer and rich are imported with this module, so ``onnxforge --help`` and ``--version`` answer
+at once; each command imports the API, torch and ONNX Runtime when it runs.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, NoReturn
+from types import ModuleType
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
-from pydantic import ValidationError
 from rich.console import Console
-from rich.logging import RichHandler
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn
-from rich.table import Table
 
-from backends.base import Backend, PlacementReport
-from backends.registry import list_backends
-from backends.resolve import resolve_target_from_pairs
-from pipeline.api import convert as convert_job
-from pipeline.api import convert_batch
-from pipeline.batch.base import BatchOverrides, JobOutcome
-from pipeline.batch.manifest import load_manifest
-from pipeline.batch.progress import BatchProgress, EventLog, outcome_table
-from pipeline.errors import ExitCode, JobError, OnnxforgeError, ParityError, first_line
-from pipeline.job import DEFAULT_BATCH_SIZE, DEFAULT_MIN_COSINE, DEFAULT_RTOL, Fp32Policy, TaskPolicy, load_job
-from pipeline.parity.compare import compare_models
-from pipeline.parity.console import placement_line, summary_lines
-from pipeline.parity.localize import Localisation
-from pipeline.parity.report import CONSOLE_COLUMNS, ParityReport, comparison_table
-from pipeline.parity.target import render_placement
-from pipeline.parity.writers import write_reports
-from pipeline.runner import StageEvent
+if TYPE_CHECKING:
+    from rich.progress import Progress, TaskID
+
+    from backends.base import Backend, PlacementReport
+    from pipeline.batch.base import BatchOverrides, JobOutcome
+    from pipeline.errors import OnnxforgeError
+    from pipeline.parity.localize import Localisation
+    from pipeline.parity.report import ParityReport
+    from pipeline.runner import StageEvent
+
+
+def _job_defaults() -> ModuleType:
+    """`pipeline/job/defaults.py` (the option defaults, defined once there) without running
+    `pipeline.job`'s package imports (pydantic, and onnx through `pipeline.errors`)."""
+    if (loaded := sys.modules.get("pipeline.job.defaults")) is not None:
+        return loaded
+    source = Path(__file__).parent / "job" / "defaults.py"
+    spec = importlib.util.spec_from_file_location("_onnxforge_job_defaults", source)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_DEFAULTS = _job_defaults()
 
 app = typer.Typer(
     name="onnxforge",
@@ -47,18 +59,47 @@ stderr = Console(stderr=True, width=None if sys.stderr.isatty() else _PIPE_WIDTH
 
 # Library chatter that says nothing about the user's model (e.g. torchvision ops not registered).
 _QUIET_LOGGERS = ("torch.onnx", "onnxscript", "onnx_ir")
+# Progress bars of the Hugging Face libraries (transformers' "Loading weights"): read at their import.
+_HF_PROGRESS_BARS = "HF_HUB_DISABLE_PROGRESS_BARS"
 
 
 def _configure_logging(verbose: bool) -> None:
-    handler = RichHandler(console=stderr, show_path=False)
+    """Warnings (and with -v, every step) on stderr, untimestamped, above the progress display;
+    third-party chatter and progress bars only with -v."""
+    from rich.logging import RichHandler
+
+    handler = RichHandler(console=stderr, show_time=False, show_path=False)
     if not verbose:
         # Some libraries log straight on the root logger (ONNX Runtime's quantizer advice): -v shows it.
         handler.addFilter(lambda record: record.name != "root")
         for name in _QUIET_LOGGERS:
             logging.getLogger(name).setLevel(logging.ERROR)
+        os.environ.setdefault(_HF_PROGRESS_BARS, "1")
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING, format="%(message)s", handlers=[handler], force=True
     )
+
+
+def _show_version(value: bool) -> None:
+    """--version: print ``onnxforge <version>`` and exit 0."""
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            found = version("onnxforge")
+        except PackageNotFoundError:  # run from a source tree that was never installed
+            found = "unknown"
+        stdout.print(f"onnxforge {found}", highlight=False, markup=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    show_version: Annotated[
+        bool, typer.Option("--version", callback=_show_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Convert trained PyTorch models to ONNX, simplify, quantize to int8 and prove parity on each backend."""
 
 
 @app.command()
@@ -86,22 +127,16 @@ def convert(
 
     Exit codes: 0 every gate passed, 1 a parity gate failed, 2 bad input, 3 internal error.
     """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn
+
+    from pipeline.api import convert as convert_job
+    from pipeline.errors import OnnxforgeError, ParityError
+    from pipeline.job import load_job
+
     _configure_logging(verbose)
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
     with Progress(*columns, TextColumn("{task.fields[detail]}"), console=stderr, transient=True) as progress:
-        line = progress.add_task("starting", total=None, detail="")
-
-        def show(event: StageEvent) -> None:
-            if event.status == "started":
-                description = f"[bold]{escape(event.job)}[/]: {event.stage}"
-                progress.update(line, description=description, total=None, completed=0, detail="")
-            elif event.status == "progress":  # e.g. a distillation epoch: loss and held-out accuracy
-                progress.update(line, total=event.total, completed=event.done, detail=escape(event.detail))
-            elif event.status == "finished":
-                stderr.print(f"  {event.stage:<9} done in {event.seconds:.2f}s")
-            elif event.status == "restored":
-                stderr.print(f"  {event.stage:<9} restored from the stage cache")
-
+        show = _stage_printer(progress, progress.add_task("starting", total=None, detail=""))
         try:
             job = load_job(job_file, **_prune_overrides(job_file, prune, sparsity))
             result = convert_job(job, output_dir=output_dir, on_event=show, resume=resume)
@@ -114,11 +149,38 @@ def convert(
             progress.stop()
             _fail(e)
     _print_report(result.report)
-    stdout.print(f"[green]wrote[/] {result.output_dir} (manifest: {result.manifest_path.name})")
+    written = _written(result.output_dir, result.manifest_path.name)
+    stdout.print(f"[green]wrote[/] {escape(str(result.output_dir))}: {written}", highlight=False)
+
+
+def _stage_printer(progress: Progress, line: TaskID) -> Callable[[StageEvent], None]:
+    """The callback that shows a conversion's stage events: the running stage, then one line per stage."""
+
+    def show(event: StageEvent) -> None:
+        if event.status == "started":
+            description = f"[bold]{escape(event.job)}[/]: {event.stage}"
+            progress.update(line, description=description, total=None, completed=0, detail="")
+        elif event.status == "progress":  # e.g. a distillation epoch: loss and held-out accuracy
+            progress.update(line, total=event.total, completed=event.done, detail=escape(event.detail))
+        elif event.status == "finished":
+            stderr.print(f"  {event.stage:<9} done in {event.seconds:.2f}s")
+        elif event.status == "restored":
+            stderr.print(f"  {event.stage:<9} restored from the stage cache")
+
+    return show
+
+
+def _written(output_dir: Path, manifest: str) -> str:
+    """What a conversion wrote that a person reads: the HTML report first, then the rest."""
+    described = {"report.html": "report.html (open in a browser)", "report.md": "report.md"}
+    names = [text for name, text in described.items() if (output_dir / name).is_file()]
+    return ", ".join([*names, manifest])
 
 
 def _prune_overrides(job_file: Path, ratio: float | None, sparsity: str | None) -> dict[str, object]:
     """The --prune / --sparsity flags as a [prune] table merged into the job's."""
+    from pipeline.errors import JobError
+
     table: dict[str, object] = {}
     if ratio is not None:
         table["structured"] = {"ratio": ratio}
@@ -158,6 +220,11 @@ def batch(
     Exit codes: 0 every job passed, 1 a parity gate failed, 2 bad manifest or executor, 3 a job
     failed, crashed or timed out.
     """
+    from pipeline.api import convert_batch
+    from pipeline.batch.manifest import load_manifest
+    from pipeline.batch.progress import BatchProgress, EventLog, outcome_table
+    from pipeline.errors import ExitCode, OnnxforgeError
+
     _configure_logging(verbose=False)
     log = EventLog(events)
     try:
@@ -184,6 +251,8 @@ def batch(
 
 def _batch_overrides(workers: int | None, ray_address: str | None, resume: bool) -> BatchOverrides:
     """The batch options given on the command line: they replace the manifest's settings."""
+    from pipeline.batch.base import BatchOverrides
+
     overrides = BatchOverrides()
     if workers is not None:
         overrides["workers"] = workers
@@ -202,15 +271,17 @@ def parity(
     backend_a: Annotated[str, typer.Option("--backend-a", help="Backend for the reference.")] = "cpu",
     backend_b: Annotated[str, typer.Option("--backend-b", help="Backend for the candidate.")] = "cpu",
     labels: Annotated[str | None, typer.Option(help="The .npz array of class labels (top-1 accuracy).")] = None,
-    min_cosine: Annotated[float, typer.Option(help="Task gate: lowest mean cosine per output.")] = DEFAULT_MIN_COSINE,
+    min_cosine: Annotated[
+        float, typer.Option(help="Task gate: lowest mean cosine per output.")
+    ] = _DEFAULTS.DEFAULT_MIN_COSINE,
     max_accuracy_drop: Annotated[
         float | None, typer.Option(help="Task gate: largest top-1 drop in points (needs --labels).")
     ] = None,
     atol: Annotated[
         float | None, typer.Option(help="Element-wise gate instead: |b - a| <= atol + rtol*|a| everywhere.")
     ] = None,
-    rtol: Annotated[float, typer.Option(help="With --atol.")] = DEFAULT_RTOL,
-    batch_size: Annotated[int, typer.Option(help="Samples per run.")] = DEFAULT_BATCH_SIZE,
+    rtol: Annotated[float, typer.Option(help="With --atol.")] = _DEFAULTS.DEFAULT_RTOL,
+    batch_size: Annotated[int, typer.Option(help="Samples per run.")] = _DEFAULTS.DEFAULT_BATCH_SIZE,
     localize: Annotated[
         bool | None,
         typer.Option("--localize/--no-localize", help="Find where the error enters (default: when the gate fails)."),
@@ -221,6 +292,11 @@ def parity(
 
     Exit codes: 0 the gate passed, 1 it failed, 2 bad input (model, data, backend), 3 internal error.
     """
+    from pipeline.errors import ExitCode, OnnxforgeError
+    from pipeline.job import Fp32Policy, TaskPolicy
+    from pipeline.parity.compare import compare_models
+    from pipeline.parity.writers import write_reports
+
     _configure_logging(verbose=False)
     try:
         report = compare_models(
@@ -252,6 +328,12 @@ def report(
     output_dir: Annotated[Path, typer.Argument(help="A conversion's output folder (or any folder with report.json).")],
 ) -> None:
     """Re-render report.md from report.json (after an upgrade, or to regenerate a deleted file)."""
+    from pydantic import ValidationError
+
+    from pipeline.errors import JobError, first_line
+    from pipeline.parity.report import ParityReport
+    from pipeline.parity.writers import write_reports
+
     source = output_dir / "report.json"
     try:
         loaded = ParityReport.model_validate_json(source.read_text(encoding="utf-8"))
@@ -292,6 +374,10 @@ def placement(
 
     Exit codes: 0 placed, 2 bad input (model, backend, options), 3 internal error.
     """
+    from backends.resolve import resolve_target_from_pairs
+    from pipeline.errors import OnnxforgeError
+    from pipeline.parity.target import render_placement
+
     _configure_logging(verbose)
     try:
         target = resolve_target_from_pairs(backend, option or [])
@@ -305,6 +391,10 @@ def placement(
 @app.command()
 def backends() -> None:
     """List every backend: execution providers, availability (with reason and install hint), capabilities."""
+    from rich.table import Table
+
+    from backends.registry import list_backends
+
     table = Table(title="onnxforge backends")
     for column in ("name", "origin", "execution providers", "available", "int8 activations"):
         table.add_column(column)
@@ -347,8 +437,13 @@ def _quant_summary(backend: Backend | None) -> str:
 
 
 def _print_report(report: ParityReport) -> None:
+    """The parity table (checked values with the digits their limits need), the summary lines, the verdict."""
+    from rich.table import Table
+
+    from pipeline.parity.console import console_table, summary_lines
+
     table = Table(title=f"parity: {report.job} on {report.data}, {report.samples} samples")
-    header, rows = comparison_table(report, CONSOLE_COLUMNS)
+    header, rows = console_table(report)
     for column in header:
         table.add_column(column, overflow="fold")
     for row in rows:
@@ -366,6 +461,8 @@ _RESULT_STYLE = {"pass": "[green]pass[/]", "FAIL": "[red]FAIL[/]"}
 
 def _print_placement_line(placement: PlacementReport) -> None:
     """One line per placement: the share that falls back and, for an accelerator, its estimate."""
+    from pipeline.parity.console import placement_line
+
     stdout.print(placement_line(placement), highlight=False, markup=False)
 
 
@@ -382,6 +479,8 @@ def main() -> None:
     except SystemExit:
         raise
     except Exception as e:  # last resort: say what broke, exit "internal error"
+        from pipeline.errors import ExitCode
+
         stderr.print("[red]internal error:[/]", end=" ")
         stderr.print(f"{type(e).__name__}: {e}", markup=False, highlight=False)
         logging.getLogger(__name__).debug("internal error", exc_info=True)

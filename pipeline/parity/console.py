@@ -1,16 +1,57 @@
 """The parity report as a terminal shows it: plain-text lines under the comparison table.
 
-The comparison table itself is `pipeline.parity.report.comparison_table` with `CONSOLE_COLUMNS`;
-here are the one-line summaries of the other sections. The CLI only adds colour.
+The comparison table is `pipeline.parity.report.comparison_table` with `CONSOLE_COLUMNS`, its
+checked values printed with the digits their limits need (`console_table`); then the one-line
+summaries of the other sections. The CLI only adds colour.
 """
 
 from __future__ import annotations
 
+import math
+
 from backends.base import PlacementReport
 from pipeline.distillation.summary import DistillationSummary
-from pipeline.parity.report import ParityReport
+from pipeline.parity.policy import Check
+from pipeline.parity.report import CONSOLE_COLUMNS, ParityReport, comparison_table
 from pipeline.pruning.summary import PruningSummary
 from pipeline.quantization.performance import PerformanceCheck
+
+# Console columns that show a checked metric: column -> the metric's name in `Check.metric`.
+_CHECKED_COLUMNS = {"cosine mean": "cosine_mean", "SNR dB": "snr_db", "top-1 agree": "top1_agreement"}
+# Fewest and most significant digits of a checked value.
+_CHECKED_DIGITS = (6, 12)
+
+
+def console_table(report: ParityReport) -> tuple[list[str], list[list[str]]]:
+    """The comparison table with `CONSOLE_COLUMNS`; a value a check judges has at least 6 significant
+    digits, more where fewer would round it onto the limit or past it (0.99997 against 0.99999)."""
+    header, rows = comparison_table(report, CONSOLE_COLUMNS)
+    pairs = [(comparison, output) for comparison in report.comparisons for output in comparison.outputs]
+    for row, (_, output) in zip(rows, pairs, strict=True):
+        checks = {check.metric: check for check in output.checks}
+        for index, column in enumerate(header):
+            check = checks.get(_CHECKED_COLUMNS.get(column, ""))
+            if check is not None:
+                row[index] = checked_value(check)
+    return header, rows
+
+
+def checked_value(check: Check) -> str:
+    """`check.value` with enough significant digits that it stays on its side of `check.limit`."""
+    value, limit = check.value, check.limit
+    if math.isinf(value) or math.isnan(value):
+        return str(value)
+    low, high = _CHECKED_DIGITS
+    for digits in range(low, high):
+        text = f"{value:#.{digits}g}"
+        if _side(float(text), limit) == _side(value, limit):
+            return text
+    return f"{value:#.{high}g}"
+
+
+def _side(value: float, limit: float) -> int:
+    """-1 below the limit, 0 on it, 1 above."""
+    return (value > limit) - (value < limit)
 
 
 def summary_lines(report: ParityReport) -> list[str]:
@@ -53,10 +94,18 @@ def pruning_line(pruning: PruningSummary) -> str:
 
 
 def speed_line(check: PerformanceCheck) -> str:
-    """int8 vs float latency on one target, and why int8 is not faster where it is not."""
-    speed = f"int8 {check.int8_ms:.1f} ms vs float {check.fp32_ms:.1f} ms ({check.ratio:.2f}x)"
+    """int8 vs float latency on one target, and why int8 is not faster where it is not, e.g.
+    "int8 is 0.93x the float latency on cpu (1.02 ms vs 1.10 ms, batch 64x1x8x8)"."""
+    batch = "x".join(map(str, check.batch_shape))
+    times = f"{milliseconds(check.int8_ms)} vs {milliseconds(check.fp32_ms)}"
     why = "" if check.faster else f": not faster ({'; '.join(check.reasons)})"
-    return f"speed on {check.target}, batch {'x'.join(map(str, check.batch_shape))}: {speed}{why}"
+    return f"int8 is {check.ratio:.2f}x the float latency on {check.target} ({times}, batch {batch}){why}"
+
+
+def milliseconds(value: float) -> str:
+    """A latency with the digits its ratio needs: two decimals below 10 ms, one below 100, none above."""
+    decimals = 2 if value < 10 else 1 if value < 100 else 0
+    return f"{value:.{decimals}f} ms"
 
 
 def placement_line(placement: PlacementReport) -> str:

