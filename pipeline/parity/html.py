@@ -1,32 +1,59 @@
-"""report.html: the parity report as one self-contained page with inline SVG plots.
+"""report.html: the parity report as one self-contained page, decision first.
 
 No scripts, fonts or files from elsewhere: the page opens offline and can be attached to a ticket.
-Plots: the absolute-error histogram of every output of every comparison, and for each
-localisation the SQNR of every compared tensor in graph order.
+Order: the summary per target, failed checks, what quantize kept float (with a per-node damage
+chart), the parity chain's metrics per comparison and every check with its limit, accuracy, int8 speed, error
+histograms, where the error enters, distillation, pruning, placement, on-target parity, stage
+timings, model files, tool versions and input hashes. Sections shared with report.md are rendered
+from the same Markdown lines (`markdown_html`), so the two never disagree.
 """
 
 from __future__ import annotations
 
-import math
+import re
 from html import escape
 
 from pipeline.parity.localize import EXACT_DB, Localisation
-from pipeline.parity.metrics import ErrorHistogram
-from pipeline.parity.report import ParityReport, comparison_table
-from pipeline.parity.sections import render_distillation, render_pruning
+from pipeline.parity.report import ParityReport, accuracy_section, check_table, comparison_table, speed_section
+from pipeline.parity.sections import (
+    SUMMARY_COLUMNS,
+    render_distillation,
+    render_provenance,
+    render_pruning,
+    render_quantization,
+    summary_row,
+)
+from pipeline.parity.svg import damage_svg, histogram_svg, sqnr_svg
 from pipeline.parity.target import render_placement, render_target_parity
 
 _STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 1100px; }
+* { box-sizing: border-box; }
+body { font-family: system-ui, sans-serif; margin: 1.5em auto; padding: 0 1.5em; color: #222;
+       max-width: 1140px; line-height: 1.4; }
 h1 { margin-bottom: 0.2em; } h2 { margin-top: 1.6em; border-bottom: 1px solid #ddd; }
-table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.9em; }
-th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
-th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
+.box { max-width: 100%; overflow-x: auto; }
+table { border-collapse: collapse; margin: 0.6em 0; font-size: 0.88em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.5em; text-align: left; vertical-align: top;
+         overflow-wrap: break-word; }
+th { background: #f3f3f3; } td.num { text-align: right; white-space: nowrap; font-variant-numeric: tabular-nums; }
+.summary td, .summary th { font-size: 1.05em; padding: 0.4em 0.7em; }
 .pass { color: #127a12; font-weight: bold; } .fail { color: #b00020; font-weight: bold; }
 .note { background: #fff8e1; padding: 0.4em 0.8em; border-left: 4px solid #f0b400; }
-figure { display: inline-block; margin: 0.5em 1em 0.5em 0; } figcaption { font-size: 0.85em; color: #555; }
-code { background: #f3f3f3; padding: 0 0.2em; }
+figure { display: inline-block; margin: 0.5em 1em 0.5em 0; max-width: 100%; vertical-align: top; }
+figcaption { font-size: 0.85em; color: #555; max-width: 400px; }
+svg { max-width: 100%; height: auto; }
+code { background: #f3f3f3; padding: 0 0.2em; overflow-wrap: anywhere; }
+@media print { body { max-width: none; margin: 0; } .box { overflow: visible; } h2 { break-after: avoid; }
+               figure, tr { break-inside: avoid; } }
 """
+_RESULTS = {
+    "pass": '<span class="pass">pass</span>',
+    "PASS": '<span class="pass">PASS</span>',
+    "FAIL": '<span class="fail">FAIL</span>',
+    "fail": '<span class="fail">fail</span>',
+}
+_CODE = re.compile(r"`([^`]+)`")
+_NUMBER = re.compile(r"^[-+]?[0-9][0-9,.]*(e[-+]?[0-9]+)?( ?(%|x|ms|s|B|kB|MB|GB))?$|^-$|^inf$")
 
 
 def render_html(report: ParityReport) -> str:
@@ -35,40 +62,64 @@ def render_html(report: ParityReport) -> str:
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>Parity report: {escape(report.job)}</title>",
         f"<style>{_STYLE}</style></head><body>",
         f"<h1>Parity report: {escape(report.job)}</h1>",
         f'<p>Verdict: <span class="{verdict}">{report.verdict.upper()}</span> on {escape(report.data)} '
         f"({report.samples} samples).</p>",
         *(f'<p class="note">{escape(note)}</p>' for note in report.notes),
-        _comparisons(report),
-        _histograms(report),
-        *(_localisation(localisation) for localisation in report.localisations),
+        _summary(report),
     ]
-    if report.distillation is not None:
-        parts.append(_preformatted(render_distillation(report.distillation)))
-    if report.pruning is not None:
-        parts.append(_preformatted(render_pruning(report.pruning)))
-    parts += [_preformatted(render_placement(placement)) for placement in report.placements]
-    if report.on_target:
-        parts.append(_preformatted(render_target_parity(report.on_target)))
     if report.failures:
         parts.append("<h2>Failed checks</h2><ul>" + "".join(f"<li>{escape(f)}</li>" for f in report.failures) + "</ul>")
+    parts += [_quantization(report), _comparisons(report), _checks(report)]
+    parts += [markdown_html(accuracy_section(report)), markdown_html(speed_section(report))]
+    parts += [_histograms(report), *(_localisation(localisation) for localisation in report.localisations)]
+    if report.distillation is not None:
+        parts.append(markdown_html(render_distillation(report.distillation)))
+    if report.pruning is not None:
+        parts.append(markdown_html(render_pruning(report.pruning)))
+    parts += [markdown_html(render_placement(placement)) for placement in report.placements]
+    if report.on_target:
+        parts.append(markdown_html(render_target_parity(report.on_target)))
+    parts.append(
+        markdown_html(render_provenance(report.stage_timings, report.models, report.tool_versions, report.input_hashes))
+    )
     parts.append("</body></html>")
-    return "\n".join(parts) + "\n"
+    return "\n".join(part for part in parts if part) + "\n"
 
 
-def _preformatted(section: list[str]) -> str:
-    """A Markdown section (a "## title" line, a blank line, then text and tables) as a heading and a <pre>."""
-    title = section[0].removeprefix("## ")
-    return f"<h2>{escape(title)}</h2><pre>" + escape("\n".join(section[2:])) + "</pre>"
+def _summary(report: ParityReport) -> str:
+    if not report.summary:
+        return ""
+    rows = [[_inline(cell) for cell in summary_row(summary)] for summary in report.summary]
+    for row in rows:
+        row[1] = _RESULTS.get(row[1], row[1])
+    return "<h2>Summary</h2>" + table(SUMMARY_COLUMNS, rows, css="summary")
+
+
+def _quantization(report: ParityReport) -> str:
+    if report.quantization is None:
+        return ""
+    damages = [(kept.node, kept.damage) for kept in report.quantization.kept_float if kept.damage is not None]
+    chart = ""
+    if damages:
+        caption = "Per-node damage: the cosine each node kept float costs alone in int8 (mixed-precision ranking)"
+        chart = f"<figure>{damage_svg(damages)}<figcaption>{caption}</figcaption></figure>"
+    return markdown_html(render_quantization(report.quantization)) + chart
+
+
+def _checks(report: ParityReport) -> str:
+    header, rows = check_table(report)
+    cells = [[*(escape(cell) for cell in row[:-1]), _RESULTS.get(row[-1], row[-1])] for row in rows]
+    return "<h2>Parity chain: every check</h2>" + table(header, cells)
 
 
 def _comparisons(report: ParityReport) -> str:
     header, rows = comparison_table(report)
-    styled = {"pass": '<span class="pass">pass</span>', "FAIL": '<span class="fail">FAIL</span>'}
-    cells = [[*(escape(cell) for cell in row[:-1]), styled.get(row[-1], row[-1])] for row in rows]
-    return "<h2>Comparisons</h2>" + _table(header, cells)
+    cells = [[*(escape(cell) for cell in row[:-1]), _RESULTS.get(row[-1], row[-1])] for row in rows]
+    return "<h2>Parity chain: comparisons</h2>" + table(header, cells)
 
 
 def _histograms(report: ParityReport) -> str:
@@ -76,43 +127,21 @@ def _histograms(report: ParityReport) -> str:
     for comparison in report.comparisons:
         for output in comparison.outputs:
             histogram = output.metrics.error_histogram
-            if histogram is not None:
-                caption = f"{comparison.label} on {comparison.target}: |error| of {output.name}"
-                figures.append(
-                    f"<figure>{_histogram_svg(histogram)}<figcaption>{escape(caption)}</figcaption></figure>"
-                )
+            if histogram is None:
+                continue
+            atol = next((check.limit for check in output.checks if check.metric == "min_atol"), None)
+            caption = f"{comparison.label} on {comparison.target}: |error| of {output.name}"
+            caption += (
+                "; dashed: the policy's atol" if atol is not None else " (task-level policy: no element tolerance)"
+            )
+            plot = histogram_svg(histogram, atol)
+            figures.append(f"<figure>{plot}<figcaption>{escape(caption)}</figcaption></figure>")
     if not figures:
         return ""
     return (
-        "<h2>Error histograms</h2><p>Elements per absolute-error bin (log scale; exact matches not shown).</p>"
-        + "".join(figures)
+        "<h2>Error histograms</h2><p>Elements per absolute-error bin (both axes log scale; exact matches not "
+        "counted in the bins).</p>" + "".join(figures)
     )
-
-
-def _histogram_svg(histogram: ErrorHistogram, width: int = 320, height: int = 150) -> str:
-    counts = histogram.counts
-    used = [i for i, count in enumerate(counts) if count]
-    if not used:
-        return _svg(width, height, f'<text x="10" y="{height // 2}">no error: every element matches</text>')
-    first, last = max(0, used[0] - 2), min(len(counts) - 1, used[-1] + 2)
-    shown = counts[first : last + 1]
-    peak = max(shown)
-    bar = (width - 40) / len(shown)
-    bars = []
-    for index, count in enumerate(shown):
-        h = 0 if count == 0 else max(1.0, (height - 40) * math.log10(1 + count) / math.log10(1 + peak))
-        x = 30 + index * bar
-        bars.append(
-            f'<rect x="{x:.1f}" y="{height - 25 - h:.1f}" width="{max(bar - 0.5, 0.5):.1f}" '
-            f'height="{h:.1f}" fill="#3b6fb6"/>'
-        )
-    edges = histogram.edges()
-    labels = "".join(
-        f'<text x="{30 + i * bar:.1f}" y="{height - 8}" font-size="10">{edges[first + i]:.0e}</text>'
-        for i in range(0, len(shown), max(1, len(shown) // 4))
-    )
-    axis = f'<line x1="30" y1="{height - 25}" x2="{width - 10}" y2="{height - 25}" stroke="#444"/>'
-    return _svg(width, height, "".join(bars) + axis + labels)
 
 
 def _localisation(localisation: Localisation) -> str:
@@ -136,49 +165,53 @@ def _localisation(localisation: Localisation) -> str:
         ]
         for t in steps
     ]
-    table = _table(["tensor", "step", "op", "SQNR dB", "local SQNR dB", "exclude to remove"], rows) if rows else ""
-    caption = "SQNR of every compared tensor in graph order (dB; red: below the threshold)"
-    plot = f"<figure>{_sqnr_svg(localisation)}<figcaption>{caption}</figcaption></figure>"
-    return f"<h2>{escape(title)}</h2><p>{lead}</p>{plot}{table}"
+    header = ["tensor", "step", "op", "SQNR dB", "local SQNR dB", "exclude to remove"]
+    steps_table = table(header, rows) if rows else ""
+    caption = "SQNR of every compared tensor in graph order (dB; red: below the threshold, dashed)"
+    plot = f"<figure>{sqnr_svg(localisation)}<figcaption>{caption}</figcaption></figure>"
+    return f"<h2>{escape(title)}</h2><p>{lead}</p>{plot}{steps_table}"
 
 
-def _sqnr_svg(localisation: Localisation, width: int = 1000, height: int = 220) -> str:
-    values = [t.sqnr_db for t in localisation.tensors]
-    if not values:
-        return _svg(width, height, '<text x="10" y="20">no shared tensors</text>')
-    top, bottom = EXACT_DB, min(0.0, min(values))
-    step = (width - 50) / max(len(values), 1)
-
-    def y(value: float) -> float:
-        return 10 + (height - 40) * (top - value) / (top - bottom)
-
-    def colour(value: float) -> str:
-        return "#b00020" if value < localisation.threshold_db else "#3b6fb6"
-
-    bars = "".join(
-        f'<rect x="{40 + i * step:.1f}" y="{y(v):.1f}" width="{max(step - 0.3, 0.4):.2f}" '
-        f'height="{max(y(bottom) - y(v), 0.5):.1f}" fill="{colour(v)}"/>'
-        for i, v in enumerate(values)
-    )
-    threshold = y(localisation.threshold_db)
-    guide = (
-        f'<line x1="40" y1="{threshold:.1f}" x2="{width - 10}" y2="{threshold:.1f}" '
-        'stroke="#f0b400" stroke-dasharray="4"/>'
-        f'<text x="2" y="{threshold + 4:.1f}" font-size="10">{localisation.threshold_db:g}</text>'
-        f'<text x="2" y="{y(top) + 10:.1f}" font-size="10">{top:g}</text>'
-        f'<text x="2" y="{y(bottom):.1f}" font-size="10">{bottom:.0f}</text>'
-    )
-    return _svg(width, height, bars + guide)
+def markdown_html(lines: list[str]) -> str:
+    """The report's own Markdown subset as HTML: "## " headings, tables, "> " notes, "- " lists,
+    paragraphs and `code` (everything else escaped)."""
+    html: list[str] = []
+    rows: list[list[str]] = []
+    items: list[str] = []
+    for line in [*lines, ""]:
+        if rows and not line.startswith("|"):
+            html.append(table(rows[0], rows[2:], escaped=True))
+            rows = []
+        if items and not line.startswith("- "):
+            html.append("<ul>" + "".join(f"<li>{item}</li>" for item in items) + "</ul>")
+            items = []
+        text = line.strip()
+        if text.startswith("|"):
+            rows.append([_inline(cell.strip()) for cell in text.strip("|").split("|")])
+        elif text.startswith("- "):
+            items.append(_inline(text[2:]))
+        elif text.startswith("## "):
+            html.append(f"<h2>{_inline(text[3:])}</h2>")
+        elif text.startswith(">"):
+            html.append(f'<p class="note">{_inline(text.lstrip("> "))}</p>')
+        elif text:
+            html.append(f"<p>{_inline(text)}</p>")
+    return "".join(html)
 
 
-def _svg(width: int, height: int, body: str) -> str:
-    return (
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        f'viewBox="0 0 {width} {height}" role="img">{body}</svg>'
-    )
+def _inline(text: str) -> str:
+    """Escaped text with `code` spans."""
+    return _CODE.sub(lambda m: f"<code>{m.group(1)}</code>", escape(text))
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    head = "".join(f"<th>{escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{cell}</td>" for cell in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+def table(header: list[str], rows: list[list[str]], css: str = "", escaped: bool = False) -> str:
+    """A table in its own scrolling box (a wide table never widens the page); cells are HTML."""
+    head = "".join(f"<th>{h if escaped else escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(_cell(cell) for cell in row) + "</tr>" for row in rows)
+    style = f' class="{css}"' if css else ""
+    return f'<div class="box"><table{style}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
+
+
+def _cell(cell: str) -> str:
+    """A table cell; numbers align right."""
+    return f'<td class="num">{cell}</td>' if _NUMBER.match(cell) else f"<td>{cell}</td>"

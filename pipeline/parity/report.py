@@ -322,7 +322,7 @@ def render_markdown(report: ParityReport) -> str:
     if report.summary:
         lines += [*render_summary(report.summary), ""]
     lines += markdown_table(*comparison_table(report))
-    lines += _accuracy_section(report) + _speed_section(report)
+    lines += accuracy_section(report) + speed_section(report)
     if report.quantization is not None:
         lines += ["", *render_quantization(report.quantization)]
     lines += ["", "## Parity chain: every check", "", *markdown_table(*check_table(report))]
@@ -365,7 +365,7 @@ def check_table(report: ParityReport) -> tuple[list[str], list[list[str]]]:
     return ["stage", "target", "candidate vs reference", "output", "check", "value", "limit", "result"], rows
 
 
-def _accuracy_section(report: ParityReport) -> list[str]:
+def accuracy_section(report: ParityReport) -> list[str]:
     """Top-1 accuracy of reference and candidate per comparison, when measured."""
     rows = [
         [
@@ -382,10 +382,10 @@ def _accuracy_section(report: ParityReport) -> list[str]:
     if not rows:
         return []
     header = ["stage", "target", "output", "reference top-1", "candidate top-1", "drop (points)"]
-    return ["", *markdown_table(header, rows)]
+    return ["", "## Top-1 accuracy", "", *markdown_table(header, rows)]
 
 
-def _speed_section(report: ParityReport) -> list[str]:
+def speed_section(report: ParityReport) -> list[str]:
     """int8 vs float latency per target, and why int8 is not faster where it is not."""
     if not report.performance:
         return []
@@ -406,7 +406,10 @@ def _speed_section(report: ParityReport) -> list[str]:
         ],
     )
     lines += [
-        f"\nint8 is not faster on {c.target}: {'; '.join(c.reasons)}." for c in report.performance if not c.faster
+        line
+        for c in report.performance
+        if not c.faster
+        for line in ("", f"int8 is not faster on {c.target}: {'; '.join(c.reasons)}.")
     ]
     return lines
 
