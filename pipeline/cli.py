@@ -418,6 +418,18 @@ def backends() -> None:
                 stdout.print(f"  to install: {entry.availability.hint}", highlight=False)
 
 
+@app.command()
+def schema(output: Annotated[Path | None, typer.Option("-o", "--output", help="Write to this file.")] = None) -> None:
+    """Write the job file's JSON Schema (draft 2020-12) to stdout or FILE, so editors check job files as you type."""
+    from pipeline.errors import StorageError
+    from pipeline.job.schema import write_schema
+
+    try:
+        write_schema(output)
+    except StorageError as e:
+        _fail(e)
+
+
 def _quant_summary(backend: Backend | None) -> str:
     """The int8 column of `onnxforge backends`: activation types and the constraints on int8 models."""
     if backend is None:

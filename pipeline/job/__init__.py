@@ -3,7 +3,9 @@
 The modules each hold one part: `base` (the section base, value types, path resolution),
 `defaults`, `sources` (the model and its inputs), `data`, `options` (stage options, targets),
 `policies` (parity), `conversion` (the job itself) and `loading` (job files, error messages).
-Import from here; the layout inside may change.
+Import from here; the layout inside may change. Two modules are imported by name, not re-exported
+(``python -m pipeline.job.schema`` runs one as a script): `schema` (the job file's JSON Schema,
+`job_schema`) and `reference` (``docs/job-reference.md``, `render_job_reference`).
 """
 
 from __future__ import annotations
