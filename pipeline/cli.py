@@ -59,6 +59,9 @@ stderr = Console(stderr=True, width=None if sys.stderr.isatty() else _PIPE_WIDTH
 
 # Library chatter that says nothing about the user's model (e.g. torchvision ops not registered).
 _QUIET_LOGGERS = ("torch.onnx", "onnxscript", "onnx_ir")
+# torch.onnx's op registry ("torchvision is not installed. Skipping torchvision::nms"): with -v it is
+# set explicitly, so a library default that quiets it (one that keeps an explicit level) leaves it shown.
+_TORCH_OP_REGISTRY = "torch.onnx._internal.exporter._registration"
 # Progress bars of the Hugging Face libraries (transformers' "Loading weights"): read at their import.
 _HF_PROGRESS_BARS = "HF_HUB_DISABLE_PROGRESS_BARS"
 
@@ -75,6 +78,8 @@ def _configure_logging(verbose: bool) -> None:
         for name in _QUIET_LOGGERS:
             logging.getLogger(name).setLevel(logging.ERROR)
         os.environ.setdefault(_HF_PROGRESS_BARS, "1")
+    else:
+        logging.getLogger(_TORCH_OP_REGISTRY).setLevel(logging.WARNING)
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING, format="%(message)s", handlers=[handler], force=True
     )
