@@ -30,6 +30,12 @@ from pipeline.stages.distill import pytorch_model, pytorch_program
 from pipeline.threads import session_options
 
 logger = logging.getLogger(__name__)
+# torch.onnx's op registry logs "torchvision is not installed. Skipping torchvision::nms" (four lines,
+# through torch's own handler) on a process's first export: nothing about the user's model. Unless the
+# caller chose a level for that logger (the CLI's -v does), only its errors are shown.
+_TORCH_REGISTRATION = logging.getLogger("torch.onnx._internal.exporter._registration")
+if _TORCH_REGISTRATION.level == logging.NOTSET:
+    _TORCH_REGISTRATION.setLevel(logging.ERROR)
 
 FP32_MODEL = "model.fp32.onnx"
 # Op names as torch's exporters print them: aten::upsample_bicubic2d, aten.foo.default, ...

@@ -112,11 +112,6 @@ def test_convert_prints_checked_digits_and_names_the_report_last(
     assert all(line.strip().split()[1:3] == ["done", "in"] for line in plain(result.stderr).strip().splitlines())
 
 
-@pytest.mark.xfail(
-    reason="torch.onnx logs 'torchvision is not installed' through its own handler on the first export: "
-    "the export stage must quiet torch.onnx._internal.exporter._registration (not a CLI file)",
-    strict=False,
-)
 def test_the_python_api_prints_nothing_on_stderr(digits_job: Raw, write_job: WriteJob, tmp_path: Path) -> None:
     job_file = write_job(digits_job)
     code = "import sys, pipeline; pipeline.convert(pipeline.load_job(sys.argv[1]))"
