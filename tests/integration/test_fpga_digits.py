@@ -15,6 +15,7 @@ import pipeline
 from backends.fpga import FpgaBackend
 from backends.fpga.profile import PROFILES
 from pipeline.cli import app
+from pipeline.parity.report import REPORT_SCHEMA_VERSION
 from tests.conftest import DIGITS_DIR, MINILM_DIR
 
 ACCELERATOR = "fpga:dpu-int8"
@@ -50,7 +51,7 @@ def test_report_shows_the_cycle_estimate_and_the_memory_plan(fpga_result: pipeli
     assert "Activation memory plan: peak" in markdown
     assert "## On-target parity" in markdown
     saved = json.loads((fpga_result.output_dir / "report.json").read_text())
-    assert saved["schema_version"] == 4
+    assert saved["schema_version"] == REPORT_SCHEMA_VERSION
     assert saved["placements"][0]["accelerator"]["cycles"] == estimate.cycles
 
 
