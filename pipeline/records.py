@@ -157,6 +157,8 @@ class QuantizeRecord(ModelRecord):
         power_of_two_scales: Every scale is a power of two.
         fused_ops: Contrib ops fused into the int8 model, by op type.
         kept_float: Node name to why it stays float.
+        kept_float_damage: For the nodes mixed precision kept float, the damage each did alone in int8
+            (1 - cosine of the worst output on a calibration batch).
         mixed_precision_probes: Every candidate the mixed-precision search judged.
         nodes: Nodes of the int8 model.
         quantize_linear: Its QuantizeLinear nodes.
@@ -179,6 +181,7 @@ class QuantizeRecord(ModelRecord):
     power_of_two_scales: bool
     fused_ops: dict[str, int]
     kept_float: dict[str, str]
+    kept_float_damage: dict[str, float] = Field(default_factory=dict)
     mixed_precision_probes: list[ProbeRecord]
     nodes: int
     quantize_linear: int

@@ -7,7 +7,6 @@ speed checks and placements into one `TargetSummary` per target.
 
 from __future__ import annotations
 
-import re
 from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict
@@ -20,7 +19,6 @@ if TYPE_CHECKING:
     from pipeline.parity.report import Comparison
 
 PYTORCH = "pytorch"
-_DAMAGE = re.compile(r"costs ([0-9.eE+-]+) cosine")
 
 
 class _Fact(BaseModel):
@@ -155,12 +153,6 @@ class TargetSummary(_Fact):
     fp32_metric: float | None
     shipped_metric: float | None
     fallback_share: float | None
-
-
-def damage_of(reason: str) -> float | None:
-    """The per-node damage a mixed-precision reason states ("alone in int8 it costs 1.2e-03 cosine")."""
-    found = _DAMAGE.search(reason)
-    return float(found.group(1)) if found else None
 
 
 def summarise(

@@ -59,11 +59,13 @@ class SearchResult:
 
     Attributes:
         kept_float: Node name to the reason it stays float.
+        damage: Node name to its measured damage (1 - cosine with only it in int8), for the nodes kept float.
         probes: Every evaluation, in order.
         met: Whether the policy was met (False: even with every candidate float it was not).
     """
 
     kept_float: dict[str, str] = field(default_factory=dict)
+    damage: dict[str, float] = field(default_factory=dict)
     probes: list[Probe] = field(default_factory=list)
     met: bool = False
 
@@ -159,6 +161,7 @@ def search(
     if high >= len(ranked) and not (result.probes[-1].kept_float == high and result.probes[-1].passed):
         if not probe(len(ranked)):
             result.kept_float = _reasons(ranked, "the closest to the int8 policy the allowed share of float nodes got")
+            result.damage = _damage(ranked)
             return result
         high = len(ranked)
     while high - low > 1:
@@ -169,7 +172,12 @@ def search(
             low = middle
     result.met = True
     result.kept_float = _reasons(ranked[:high], "needed to meet the int8 policy")
+    result.damage = _damage(ranked[:high])
     return result
+
+
+def _damage(candidates: list[Candidate]) -> dict[str, float]:
+    return {candidate.node: candidate.damage for candidate in candidates if candidate.damage is not None}
 
 
 def _reasons(candidates: list[Candidate], why: str) -> dict[str, str]:

@@ -87,8 +87,9 @@ class QuantizeStage:
         calibrated = self._calibrate(ctx, source, parent.sha256)
         kept = {**calibrated.recipe.kept_float, **irregular_tensor_nodes(calibrated.model, calibrated.stats)}
         probes: list[ProbeRecord] = []
+        damage: dict[str, float] = {}
         if job.quantize.mixed_precision and _has_checks(job.parity.int8):
-            kept, probes = self._mixed_precision(ctx, source, calibrated, settings, kept)
+            kept, probes, damage = self._mixed_precision(ctx, source, calibrated, settings, kept)
         quantized = self._quantize(job, calibrated, settings, kept)
         _check_quantized(job, quantized, calibrated.recipe, kept)
         target = ctx.workdir / INT8_MODEL
@@ -108,6 +109,7 @@ class QuantizeStage:
             power_of_two_scales=settings.power_of_two,
             fused_ops=dict(sorted(contrib_ops(graph).items())),
             kept_float=kept,
+            kept_float_damage=damage,
             mixed_precision_probes=probes,
             nodes=len(graph.node),
             quantize_linear=sum(node.op_type == "QuantizeLinear" for node in graph.node),
@@ -138,8 +140,9 @@ class QuantizeStage:
 
     def _mixed_precision(
         self, ctx: StageContext, source: Path, calibrated: _Calibrated, settings: QdqSettings, kept: dict[str, str]
-    ) -> tuple[dict[str, str], list[ProbeRecord]]:
-        """The float nodes the int8 policy needs (on calibration data), and every probe made."""
+    ) -> tuple[dict[str, str], list[ProbeRecord], dict[str, float]]:
+        """The float nodes the int8 policy needs (on calibration data), every probe made, and the
+        measured damage of each node the search kept float."""
         job = ctx.job
         judge = PolicyJudge(ctx, source)
         estimated = rank_candidates(
@@ -158,7 +161,7 @@ class QuantizeStage:
             share = 100 * job.quantize.max_float_share
             logger.warning("%s: int8 policy not met with up to %.0f%% of nodes float", job.name, share)
         probes = [ProbeRecord(kept_float=p.kept_float, passed=p.passed, summary=p.summary) for p in result.probes]
-        return {**kept, **result.kept_float}, probes
+        return {**kept, **result.kept_float}, probes, result.damage
 
     def _statistics(
         self, ctx: StageContext, model: onnx.ModelProto, model_sha256: str, tensors: list[str]

@@ -23,7 +23,7 @@ from pipeline.outputs import run_torch
 from pipeline.parity.chain import Link, ParityChain, RunKey, Runs
 from pipeline.parity.localize import Localisation, localize
 from pipeline.parity.report import Comparison, ParityReport
-from pipeline.parity.summary import KeptFloat, ModelFile, Probe, QuantizationSummary, RunFacts, StageTiming, damage_of
+from pipeline.parity.summary import KeptFloat, ModelFile, Probe, QuantizationSummary, RunFacts, StageTiming
 from pipeline.parity.target import ThreeWay
 from pipeline.parity.writers import write_reports
 from pipeline.quantization.performance import PerformanceCheck, performance_check
@@ -294,7 +294,10 @@ def _quantization(ctx: StageContext) -> QuantizationSummary | None:
         probes=[
             Probe(kept_float=p.kept_float, passed=p.passed, summary=p.summary) for p in record.mixed_precision_probes
         ],
-        kept_float=[KeptFloat(node=n, reason=why, damage=damage_of(why)) for n, why in record.kept_float.items()],
+        kept_float=[
+            KeptFloat(node=node, reason=why, damage=record.kept_float_damage.get(node))
+            for node, why in record.kept_float.items()
+        ],
     )
 
 

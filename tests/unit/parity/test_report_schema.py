@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 from pipeline.parity.report import REPORT_SCHEMA_VERSION, ParityReport, report_json_schema
-from pipeline.parity.summary import damage_of
 from tests.conftest import REPO_ROOT
 
 SCHEMA = REPO_ROOT / "docs" / "report-schema.json"
@@ -25,9 +24,3 @@ def test_report_schema_names_the_decision_data() -> None:
     assert {"summary", "models", "quantization", "stage_timings", "tool_versions", "input_hashes"} <= fields
     assert schema["properties"]["schema_version"]["default"] == REPORT_SCHEMA_VERSION == 5
     assert ParityReport.model_fields["tool_versions"].annotation == dict[str, str]
-
-
-def test_damage_is_read_from_the_mixed_precision_reason() -> None:
-    reason = "mixed precision rank 1: alone in int8 it costs 1.25e-03 cosine (input 'x', 20.1 dB SQNR); needed"
-    assert damage_of(reason) == 1.25e-3
-    assert damage_of("tensor 'x' carried 3 non-finite and 0 huge values in calibration") is None

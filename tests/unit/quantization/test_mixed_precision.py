@@ -118,6 +118,19 @@ def test_search_reasons_name_rank_damage_and_tensor() -> None:
     assert "rank 1" in reason and "act_a" in reason and "12.5 dB" in reason and "2.00e-02" in reason
 
 
+def test_search_records_the_measured_damage_of_every_node_it_keeps_float() -> None:
+    ranked = [
+        Candidate("a", "Conv", 12.5, "act_a", damage=0.02),
+        Candidate("b", "MatMul", 20.0, "act_b", damage=0.01),
+        Candidate("c", "MatMul", 25.0, "act_c", damage=0.001),
+    ]
+
+    result = search(lambda: ranked, FakePolicy({"a", "b"}))
+
+    # Typed, for the report's damage chart: no parsing of the reason text.
+    assert result.damage == {"a": 0.02, "b": 0.01}
+
+
 def test_max_share_caps_the_prefix_and_reports_the_policy_missed() -> None:
     ranked = candidates(10)
     policy = FakePolicy({"n7"})  # needs 8 of 10 float, but only half may be
