@@ -71,6 +71,20 @@ class Capabilities:
     measured_latency: bool = True
     contrib_ops: bool = False
 
+    def int8_summary(self) -> str:
+        """Activation types and the constraints on int8 models, in a few words (``onnxforge backends``)."""
+        constraints = self.quantization
+        parts = ["/".join(constraints.activation_types)]
+        if constraints.symmetric_activations:
+            parts.append("symmetric")
+        if constraints.power_of_two_scales:
+            parts.append("pow2 scales")
+        if not constraints.per_channel_weights:
+            parts.append("per-tensor weights")
+        if self.contrib_ops:
+            parts.append("ORT contrib ops")
+        return ", ".join(parts)
+
 
 class NodePlacement(BaseModel):
     """Where one node of a model runs.

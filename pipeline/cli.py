@@ -22,7 +22,7 @@ from rich.markup import escape
 if TYPE_CHECKING:
     from rich.progress import Progress, TaskID
 
-    from backends.base import Backend, PlacementReport
+    from backends.base import PlacementReport
     from pipeline.batch.base import BatchOverrides, JobOutcome
     from pipeline.errors import OnnxforgeError
     from pipeline.parity.localize import Localisation
@@ -137,13 +137,14 @@ def convert(
     from pipeline.api import convert as convert_job
     from pipeline.errors import OnnxforgeError, ParityError
     from pipeline.job import load_job
+    from pipeline.job.loading import prune_overrides
 
     _configure_logging(verbose)
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
     with Progress(*columns, TextColumn("{task.fields[detail]}"), console=stderr, transient=True) as progress:
         show = _stage_printer(progress, progress.add_task("starting", total=None, detail=""))
         try:
-            job = load_job(job_file, **_prune_overrides(job_file, prune, sparsity))
+            job = load_job(job_file, **prune_overrides(job_file, prune, sparsity))
             result = convert_job(job, output_dir=output_dir, on_event=show, resume=resume)
         except ParityError as e:
             progress.stop()
@@ -180,27 +181,6 @@ def _written(output_dir: Path, manifest: str) -> str:
     described = {"report.html": "report.html (open in a browser)", "report.md": "report.md"}
     names = [text for name, text in described.items() if (output_dir / name).is_file()]
     return ", ".join([*names, manifest])
-
-
-def _prune_overrides(job_file: Path, ratio: float | None, sparsity: str | None) -> dict[str, object]:
-    """The --prune / --sparsity flags as a [prune] table merged into the job's."""
-    from pipeline.errors import JobError
-
-    table: dict[str, object] = {}
-    if ratio is not None:
-        table["structured"] = {"ratio": ratio}
-    if sparsity is not None:
-        kind, _, value = sparsity.partition(":")
-        try:
-            if kind == "unstructured":
-                table["sparsity"] = {"pattern": "unstructured", "ratio": float(value or 0.5)}
-            else:
-                table["sparsity"] = {"pattern": "n:m", "n": int(kind), "m": int(value)}
-        except ValueError as e:
-            raise JobError(
-                job_file, "--sparsity", f"expected N:M (e.g. 2:4) or unstructured:RATIO, got {sparsity!r}"
-            ) from e
-    return {"prune": table} if table else {}
 
 
 @app.command()
@@ -411,7 +391,7 @@ def backends() -> None:
             entry.origin,
             ", ".join(backend.execution_providers) if backend else "-",
             "[green]yes[/]" if entry.availability.ok else "[red]no[/]",
-            _quant_summary(backend),
+            backend.capabilities.int8_summary() if backend is not None else "-",
         )
     stdout.print(table)
     for entry in entries:
@@ -433,24 +413,6 @@ def schema(output: Annotated[Path | None, typer.Option("-o", "--output", help="W
         write_schema(output)
     except StorageError as e:
         _fail(e)
-
-
-def _quant_summary(backend: Backend | None) -> str:
-    """The int8 column of `onnxforge backends`: activation types and the constraints on int8 models."""
-    if backend is None:
-        return "-"
-    capabilities = backend.capabilities
-    constraints = capabilities.quantization
-    parts = ["/".join(constraints.activation_types)]
-    if constraints.symmetric_activations:
-        parts.append("symmetric")
-    if constraints.power_of_two_scales:
-        parts.append("pow2 scales")
-    if not constraints.per_channel_weights:
-        parts.append("per-tensor weights")
-    if capabilities.contrib_ops:
-        parts.append("ORT contrib ops")
-    return ", ".join(parts)
 
 
 def _print_report(report: ParityReport) -> None:

@@ -245,3 +245,31 @@ def _model_in(annotation: Any) -> type[BaseModel] | None:
         if found is not None:
             return found
     return None
+
+
+def prune_overrides(job_file: Path, ratio: float | None, sparsity: str | None) -> dict[str, object]:
+    """The CLI's --prune / --sparsity flags as a [prune] table to merge into the job's (`load_job`).
+
+    Args:
+        job_file: The job file, for errors.
+        ratio: --prune: the share of channels removed from every prunable layer.
+        sparsity: --sparsity: ``N:M`` (e.g. ``2:4``) or ``unstructured:RATIO``.
+
+    Raises:
+        JobError: --sparsity is neither form.
+    """
+    table: dict[str, object] = {}
+    if ratio is not None:
+        table["structured"] = {"ratio": ratio}
+    if sparsity is not None:
+        kind, _, value = sparsity.partition(":")
+        try:
+            if kind == "unstructured":
+                table["sparsity"] = {"pattern": "unstructured", "ratio": float(value or 0.5)}
+            else:
+                table["sparsity"] = {"pattern": "n:m", "n": int(kind), "m": int(value)}
+        except ValueError as e:
+            raise JobError(
+                job_file, "--sparsity", f"expected N:M (e.g. 2:4) or unstructured:RATIO, got {sparsity!r}"
+            ) from e
+    return {"prune": table} if table else {}
