@@ -43,7 +43,8 @@ def batch_manifest(tmp_path: Path, digits_job: dict[str, Any]) -> Path:
         {"name": "healthy_b", "output_dir": "out/healthy_b"},
     ]
     healthy["python_path"] = [*healthy["python_path"], str(tmp_path)]
-    manifest = {"batch": {"workers": 2, "timeout_s": 45.0}, "defaults": healthy, "jobs": jobs}
+    # The hanging job waits for this timeout: long enough for a healthy digits job (about 5 s here).
+    manifest = {"batch": {"workers": 2, "timeout_s": 25.0}, "defaults": healthy, "jobs": jobs}
     path = tmp_path / "batch.toml"
     path.write_text(tomli_w.dumps(manifest))
     return path
