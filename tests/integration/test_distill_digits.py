@@ -104,6 +104,7 @@ FLAKY_DATA = """
 """
 
 
+@pytest.mark.slow  # ~11 s; tests/unit/distillation/test_trainer.py resumes bit-exactly in the default run
 def test_an_interrupted_training_resumes_from_its_last_checkpoint(tmp_path: Path) -> None:
     marker = tmp_path / "interrupt"
     marker.touch()
@@ -138,6 +139,7 @@ def test_an_interrupted_training_resumes_from_its_last_checkpoint(tmp_path: Path
     assert [r.train_loss for r in resumed.history] == [r.train_loss for r in fresh.report.distillation.history]
 
 
+@pytest.mark.slow  # ~10 s; the unit trainer tests check seed determinism in the default run
 def test_same_seed_same_student_other_seed_other_student(tmp_path: Path) -> None:
     students = []
     for run, seed in (("a", 0), ("b", 0), ("c", 1)):

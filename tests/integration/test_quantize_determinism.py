@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import DIGITS_DIR, REPO_ROOT
 
 _CONVERT = (
@@ -36,6 +38,7 @@ def _start(tmp_path: Path, name: str) -> tuple[subprocess.Popen[str], Path, Path
     return process, out, cache_dir
 
 
+@pytest.mark.slow  # two fresh interpreters converting digits (~12 s)
 def test_two_processes_produce_byte_identical_int8_models(tmp_path: Path) -> None:
     runs = [_start(tmp_path, name) for name in ("a", "b")]
 
