@@ -25,7 +25,7 @@ from pipeline.errors import (
 )
 from pipeline.feeds import FeedSource
 from pipeline.job import ConversionJob, DataSource
-from pipeline.model_source import input_hashes, load_model
+from pipeline.model_source import load_model
 from pipeline.parity.report import ParityReport
 from pipeline.publish import MANIFEST, Publication
 from pipeline.records import ExportRecord, ValidateRecord
@@ -219,7 +219,8 @@ def _manifest(job: ConversionJob, ctx: StageContext, runs: list[StageRun], repor
         job=job.name,
         job_file=str(job.source_file) if job.source_file else None,
         job_sha256=hashlib.sha256(job.model_dump_json().encode()).hexdigest(),
-        input_hashes=input_hashes(job, ctx.source),
+        # Validation hashed the inputs for the report already: the weights and data are read once.
+        input_hashes=report.input_hashes,
         tool_versions=tool_versions(),
         stages=runs,
         exporter={"used": export.exporter, "fallback_reason": export.fallback_reason},
