@@ -38,7 +38,6 @@ import logging
 import os
 import shutil
 import socket
-import sys
 import tempfile
 import time
 import uuid
@@ -51,7 +50,7 @@ from typing import cast
 
 from pipeline.artifacts import DIR_MODE, fsync_dir, storage_errors
 from pipeline.errors import JobError, StorageError
-from pipeline.processes import pid_alive, proc_stat
+from pipeline.processes import linux_libc_function, pid_alive, proc_stat
 
 logger = logging.getLogger(__name__)
 
@@ -427,15 +426,9 @@ def _start_time(pid: int) -> int | None:
 @cache
 def _renameat2() -> Callable[[int, bytes, int, bytes, int], int] | None:
     """The C library's ``renameat2`` (Linux, glibc 2.28+); None elsewhere."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        function = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return None
-    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    function.restype = ctypes.c_int
-    return cast(Callable[[int, bytes, int, bytes, int], int], function)
+    argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    function = linux_libc_function("renameat2", argtypes, ctypes.c_int)
+    return None if function is None else cast(Callable[[int, bytes, int, bytes, int], int], function)
 
 
 def _exchange(first: Path, second: Path) -> bool:

@@ -27,7 +27,6 @@ import os
 import shutil
 import signal
 import socket
-import sys
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
@@ -37,7 +36,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pipeline.processes import pid_alive
+from pipeline.processes import linux_libc_function, pid_alive
 
 logger = logging.getLogger(__name__)
 
@@ -61,15 +60,9 @@ def die_with_parent() -> bool:
     Returns:
         True when the kernel will do it; False where there is no prctl (then watch a lifeline).
     """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return False
-    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
-    prctl.restype = ctypes.c_int
-    return int(prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)) == 0
+    argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    prctl = linux_libc_function("prctl", argtypes, ctypes.c_int)
+    return prctl is not None and int(prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)) == 0
 
 
 def start_owned(start: Callable[[], T]) -> T:
