@@ -45,12 +45,16 @@ class QuantizationConstraints:
         symmetric_activations: Activations must have zero point 0.
         per_channel_weights: Per-channel weight scales are supported.
         power_of_two_scales: Scales must be powers of two (shift-based requantization).
+        dynamic_int8: Runs ONNX Runtime's dynamic int8 kernels (DynamicQuantizeLinear with
+            MatMulInteger, fused as DynamicQuantizeMatMul), so a MatMul may be quantized with
+            activation ranges measured at run time instead of calibrated ones.
     """
 
     activation_types: tuple[str, ...] = ("uint8", "int8")
     symmetric_activations: bool = False
     per_channel_weights: bool = True
     power_of_two_scales: bool = False
+    dynamic_int8: bool = False
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,8 @@ class Capabilities:
             parts.append("pow2 scales")
         if not constraints.per_channel_weights:
             parts.append("per-tensor weights")
+        if constraints.dynamic_int8:
+            parts.append("dynamic int8")
         if self.contrib_ops:
             parts.append("ORT contrib ops")
         return ", ".join(parts)

@@ -13,7 +13,7 @@ class CpuBackend(OrtBackend):
     execution_providers = ("CPUExecutionProvider",)
     capabilities = Capabilities(
         dtypes=("float32", "float16", "int8", "uint8", "int32", "int64", "bool"),
-        quantization=QuantizationConstraints(),
+        quantization=QuantizationConstraints(dynamic_int8=True),
         contrib_ops=True,
     )
     install_hint = "pip install onnxruntime"

@@ -149,6 +149,8 @@ class Artifact(BaseModel):
         sha256: Hex content hash.
         parent_sha256: Hash of the artifact it was derived from (None for the first).
         external_data: External data files beside `path` (name to sha256), for big models.
+        targets: The targets whose chain this model belongs to, when a stage wrote one model per
+            group of targets (quantize, when the targets' constraints differ); empty: every target.
         record: What the stage recorded (`pipeline.records`); serialised as ``metadata``.
     """
 
@@ -159,6 +161,7 @@ class Artifact(BaseModel):
     sha256: str
     parent_sha256: str | None = None
     external_data: dict[str, str] = Field(default_factory=dict)
+    targets: list[str] = Field(default_factory=list)
     record: AnyRecord | None = Field(default=None, validation_alias="metadata", serialization_alias="metadata")
 
     @model_validator(mode="before")
@@ -172,6 +175,10 @@ class Artifact(BaseModel):
             elif not data["metadata"]:
                 data = {**data, "metadata": None}
         return data
+
+    def serves(self, target: str | None) -> bool:
+        """Whether this artifact is in `target`'s chain (None: the trunk every target shares)."""
+        return not self.targets or (target is not None and target in self.targets)
 
     @property
     def metadata(self) -> dict[str, Any]:

@@ -93,13 +93,17 @@ def external_data_files(path: Path) -> list[str]:
     return sorted(locations)
 
 
-def model_artifact(stage: str, path: Path, parent: Artifact | None, record: ModelRecord) -> Artifact:
-    """Describe a saved model: its hash, its external data files' hashes, its parent, the stage's record."""
+def model_artifact(
+    stage: str, path: Path, parent: Artifact | None, record: ModelRecord, targets: tuple[str, ...] = ()
+) -> Artifact:
+    """Describe a saved model: its hash, its external data files' hashes, its parent, the stage's
+    record, and the targets whose chain it belongs to (empty: every target)."""
     return Artifact(
         stage=stage,
         path=path.name,
         sha256=sha256_file(path),
         parent_sha256=parent.sha256 if parent else None,
         external_data={name: sha256_file(path.parent / name) for name in external_data_files(path)},
+        targets=list(targets),
         record=record,
     )

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pipeline.distillation.summary import DistillationSummary
 from pipeline.job import Precision
 from pipeline.pruning.summary import PruningSummary
+from pipeline.quantization.decision import SearchDecision
 
 
 class StageName(StrEnum):
@@ -159,7 +160,9 @@ class QuantizeRecord(ModelRecord):
         kept_float: Node name to why it stays float.
         kept_float_damage: For the nodes mixed precision kept float, the damage each did alone in int8
             (1 - cosine of the worst output on a calibration batch).
+        dynamic_nodes: Nodes quantized dynamically (activation ranges at run time).
         mixed_precision_probes: Every candidate the mixed-precision search judged.
+        decision: Every candidate recipe the per-target search tried, and why this one shipped.
         nodes: Nodes of the int8 model.
         quantize_linear: Its QuantizeLinear nodes.
         dequantize_linear: Its DequantizeLinear nodes.
@@ -182,7 +185,9 @@ class QuantizeRecord(ModelRecord):
     fused_ops: dict[str, int]
     kept_float: dict[str, str]
     kept_float_damage: dict[str, float] = Field(default_factory=dict)
+    dynamic_nodes: list[str] = Field(default_factory=list)
     mixed_precision_probes: list[ProbeRecord]
+    decision: SearchDecision | None = None
     nodes: int
     quantize_linear: int
     dequantize_linear: int

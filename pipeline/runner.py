@@ -32,7 +32,7 @@ from pipeline.records import ExportRecord, ValidateRecord
 from pipeline.result import ConversionResult
 from pipeline.stage_cache import StageCache
 from pipeline.stages import STAGES
-from pipeline.stages.base import PreparedInputs, Stage, StageContext, Target
+from pipeline.stages.base import TRUNK, Branch, BranchingStage, PreparedInputs, Stage, StageContext, Target
 from pipeline.versions import tool_versions
 
 logger = logging.getLogger(__name__)
@@ -98,8 +98,7 @@ def run_job(
     staging = publication.staging
     try:
         ctx = StageContext.prepared(job, staging, checked)
-        for stage in STAGES:  # into the context as they finish: validate reports the times so far
-            ctx.stage_runs.append(_run_stage(stage, ctx, notify, cache))
+        _run_stages(ctx, notify, cache)
         runs = ctx.stage_runs
         report_artifact = _report_artifact(ctx)
         report = ParityReport.model_validate_json((staging / report_artifact.path).read_text())
@@ -175,19 +174,38 @@ def _feeds(job: ConversionJob, source: DataSource | None, key: str) -> FeedSourc
     return feeds
 
 
+def _run_stages(ctx: StageContext, notify: ProgressCallback, cache: StageCache | None) -> None:
+    """Every stage in order, a branching stage once per branch; each run into the context as it
+    finishes (validate reports the times so far)."""
+    for stage in STAGES:
+        for branch in _branches(stage, ctx):
+            ctx.branch = branch
+            ctx.stage_runs.append(_run_stage(stage, ctx, notify, cache))
+        ctx.branch = TRUNK
+
+
+def _branches(stage: Stage, ctx: StageContext) -> list[Branch]:
+    """The runs a stage makes: one per group of targets for a branching stage, else one (the trunk)."""
+    if isinstance(stage, BranchingStage) and stage.enabled(ctx.job):
+        return stage.branches(ctx)
+    return [TRUNK]
+
+
 def _run_stage(stage: Stage, ctx: StageContext, notify: ProgressCallback, cache: StageCache | None) -> StageRun:
+    """Run (or restore, or skip) one stage for the context's branch; its artifact under the branch's key."""
+    name = ctx.branch.artifact_key(stage.name)
     if not stage.enabled(ctx.job):
-        notify(StageEvent(ctx.job.name, stage.name, "skipped"))
-        return StageRun(name=stage.name, seconds=0.0, artifact=None)
+        notify(StageEvent(ctx.job.name, name, "skipped"))
+        return StageRun(name=name, seconds=0.0, artifact=None)
     key = stage.key(ctx) if cache is not None else None
     restored = cache.restore(key, ctx.workdir) if cache is not None and key is not None else None
     if restored is not None:
-        ctx.artifacts[stage.name] = restored
-        notify(StageEvent(ctx.job.name, stage.name, "restored"))
-        return StageRun(name=stage.name, seconds=0.0, artifact=restored, restored=True)
-    notify(StageEvent(ctx.job.name, stage.name, "started"))
+        ctx.artifacts[name] = restored
+        notify(StageEvent(ctx.job.name, name, "restored"))
+        return StageRun(name=name, seconds=0.0, artifact=restored, restored=True)
+    notify(StageEvent(ctx.job.name, name, "started"))
     ctx.progress = lambda done, total, detail: notify(
-        StageEvent(ctx.job.name, stage.name, "progress", done=done, total=total, detail=detail)
+        StageEvent(ctx.job.name, name, "progress", done=done, total=total, detail=detail)
     )
     start = time.perf_counter()
     try:
@@ -197,12 +215,12 @@ def _run_stage(stage: Stage, ctx: StageContext, notify: ProgressCallback, cache:
     except Exception as e:  # anything unexpected becomes a StageError naming the stage
         raise StageError(stage.name, ctx.job.name, f"{type(e).__name__}: {e}") from e
     seconds = time.perf_counter() - start
-    ctx.artifacts[stage.name] = artifact
+    ctx.artifacts[name] = artifact
     if cache is not None and key is not None:
         cache.store(key, artifact, ctx.workdir)
-    notify(StageEvent(ctx.job.name, stage.name, "finished", seconds))
-    logger.info("job %s: %s done in %.2fs", ctx.job.name, stage.name, seconds)
-    return StageRun(name=stage.name, seconds=round(seconds, 4), artifact=artifact)
+    notify(StageEvent(ctx.job.name, name, "finished", seconds))
+    logger.info("job %s: %s done in %.2fs", ctx.job.name, name, seconds)
+    return StageRun(name=name, seconds=round(seconds, 4), artifact=artifact)
 
 
 def _report_artifact(ctx: StageContext) -> Artifact:

@@ -97,6 +97,15 @@ class ConversionJob(Section):
             raise ValueError(f"input names must be unique, got {names}")
         return value
 
+    @field_validator("targets")
+    @classmethod
+    def _unique_targets(cls, value: list[TargetSpec]) -> list[TargetSpec]:
+        # Targets name their models and report rows by backend (``model.int8.fpga.onnx``).
+        names = [spec.backend for spec in value]
+        if len(set(names)) != len(names):
+            raise ValueError(f"each backend may be a target once, got {names}")
+        return value
+
     @field_validator("export")
     @classmethod
     def _shape_dims_are_inputs_dims(cls, value: ExportOptions, info: ValidationInfo) -> ExportOptions:

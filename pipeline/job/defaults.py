@@ -11,3 +11,5 @@ DEFAULT_ATOL: Final = 1e-4
 DEFAULT_MIN_COSINE: Final = 0.99
 # Samples per batch when reading an .npz.
 DEFAULT_BATCH_SIZE: Final = 32
+# Seconds the per-target quantization search may spend per group of targets.
+DEFAULT_SEARCH_BUDGET_S: Final = 120.0

@@ -9,6 +9,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from pipeline.job.base import DimName, FilePath, Identifier, ImportSpec, Section, resolve_path
 from pipeline.job.data import DataSource
+from pipeline.job.defaults import DEFAULT_SEARCH_BUDGET_S
 
 
 class ExportOptions(Section):
@@ -70,6 +71,15 @@ class QuantizeOptions(Section):
             ($ONNXFORGE_CACHE_DIR, else ~/.cache/onnxforge).
         fuse_gelu: In the int8 model, fuse each float GELU (and the bias Add before it) into
             ONNX Runtime's Gelu / BiasGelu kernel, when every target runs ONNX Runtime contrib ops.
+        search_budget_s: Seconds the per-target search may spend on the candidate recipes after
+            the first (static int8, always built) for one group of targets: building, judging
+            and timing them.
+        recipes: The candidate recipes the search may try besides ``static`` (always first):
+            ``float_to_dynamic`` (the MatMuls static int8 kept float, quantized dynamically),
+            ``dynamic`` (every weight MatMul / Gemm dynamic), ``static_int8_activations``;
+            unset: every recipe the target's kernels run.
+        require_speedup: Fail the job when a target's shipped int8 model is not faster than
+            its float model (by the speed guard's interval); unset: the report says so.
     """
 
     enabled: bool = True
@@ -87,6 +97,9 @@ class QuantizeOptions(Section):
     max_float_share: float = Field(default=0.5, ge=0, le=1)
     calibration_cache: bool = True
     fuse_gelu: bool = True
+    search_budget_s: float = Field(default=DEFAULT_SEARCH_BUDGET_S, gt=0)
+    recipes: list[Literal["static", "float_to_dynamic", "dynamic", "static_int8_activations"]] | None = None
+    require_speedup: bool = False
 
 
 Ratio = Annotated[float, Field(ge=0, lt=1)]

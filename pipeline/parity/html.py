@@ -100,14 +100,15 @@ def _summary(report: ParityReport) -> str:
 
 
 def _quantization(report: ParityReport) -> str:
-    if report.quantization is None:
-        return ""
-    damages = [(kept.node, kept.damage) for kept in report.quantization.kept_float if kept.damage is not None]
-    chart = ""
-    if damages:
-        caption = "Per-node damage: the cosine each node kept float costs alone in int8 (mixed-precision ranking)"
-        chart = f"<figure>{damage_svg(damages)}<figcaption>{caption}</figcaption></figure>"
-    return markdown_html(render_quantization(report.quantization)) + chart
+    parts = []
+    for quantization in report.quantization:
+        damages = [(kept.node, kept.damage) for kept in quantization.kept_float if kept.damage is not None]
+        chart = ""
+        if damages:
+            caption = "Per-node damage: the cosine each node kept float costs alone in int8 (mixed-precision ranking)"
+            chart = f"<figure>{damage_svg(damages)}<figcaption>{caption}</figcaption></figure>"
+        parts.append(markdown_html(render_quantization(quantization)) + chart)
+    return "".join(parts)
 
 
 def _checks(report: ParityReport) -> str:

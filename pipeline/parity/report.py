@@ -32,7 +32,7 @@ from pipeline.quantization.performance import PerformanceCheck
 # 4: the distilled precision (student vs teacher) and the distillation summary.
 # 5: the decision summary per target, model files with sizes, what quantize kept float (with the
 #    mixed-precision probes), stage timings, tool versions and input hashes.
-REPORT_SCHEMA_VERSION = 5
+REPORT_SCHEMA_VERSION = 6
 
 
 class _Record(BaseModel):
@@ -151,7 +151,8 @@ class ParityReport(_Record):
         on_target: QDQ on each non-CPU target against QDQ on the CPU and float on the CPU.
         summary: The decision summary per target (verdict, precision, sizes, latency, task metric, fallback).
         models: The chain's models on disk with their sizes.
-        quantization: The mixed-precision probes and the nodes kept float (None: no quantize stage).
+        quantization: Per int8 model (one per group of targets whose constraints agree): the
+            mixed-precision probes and the nodes kept float (empty: no quantize stage).
         stage_timings: Every stage's wall-clock time, in run order.
         tool_versions: Versions of onnxforge and the libraries in the conversion path.
         input_hashes: sha256 of every input the conversion read.
@@ -173,7 +174,7 @@ class ParityReport(_Record):
     on_target: list[TargetParity] = []
     summary: list[TargetSummary] = []
     models: list[ModelFile] = []
-    quantization: QuantizationSummary | None = None
+    quantization: list[QuantizationSummary] = []
     stage_timings: list[StageTiming] = []
     tool_versions: dict[str, str] = {}
     input_hashes: dict[str, str] = {}
@@ -207,6 +208,7 @@ class ParityReport(_Record):
         failures += [line for parity in on_target or [] for line in parity.failures()]
         limits, run = max_fallback or {}, facts or RunFacts()
         failures += [line for p in placements or [] for line in fallback_failures(p, limits.get(p.backend))]
+        failures += [line for check in performance or [] for line in check.failures()]
         return cls(
             job=job,
             data=data,
@@ -323,8 +325,8 @@ def render_markdown(report: ParityReport) -> str:
         lines += [*render_summary(report.summary), ""]
     lines += markdown_table(*comparison_table(report))
     lines += accuracy_section(report) + speed_section(report)
-    if report.quantization is not None:
-        lines += ["", *render_quantization(report.quantization)]
+    for quantization in report.quantization:
+        lines += ["", *render_quantization(quantization)]
     lines += ["", "## Parity chain: every check", "", *markdown_table(*check_table(report))]
     if report.distillation is not None:
         lines += ["", *render_distillation(report.distillation)]
@@ -398,7 +400,7 @@ def speed_section(report: ParityReport) -> list[str]:
                 "x".join(map(str, check.batch_shape)),
                 f"{check.fp32_ms:.2f}",
                 f"{check.int8_ms:.2f}",
-                f"{check.ratio:.2f}",
+                check.interval.describe() if check.interval is not None else f"{check.ratio:.2f}",
                 "-" if check.unfused_qdq is None else str(check.unfused_qdq),
                 str(check.float_compute_nodes),
             ]
@@ -408,8 +410,8 @@ def speed_section(report: ParityReport) -> list[str]:
     lines += [
         line
         for c in report.performance
-        if not c.faster
-        for line in ("", f"int8 is not faster on {c.target}: {'; '.join(c.reasons)}.")
+        if c.faster is not True
+        for line in ("", f"int8 is not shown faster on {c.target}: {'; '.join(c.reasons)}.")
     ]
     return lines
 

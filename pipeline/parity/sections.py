@@ -10,6 +10,7 @@ from pipeline.distillation.summary import DistillationSummary
 from pipeline.parity.localize import EXACT_DB, Localisation
 from pipeline.parity.summary import ModelFile, QuantizationSummary, StageTiming, TargetSummary
 from pipeline.pruning.summary import PruningSummary
+from pipeline.quantization.decision import SearchDecision
 
 
 def format_value(value: float | None) -> str:
@@ -250,10 +251,48 @@ def render_summary(summaries: list[TargetSummary]) -> list[str]:
     return ["## Summary", "", *markdown_table(SUMMARY_COLUMNS, [summary_row(s) for s in summaries])]
 
 
+DECISION_COLUMNS = ["candidate", "precision", "float / dynamic nodes", "latency / float", "policy metric", "result"]
+
+
+def render_decision(decision: SearchDecision) -> list[str]:
+    """Every candidate the per-target search tried: its latency interval, its policy figures, the
+    one shipped and why."""
+    rows = []
+    for candidate in decision.candidates:
+        latency = "; ".join(
+            f"{t.target} {t.measurement.describe()}" if t.measurement is not None else f"{t.target}: {t.note}"
+            for t in candidate.latency
+        )
+        result = "-" if candidate.passed is None else "pass" if candidate.passed else "fail"
+        result = f"**shipped** ({result})" if candidate.shipped else result
+        rows.append(
+            [
+                candidate.name,
+                candidate.precision,
+                f"{candidate.float_nodes} / {candidate.dynamic_nodes}",
+                latency or "-",
+                candidate.metric or candidate.note,
+                result,
+            ]
+        )
+    lines = [
+        f"Search ({decision.seconds:.1f} s of a {decision.budget_s:.0f} s budget), judged on {decision.judged_on}:",
+        "",
+    ]
+    lines += markdown_table(DECISION_COLUMNS, rows)
+    lines += ["", f"Shipped: {decision.shipped}, {decision.reason}."]
+    if decision.speedup is False:
+        lines.append(f"It is not faster than float: {'; '.join(decision.slow_reasons)}.")
+    return lines
+
+
 def render_quantization(quantization: QuantizationSummary) -> list[str]:
     """The mixed-precision probes and the nodes kept float, with why."""
-    lines = [f"## Quantization ({quantization.model}, recipe {quantization.recipe})", ""]
-    if quantization.probes:
+    serves = f", for {', '.join(quantization.targets)}" if quantization.targets else ""
+    lines = [f"## Quantization ({quantization.model}{serves}, recipe {quantization.recipe})", ""]
+    if quantization.decision is not None:
+        lines += [*render_decision(quantization.decision), ""]
+    if len(quantization.probes) > 1:
         lines += ["Mixed-precision candidates the search judged:", ""]
         lines += markdown_table(
             ["probe", "ranked nodes float", "result", "measured"],

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict
 
 from backends.base import PlacementReport
 from pipeline.parity.target import TargetParity, fallback_failures
+from pipeline.quantization.decision import SearchDecision
 from pipeline.quantization.performance import PerformanceCheck
 
 if TYPE_CHECKING:
@@ -86,15 +87,21 @@ class QuantizationSummary(_Fact):
 
     Attributes:
         model: The int8 model's file.
+        targets: The targets it was quantized for (empty: every target).
         recipe: The model family's recipe.
         probes: Every candidate of the mixed-precision search, in order.
         kept_float: The nodes left in float, with why.
+        dynamic_nodes: The nodes quantized dynamically.
+        decision: Every recipe the per-target search tried, and why this model shipped.
     """
 
     model: str
+    targets: list[str] = []
     recipe: str
     probes: list[Probe]
     kept_float: list[KeptFloat]
+    dynamic_nodes: list[str] = []
+    decision: SearchDecision | None = None
 
 
 class RunFacts(_Fact):
@@ -102,14 +109,14 @@ class RunFacts(_Fact):
 
     Attributes:
         models: The chain's models on disk, in chain order.
-        quantization: What quantize did (None: the job does not quantize).
+        quantization: What quantize did, per int8 model (empty: the job does not quantize).
         stage_timings: Every stage, in run order.
         tool_versions: Versions of onnxforge and the libraries in the conversion path.
         input_hashes: sha256 of every input the conversion read (model files, weights, data).
     """
 
     models: list[ModelFile] = []
-    quantization: QuantizationSummary | None = None
+    quantization: list[QuantizationSummary] = []
     stage_timings: list[StageTiming] = []
     tool_versions: dict[str, str] = {}
     input_hashes: dict[str, str] = {}
@@ -168,7 +175,7 @@ def summarise(
     sizes = {model.file: model.bytes for model in facts.models}
     return [
         _summary(target, [c for c in comparisons if c.target == target], performance, placements, on_target,
-                 max_fallback.get(target), sizes, facts.quantization is not None)
+                 max_fallback.get(target), sizes, bool(facts.quantization))
         for target in targets
     ]  # fmt: skip
 

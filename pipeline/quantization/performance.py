@@ -1,8 +1,8 @@
-"""The performance guard: is the int8 model faster than fp32 on the target, and if not, why."""
+"""The speed guard: is the int8 model faster than fp32 on the target (an interleaved comparison with
+its confidence interval), and if not, why."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -12,6 +12,7 @@ from pydantic import BaseModel
 
 from backends.base import Session
 from pipeline.quantization.cpu import int8_dot_product_flags
+from pipeline.timing import RatioMeasurement, compare_latency
 
 
 class PerformanceCheck(BaseModel):
@@ -20,10 +21,13 @@ class PerformanceCheck(BaseModel):
     Attributes:
         target: The backend.
         batch_shape: Shape of the first input of the timed batch.
-        fp32_ms: Best latency of the float model (the one before quantize).
-        int8_ms: Best latency of the int8 model.
-        ratio: int8 / fp32.
-        faster: Whether int8 is faster.
+        fp32_ms: Median latency of the float model (the one before quantize).
+        int8_ms: Median latency of the int8 model.
+        ratio: int8 / fp32 (point estimate of the interleaved comparison).
+        interval: The ratio with its confidence interval and rounds (`pipeline.timing`).
+        faster: True when the whole interval is below 1, False when above, None when the
+            interval contains 1 (too close, or too noisy, to say).
+        required: The job's ``quantize.require_speedup``: a model not shown faster fails the job.
         unfused_qdq: QuantizeLinear / DequantizeLinear left after ONNX Runtime's optimisations
             (each is a float<->int8 conversion done as a separate op); None if not inspected.
         float_compute_nodes: Compute nodes (Conv, MatMul, Gemm) left in float.
@@ -36,22 +40,25 @@ class PerformanceCheck(BaseModel):
     fp32_ms: float
     int8_ms: float
     ratio: float
-    faster: bool
+    interval: RatioMeasurement | None = None
+    faster: bool | None
+    required: bool = False
     unfused_qdq: int | None
     float_compute_nodes: int
     int8_dot_product: list[str] | None
     reasons: list[str]
 
-
-def best_latency_ms(session: Session, feeds: Mapping[str, np.ndarray], repeats: int = 5) -> float:
-    """The best of `repeats` timed runs after one warm-up, in milliseconds."""
-    session.run(feeds)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        session.run(feeds)
-        best = min(best, time.perf_counter() - start)
-    return 1000.0 * best
+    def failures(self) -> list[str]:
+        """The failed speed gate, when the job requires a speedup and none was shown."""
+        if not self.required or self.faster is True:
+            return []
+        measured = self.interval.describe() if self.interval is not None else f"{self.ratio:.2f}x"
+        verdict = "is not faster than" if self.faster is False else "was not shown faster than"
+        why = f" ({'; '.join(self.reasons)})" if self.reasons else ""
+        return [
+            f"speed on {self.target}: the int8 model {verdict} float ({measured} of float){why}; "
+            "quantize.require_speedup = true"
+        ]
 
 
 def float_compute_nodes(model: Path) -> int:
@@ -65,6 +72,26 @@ def float_compute_nodes(model: Path) -> int:
     )
 
 
+def slow_reasons(unfused_qdq: int | None, float_nodes: int, flags: tuple[str, ...] | None) -> list[str]:
+    """What explains an int8 model that is not faster than float.
+
+    Args:
+        unfused_qdq: Q/DQ nodes left after ONNX Runtime's optimisations (None: not inspected).
+        float_nodes: Conv / MatMul / Gemm nodes left in float.
+        flags: The CPU's int8 dot-product flags (None: unknown).
+    """
+    reasons = []
+    if unfused_qdq:
+        reasons.append(f"{unfused_qdq} Q/DQ nodes stay unfused after ONNX Runtime's optimisations")
+    if float_nodes:
+        reasons.append(f"{float_nodes} Conv/MatMul/Gemm nodes run in float")
+    if flags is not None and not flags:
+        reasons.append("this CPU has no int8 dot-product instructions (VNNI)")
+    if not reasons:
+        reasons.append("the model is too small for int8 kernels to pay for the conversions")
+    return reasons
+
+
 def performance_check(
     target: str,
     fp32: Session,
@@ -72,8 +99,9 @@ def performance_check(
     int8_model: Path,
     feeds: Mapping[str, np.ndarray],
     unfused_qdq: int | None,
+    required: bool = False,
 ) -> PerformanceCheck:
-    """Time both models on the same batch and explain a slow int8 model.
+    """Time both models on the same batch, interleaved (`pipeline.timing`), and explain a slow int8 model.
 
     Args:
         target: The backend name.
@@ -82,30 +110,25 @@ def performance_check(
         int8_model: The int8 model file.
         feeds: The batch both are timed on.
         unfused_qdq: Q/DQ nodes left after ONNX Runtime's optimisations (None: not inspected).
+        required: The job requires a speedup (a model not shown faster fails).
     """
-    fp32_ms = best_latency_ms(fp32, feeds)
-    int8_ms = best_latency_ms(int8, feeds)
-    ratio = int8_ms / fp32_ms if fp32_ms > 0 else float("inf")
+    measured = compare_latency(lambda: fp32.run(feeds), lambda: int8.run(feeds))
+    faster = measured.faster()
     floats = float_compute_nodes(int8_model)
     flags = int8_dot_product_flags()
-    reasons = []
-    if ratio >= 1.0:
-        if unfused_qdq:
-            reasons.append(f"{unfused_qdq} Q/DQ nodes stay unfused after ONNX Runtime's optimisations")
-        if floats:
-            reasons.append(f"{floats} Conv/MatMul/Gemm nodes run in float")
-        if flags is not None and not flags:
-            reasons.append("this CPU has no int8 dot-product instructions (VNNI)")
-        if not reasons:
-            reasons.append("the model is too small for int8 kernels to pay for the conversions")
+    reasons = [] if faster else slow_reasons(unfused_qdq, floats, flags)
+    if faster is None:
+        reasons.insert(0, f"the interval {measured.describe()} contains 1: too close or too noisy to tell")
     first = next(iter(feeds.values()))
     return PerformanceCheck(
         target=target,
         batch_shape=list(first.shape),
-        fp32_ms=round(fp32_ms, 3),
-        int8_ms=round(int8_ms, 3),
-        ratio=round(ratio, 3),
-        faster=ratio < 1.0,
+        fp32_ms=measured.baseline_ms,
+        int8_ms=measured.candidate_ms,
+        ratio=measured.ratio,
+        interval=measured,
+        faster=faster,
+        required=required,
         unfused_qdq=unfused_qdq,
         float_compute_nodes=floats,
         int8_dot_product=list(flags) if flags is not None else None,

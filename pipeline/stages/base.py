@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -31,6 +31,31 @@ class Target:
     def name(self) -> str:
         """The backend name."""
         return self.spec.backend
+
+
+@dataclass(frozen=True)
+class Branch:
+    """The targets one run of a stage serves: all of them (the trunk), or a group of targets
+    whose constraints give them a model of their own.
+
+    Attributes:
+        name: The group's name in file names and the manifest ("" for the trunk).
+        targets: The group's target names (empty for the trunk: every target).
+    """
+
+    name: str = ""
+    targets: tuple[str, ...] = ()
+
+    def artifact_key(self, stage: str) -> str:
+        """The key of this branch's artifact among the run's artifacts: ``quantize`` or ``quantize.fpga``."""
+        return f"{stage}.{self.name}" if self.name else stage
+
+    def file_name(self, stem: str, suffix: str = ".onnx") -> str:
+        """The branch's file: ``model.int8.onnx`` for the trunk, ``model.int8.fpga.onnx`` for a branch."""
+        return f"{stem}.{self.name}{suffix}" if self.name else f"{stem}{suffix}"
+
+
+TRUNK = Branch()
 
 
 @dataclass(frozen=True)
@@ -65,6 +90,8 @@ class StageContext:
         artifacts: Artifacts by stage name, filled in as stages run.
         student: The distilled student once loaded (see `pipeline.stages.distill.pytorch_model`).
         stage_runs: The stages run so far, with their times (filled in by the runner).
+        branch: The branch the running stage serves (set by the runner; the trunk unless the
+            stage is a `BranchingStage`).
     """
 
     job: ConversionJob
@@ -77,6 +104,7 @@ class StageContext:
     artifacts: dict[str, Artifact] = field(default_factory=dict)
     student: torch.nn.Module | None = field(default=None, repr=False)
     stage_runs: list[StageRun] = field(default_factory=list, repr=False)
+    branch: Branch = TRUNK
     _example: Batch | None = field(default=None, init=False, repr=False)
 
     @classmethod
@@ -94,26 +122,43 @@ class StageContext:
             self._example = next(iter(self.evaluation))
         return self._example
 
-    def artifact_with(self, record_type: type[StageRecord]) -> Artifact | None:
-        """The first artifact whose record is a `record_type` (None: no stage wrote one)."""
-        return next((a for a in self.artifacts.values() if isinstance(a.record, record_type)), None)
+    def artifact_with(self, record_type: type[StageRecord], target: str | None = None) -> Artifact | None:
+        """The first artifact whose record is a `record_type`, in `target`'s chain when a target
+        is named (None: a stage wrote none)."""
+        return next(
+            (
+                a
+                for a in self.artifacts.values()
+                if isinstance(a.record, record_type) and (target is None or a.serves(target))
+            ),
+            None,
+        )
 
-    def record(self, record_type: type[RecordT]) -> RecordT | None:
-        """The record of type `record_type`, when a stage of this run wrote one."""
-        artifact = self.artifact_with(record_type)
+    def record(self, record_type: type[RecordT], target: str | None = None) -> RecordT | None:
+        """The record of type `record_type` (in `target`'s chain when named), when a stage of this run wrote one."""
+        artifact = self.artifact_with(record_type, target)
         return artifact.record_as(record_type) if artifact is not None else None
 
-    def model_chain(self) -> list[Artifact]:
-        """The ONNX models of the run so far, in the order the stages wrote them."""
+    def model_chain(self, target: str | None = None) -> list[Artifact]:
+        """The ONNX models of `target`'s chain so far, in the order the stages wrote them (None:
+        the trunk, the models every target shares)."""
+        return [
+            artifact
+            for artifact in self.artifacts.values()
+            if isinstance(artifact.record, ModelRecord) and artifact.serves(target)
+        ]
+
+    def all_models(self) -> list[Artifact]:
+        """Every ONNX model of the run so far, each branch's included, in the order they were written."""
         return [artifact for artifact in self.artifacts.values() if isinstance(artifact.record, ModelRecord)]
 
     def current_model(self) -> Artifact:
-        """The model a transforming stage takes: the last ONNX model of the chain.
+        """The model a transforming stage takes: the last ONNX model of its branch's chain.
 
         Raises:
             LookupError: No stage has written a model yet (a stage-order bug).
         """
-        chain = self.model_chain()
+        chain = self.model_chain(self.branch.targets[0] if self.branch.targets else None)
         if not chain:
             raise LookupError(f"job {self.job.name}: no ONNX model has been written yet")
         return chain[-1]
@@ -146,6 +191,15 @@ class Stage(Protocol):
 
     def run(self, ctx: StageContext) -> Artifact:
         """Do the work, write the artifact atomically into ``ctx.workdir`` and describe it."""
+        ...
+
+
+@runtime_checkable
+class BranchingStage(Stage, Protocol):
+    """A stage that runs once per group of targets, each run writing that group's own model."""
+
+    def branches(self, ctx: StageContext) -> list[Branch]:
+        """The groups this job's targets fall into (``[TRUNK]`` when they all agree)."""
         ...
 
 

@@ -66,13 +66,13 @@ class ValidateStage(NoPreconditions):
     def run(self, ctx: StageContext) -> Artifact:
         """Stream the evaluation data through PyTorch and every model on every target."""
         start = time.perf_counter()
-        models = [artifact.path for artifact in ctx.model_chain()]
+        chains = {target.name: [artifact.path for artifact in ctx.model_chain(target.name)] for target in ctx.targets}
         links = chain_links(ctx)
         with ExitStack() as stack:
             sessions: Sessions = {
                 (target.name, path): stack.enter_context(self._open(ctx, target, path))
                 for target in ctx.targets
-                for path in models
+                for path in chains[target.name]
             }
             output_names = next(iter(sessions.values())).output_names
             # Before the data streams through: a misnamed override is bad input, found at once.
@@ -81,7 +81,7 @@ class ValidateStage(NoPreconditions):
             stream = _Stream(chain, output_names, self._on_target(ctx, sessions, stack, output_names))
             self._stream(ctx, sessions, stream)
             comparisons = chain.judge(ctx.job.parity) + self._shape_checks(ctx, sessions, stream)
-            placements = [self._placement(ctx, target, models[-1]) for target in ctx.targets]
+            placements = [self._placement(ctx, target, chains[target.name][-1]) for target in ctx.targets]
             performance = self._performance(ctx, sessions, placements)
         facts = run_facts(ctx, time.perf_counter() - start)
         report = self._report(ctx, stream, comparisons, placements, performance, facts)
@@ -197,19 +197,20 @@ class ValidateStage(NoPreconditions):
         self, ctx: StageContext, sessions: Sessions, stack: ExitStack, output_names: list[str]
     ) -> dict[str, ThreeWay]:
         """Three-way accumulators for every non-CPU target, opening the CPU references when no target is CPU."""
-        others = [target for target in ctx.targets if target.name != CPU]
-        pair = _quantized_pair(ctx)
-        if pair is None or not others:
-            return {}
-        before, int8 = pair
+        three_ways = {}
         cpu = get_backend(CPU)
-        for path in (before, int8):
-            if (CPU, path) not in sessions:
-                try:
-                    sessions[(CPU, path)] = stack.enter_context(cpu.open(ctx.workdir / path))
-                except BackendError as e:
-                    raise _model_error(ctx, e, "open", path, CPU) from e
-        return {target.name: ThreeWay(target.name, before, int8, output_names) for target in others}
+        for target in ctx.targets:
+            pair = _quantized_pair(ctx, target.name)
+            if pair is None or target.name == CPU:
+                continue
+            for path in pair:  # the target's own int8 model on the CPU reference too
+                if (CPU, path) not in sessions:
+                    try:
+                        sessions[(CPU, path)] = stack.enter_context(cpu.open(ctx.workdir / path))
+                    except BackendError as e:
+                        raise _model_error(ctx, e, "open", path, CPU) from e
+            three_ways[target.name] = ThreeWay(target.name, *pair, output_names)
+        return three_ways
 
     def _placement(self, ctx: StageContext, target: Target, model: str) -> PlacementReport:
         """Where each node of the final model runs on the target."""
@@ -227,24 +228,26 @@ class ValidateStage(NoPreconditions):
         the int8 model (the last of the chain when quantize ran); other targets show theirs in the
         Placement section.
         """
-        pair = _quantized_pair(ctx)
-        if pair is None:
-            return []
-        before, int8 = pair
         feeds = ctx.example_batch().feeds
         unfused = {placement.backend: placement.unfused_qdq for placement in placements}
-        return [
-            performance_check(
-                target.name,
-                sessions[(target.name, before)],
-                sessions[(target.name, int8)],
-                ctx.workdir / int8,
-                feeds,
-                unfused_qdq=unfused[target.name] if target.name == CPU else None,
+        checks = []
+        for target in ctx.targets:
+            pair = _quantized_pair(ctx, target.name)
+            if pair is None or not target.backend.capabilities.measured_latency:
+                continue
+            before, int8 = pair
+            checks.append(
+                performance_check(
+                    target.name,
+                    sessions[(target.name, before)],
+                    sessions[(target.name, int8)],
+                    ctx.workdir / int8,
+                    feeds,
+                    unfused_qdq=unfused[target.name] if target.name == CPU else None,
+                    required=ctx.job.quantize.require_speedup,
+                )
             )
-            for target in ctx.targets
-            if target.backend.capabilities.measured_latency
-        ]
+        return checks
 
     def _open(self, ctx: StageContext, target: Target, path: str) -> Session:
         try:
@@ -271,7 +274,7 @@ def run_facts(ctx: StageContext, validate_seconds: float) -> RunFacts:
             file=a.path,
             bytes=sum((ctx.workdir / name).stat().st_size for name in [a.path, *a.external_data]),
         )
-        for a in ctx.model_chain()
+        for a in ctx.all_models()
     ]
     return RunFacts(
         models=models,
@@ -282,14 +285,18 @@ def run_facts(ctx: StageContext, validate_seconds: float) -> RunFacts:
     )
 
 
-def _quantization(ctx: StageContext) -> QuantizationSummary | None:
-    """The mixed-precision probes and the nodes kept float (None: the job does not quantize)."""
-    artifact = ctx.artifact_with(QuantizeRecord)
-    if artifact is None:
-        return None
+def _quantization(ctx: StageContext) -> list[QuantizationSummary]:
+    """Per int8 model: the mixed-precision probes and the nodes kept float (empty: the job does not quantize)."""
+    return [
+        _quantization_summary(artifact) for artifact in ctx.all_models() if isinstance(artifact.record, QuantizeRecord)
+    ]
+
+
+def _quantization_summary(artifact: Artifact) -> QuantizationSummary:
     record = artifact.record_as(QuantizeRecord)
     return QuantizationSummary(
         model=artifact.path,
+        targets=artifact.targets,
         recipe=record.recipe,
         probes=[
             Probe(kept_float=p.kept_float, passed=p.passed, summary=p.summary) for p in record.mixed_precision_probes
@@ -298,6 +305,8 @@ def _quantization(ctx: StageContext) -> QuantizationSummary | None:
             KeptFloat(node=node, reason=why, damage=record.kept_float_damage.get(node))
             for node, why in record.kept_float.items()
         ],
+        dynamic_nodes=record.dynamic_nodes,
+        decision=record.decision,
     )
 
 
@@ -321,18 +330,18 @@ def chain_links(ctx: StageContext) -> list[Link]:
     given (the export artifact, which is then the root and not a link). Each link's precision is
     the one its stage's record names.
     """
-    models = ctx.model_chain()
     distilled = ctx.artifact_with(DistillRecord)
-    judged: list[Artifact] = [*([distilled] if distilled is not None else []), *models]
-    if distilled is not None:
-        roots = [TEACHER, PYTORCH]
-    elif ctx.source.module is not None:
-        roots = [PYTORCH]
-    else:
-        roots, judged = [], judged[1:]
-    chain = [*roots, *(model.path for model in models)]
     links = []
     for target in ctx.targets:
+        models = ctx.model_chain(target.name)
+        judged: list[Artifact] = [*([distilled] if distilled is not None else []), *models]
+        if distilled is not None:
+            roots = [TEACHER, PYTORCH]
+        elif ctx.source.module is not None:
+            roots = [PYTORCH]
+        else:
+            roots, judged = [], judged[1:]
+        chain = [*roots, *(model.path for model in models)]
         for artifact, reference, candidate in zip(judged, chain[:-1], chain[1:], strict=True):
             precision = type(artifact.record).precision if artifact.record is not None else None
             assert precision is not None, f"the {artifact.stage} artifact is no link of the parity chain"
@@ -340,9 +349,9 @@ def chain_links(ctx: StageContext) -> list[Link]:
     return links
 
 
-def _quantized_pair(ctx: StageContext) -> tuple[str, str] | None:
-    """The model quantize started from, and the int8 model it wrote (None: the job does not quantize)."""
-    quantized = ctx.artifact_with(QuantizeRecord)
+def _quantized_pair(ctx: StageContext, target: str) -> tuple[str, str] | None:
+    """The model quantize started from, and the int8 model it wrote for `target` (None: the job does not quantize)."""
+    quantized = ctx.artifact_with(QuantizeRecord, target)
     if quantized is None:
         return None
     before = next(a.path for a in ctx.artifacts.values() if a.sha256 == quantized.parent_sha256)

@@ -22,5 +22,8 @@ def test_report_schema_names_the_decision_data() -> None:
     schema = json.loads(SCHEMA.read_text())
     fields = set(schema["properties"])
     assert {"summary", "models", "quantization", "stage_timings", "tool_versions", "input_hashes"} <= fields
-    assert schema["properties"]["schema_version"]["default"] == REPORT_SCHEMA_VERSION == 5
+    assert schema["properties"]["schema_version"]["default"] == REPORT_SCHEMA_VERSION == 6
+    # Schema 6: one quantization entry per int8 model (per group of targets), each with its search.
+    assert schema["properties"]["quantization"]["type"] == "array"
+    assert {"candidates", "shipped", "reason", "judged_on"} <= set(schema["$defs"]["SearchDecision"]["properties"])
     assert ParityReport.model_fields["tool_versions"].annotation == dict[str, str]

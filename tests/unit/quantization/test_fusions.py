@@ -14,7 +14,7 @@ from torch import nn
 
 from pipeline.quantization.fusions import CONTRIB_DOMAIN, contrib_ops, fuse_gelu
 from pipeline.quantization.qdq import QdqSettings, quantize_qdq
-from pipeline.stages.quantize import quantization_settings
+from pipeline.quantization.targets import quantization_settings
 from tests.unit.quantization.test_qdq_and_recipe import ranges_of
 from tests.unit.stages.test_quantize import make_job, make_target
 

@@ -18,8 +18,10 @@ from onnx import TensorProto, helper, numpy_helper
 import pipeline
 from pipeline.artifacts import Artifact, sha256_file
 from pipeline.job import ConversionJob
-from pipeline.stages.base import StageContext, Target
-from pipeline.stages.quantize import INT8_MODEL, QuantizeStage, resolve_activation_type
+from pipeline.quantization.targets import resolve_activation_type
+from pipeline.records import QuantizeRecord
+from pipeline.stages.base import TRUNK, StageContext, Target
+from pipeline.stages.quantize import INT8_MODEL, QuantizeStage
 from tests.conftest import resolved_target, stage_context
 
 CONV_OUT = 4
@@ -66,7 +68,9 @@ def make_target(name: str) -> Target:
 
 
 def make_job(tmp_path: Path, quantize: dict[str, Any] | None = None, targets: list[str] | None = None) -> ConversionJob:
-    """A job over input x with .npz calibration data (written once per tmp_path)."""
+    """A job over input x with .npz calibration data (written once per tmp_path); the search tries
+    only the static recipe unless `quantize` says otherwise (tests/unit/quantization/test_search.py
+    covers the others)."""
     npz = tmp_path / "calibration.npz"
     if not npz.exists():
         np.savez(npz, x=np.random.default_rng(1).normal(size=(48, 3, 8, 8)).astype(np.float32))
@@ -76,7 +80,7 @@ def make_job(tmp_path: Path, quantize: dict[str, Any] | None = None, targets: li
             "model": {"factory": "torch.nn:Identity"},
             "inputs": [{"name": "x", "shape": ["batch", 3, 8, 8]}],
             "calibration": {"npz": npz, "batch_size": 16},
-            "quantize": quantize or {},
+            "quantize": {"recipes": ["static"], **(quantize or {})},
             "targets": [{"backend": name} for name in targets or ["cpu"]],
             "output_dir": tmp_path / "out",
         }
@@ -132,7 +136,7 @@ def test_produces_a_qdq_model(quantized: tuple[StageContext, Artifact]) -> None:
     assert metadata["quantize_linear"] == ops.count("QuantizeLinear")
     assert metadata["dequantize_linear"] == ops.count("DequantizeLinear")
     assert metadata["nodes"] == len(ops)
-    assert metadata["calibration"]["batches"] == 3  # 48 samples in batches of 16
+    assert metadata["calibration"]["batches"] == 3  # 48 samples in batches of 16: too few to hold one out
     assert metadata["activation_type"] == "uint8"
     assert metadata["activation_symmetric"] is False
     assert metadata["weight_type"] == "int8"
@@ -240,3 +244,70 @@ def test_stage_raises_job_error_before_writing_anything(tmp_path: Path) -> None:
 def test_enabled_follows_the_job(tmp_path: Path) -> None:
     assert QuantizeStage().enabled(make_job(tmp_path))
     assert not QuantizeStage().enabled(make_job(tmp_path, quantize={"enabled": False}))
+
+
+def test_targets_with_different_constraints_get_their_own_int8_models(tmp_path: Path) -> None:
+    job = make_job(tmp_path, targets=["cpu", "fpga"])
+    targets = [make_target("cpu"), make_target("fpga")]
+    ctx = make_context(tmp_path, job, targets)
+    stage = QuantizeStage()
+
+    branches = stage.branches(ctx)
+    assert [(b.name, b.targets) for b in branches] == [("cpu", ("cpu",)), ("fpga", ("fpga",))]
+    artifacts = {}
+    for branch in branches:
+        ctx.branch = branch
+        artifacts[branch.name] = stage.run(ctx)
+        ctx.artifacts[branch.artifact_key(stage.name)] = artifacts[branch.name]
+
+    cpu, fpga = artifacts["cpu"], artifacts["fpga"]
+    assert (cpu.path, cpu.targets) == ("model.int8.cpu.onnx", ["cpu"])
+    assert (fpga.path, fpga.targets) == ("model.int8.fpga.onnx", ["fpga"])
+    # The FPGA's constraints shape its model only: the cpu model keeps per-channel, unconstrained scales.
+    assert cpu.metadata["per_channel"] and not cpu.metadata["power_of_two_scales"]
+    assert not fpga.metadata["per_channel"] and fpga.metadata["power_of_two_scales"]
+    cpu_model = onnx.load(str(ctx.workdir / cpu.path))
+    scales = initializers(cpu_model)[weight_dequantizers(cpu_model, "conv_w").input[1]]
+    assert not np.all(np.log2(scales) == np.round(np.log2(scales)))
+    assert [a.path for a in ctx.model_chain("fpga")] == ["model.simplified.onnx", "model.int8.fpga.onnx"]
+    assert [a.path for a in ctx.model_chain("cpu")] == ["model.simplified.onnx", "model.int8.cpu.onnx"]
+    assert [a.path for a in ctx.model_chain()] == ["model.simplified.onnx"]
+    keys = set()
+    for branch in branches:  # the stage cache keys each branch separately
+        ctx.branch = branch
+        keys.add(stage.key(ctx))
+    assert len(keys) == 2
+
+
+def test_targets_that_agree_share_one_int8_model(tmp_path: Path) -> None:
+    # A second target on the same backend under another name (as a plugin registering the CPU
+    # provider again would be): same constraints, so one model for both.
+    job = make_job(tmp_path)
+    twin = make_target("cpu")
+    twin = Target(spec=twin.spec.model_copy(update={"backend": "cpu_twin"}), backend=twin.backend, options=twin.options)
+    ctx = make_context(tmp_path, job, [make_target("cpu"), twin])
+
+    assert QuantizeStage().branches(ctx) == [TRUNK]
+    assert QuantizeStage().run(ctx).path == INT8_MODEL
+
+
+def test_the_search_records_every_candidate_and_ships_one(tmp_path: Path) -> None:
+    job = make_job(tmp_path, quantize={"recipes": ["static", "dynamic", "static_int8_activations"]})
+    ctx = make_context(tmp_path, job, [make_target("cpu")])
+
+    record = QuantizeStage().run(ctx).record
+    assert isinstance(record, QuantizeRecord) and record.decision is not None
+    decision = record.decision
+
+    names = [c.name for c in decision.candidates]
+    assert names == ["int8 static", "int8 dynamic MatMul", "int8 static, int8 activations"]
+    assert [c.shipped for c in decision.candidates].count(True) == 1
+    assert decision.shipped in names
+    assert "also calibrated on" in decision.judged_on  # 3 batches: too few to hold one out
+    dynamic = decision.candidates[1]
+    assert dynamic.dynamic_nodes == 1 and dynamic.float_nodes == 1  # the MatMul dynamic, the Conv float
+    timed = [c for c in decision.candidates if c.passed]
+    if len(timed) > 1:  # each passing candidate timed against float on the cpu, with its interval
+        for candidate in timed:
+            (latency,) = candidate.latency
+            assert latency.measurement is not None and latency.measurement.low <= latency.measurement.ratio
