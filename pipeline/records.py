@@ -163,6 +163,8 @@ class QuantizeRecord(ModelRecord):
         dynamic_nodes: Nodes quantized dynamically (activation ranges at run time).
         mixed_precision_probes: Every candidate the mixed-precision search judged.
         decision: Every candidate recipe the per-target search tried, and why this one shipped.
+        shipped_precision: "int8", or "fp32" when the search shipped the float model itself (the
+            artifact is then the model quantize started from).
         nodes: Nodes of the int8 model.
         quantize_linear: Its QuantizeLinear nodes.
         dequantize_linear: Its DequantizeLinear nodes.
@@ -188,6 +190,7 @@ class QuantizeRecord(ModelRecord):
     dynamic_nodes: list[str] = Field(default_factory=list)
     mixed_precision_probes: list[ProbeRecord]
     decision: SearchDecision | None = None
+    shipped_precision: Literal["int8", "fp32"] = "int8"
     nodes: int
     quantize_linear: int
     dequantize_linear: int

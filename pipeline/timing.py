@@ -171,9 +171,10 @@ class RatioMeasurement(BaseModel):
         return None
 
     def describe(self) -> str:
-        """One line for people, e.g. ``0.62x [0.60, 0.64], 14 rounds`` (``, undecided`` when not decided)."""
+        """One line for people, e.g. ``0.62x [0.60, 0.64], 14 rounds`` (``, wide`` when the interval did
+        not narrow to the requested half-width before a stop: its bounds still hold)."""
         text = f"{self.ratio:.2f}x [{self.low:.2f}, {self.high:.2f}], {self.rounds} rounds"
-        return text if self.decided else f"{text}, undecided"
+        return text if self.decided else f"{text}, wide"
 
 
 def significant(value: float, digits: int = _SIGNIFICANT) -> float:

@@ -245,6 +245,11 @@ class DistillOptions(Section):
         return self.model_dump(mode="json", exclude={"enabled", "checkpoint_dir", "resume", "data", "validation"})
 
 
+ShippedPrecision = Literal["int8", "fp32"]
+# What a target ships unless its job says otherwise: the quantized model.
+DEFAULT_PRECISIONS: tuple[ShippedPrecision, ...] = ("int8",)
+
+
 class TargetSpec(Section):
     """A backend to validate the converted models on.
 
@@ -253,8 +258,18 @@ class TargetSpec(Section):
         options: Backend options, validated by that backend's own options model.
         max_fallback: Fail the job when a larger share of the final model's compute nodes runs
             somewhere other than the backend's preferred device (unset: report only).
+        precisions: The precisions the quantize search may ship for this target: ``int8``, and
+            ``fp32`` to let the float model ship when no int8 candidate is faster on the target.
     """
 
     backend: Identifier
     options: dict[str, str | int | float | bool | list[str]] = Field(default_factory=dict)
     max_fallback: float | None = Field(default=None, ge=0.0, le=1.0)
+    precisions: list[ShippedPrecision] = Field(default_factory=lambda: list(DEFAULT_PRECISIONS), min_length=1)
+
+    @field_validator("precisions")
+    @classmethod
+    def _unique_precisions(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"each precision may be listed once, got {value}")
+        return value

@@ -260,7 +260,7 @@ def render_decision(decision: SearchDecision) -> list[str]:
     rows = []
     for candidate in decision.candidates:
         latency = "; ".join(
-            f"{t.target} {t.measurement.describe()}" if t.measurement is not None else f"{t.target}: {t.note}"
+            f"{t.target} {t.note or t.measurement.describe()}" if t.measurement is not None else f"{t.target}: {t.note}"
             for t in candidate.latency
         )
         result = "-" if candidate.passed is None else "pass" if candidate.passed else "fail"

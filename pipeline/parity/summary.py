@@ -93,6 +93,8 @@ class QuantizationSummary(_Fact):
         kept_float: The nodes left in float, with why.
         dynamic_nodes: The nodes quantized dynamically.
         decision: Every recipe the per-target search tried, and why this model shipped.
+        shipped_precision: "int8", or "fp32" when the search shipped the float model (then `model`
+            is that float model).
     """
 
     model: str
@@ -102,6 +104,7 @@ class QuantizationSummary(_Fact):
     kept_float: list[KeptFloat]
     dynamic_nodes: list[str] = []
     decision: SearchDecision | None = None
+    shipped_precision: Literal["int8", "fp32"] = "int8"
 
 
 class RunFacts(_Fact):
@@ -128,7 +131,8 @@ class TargetSummary(_Fact):
     Attributes:
         target: The backend.
         verdict: "pass" when every check on this target passed (chain, on-target, placement).
-        precision: What ships: "int8" when quantize ran, else "fp32".
+        precision: What ships: "int8", or "fp32" when the job does not quantize or the search
+            shipped the float model.
         fp32_model: The exported float model.
         fp32_bytes: Its size (external data included; None: not measured).
         shipped_model: The last model of the chain.
@@ -175,7 +179,7 @@ def summarise(
     sizes = {model.file: model.bytes for model in facts.models}
     return [
         _summary(target, [c for c in comparisons if c.target == target], performance, placements, on_target,
-                 max_fallback.get(target), sizes, bool(facts.quantization))
+                 max_fallback.get(target), sizes, _shipped_precision(target, facts))
         for target in targets
     ]  # fmt: skip
 
@@ -188,7 +192,7 @@ def _summary(
     on_target: list[TargetParity],
     max_fallback: float | None,
     sizes: dict[str, int],
-    quantized: bool,
+    precision: Literal["int8", "fp32"],
 ) -> TargetSummary:
     chain = [c for c in comparisons if c.shape is None]
     placement = next((p for p in placements if p.backend == target), None)
@@ -203,7 +207,7 @@ def _summary(
     return TargetSummary(
         target=target,
         verdict="pass" if passed else "fail",
-        precision="int8" if quantized else "fp32",
+        precision=precision,
         fp32_model=fp32_model,
         fp32_bytes=sizes.get(fp32_model),
         shipped_model=shipped,
@@ -218,6 +222,12 @@ def _summary(
         shipped_metric=values.get(shipped),
         fallback_share=placement.fallback_share if placement is not None else None,
     )
+
+
+def _shipped_precision(target: str, facts: RunFacts) -> Literal["int8", "fp32"]:
+    """What the target ships: its int8 model's precision, or fp32 when the job does not quantize."""
+    mine = [q for q in facts.quantization if not q.targets or target in q.targets]
+    return mine[0].shipped_precision if mine else "fp32"
 
 
 def _metrics(chain: list[Comparison], fp32_model: str, shipped: str) -> tuple[str, str, dict[str, float]]:

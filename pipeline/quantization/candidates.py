@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Callable
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -74,6 +75,7 @@ class Built:
         probes: The mixed-precision probes that led to it.
         damage: Measured damage of the nodes the mixed-precision search kept float.
         met: Whether the mixed-precision search met the policy (None: it did not run).
+        precision: "int8", or "fp32" for the float model itself.
     """
 
     model: onnx.ModelProto
@@ -83,6 +85,7 @@ class Built:
     probes: list[ProbeRecord] = field(default_factory=list)
     damage: dict[str, float] = field(default_factory=dict)
     met: bool | None = None
+    precision: str = "int8"
 
     def float_compute_nodes(self) -> int:
         """Compute nodes (Conv, MatMul, Gemm) that run in float: neither fed by two dequantized
@@ -158,21 +161,24 @@ class CandidateBuilder:
         if not nodes:
             return None
 
-        def build(extra_float: list[str]) -> onnx.ModelProto:
-            return self.dynamic(self.calibrated.model, settings, [n for n in nodes if n not in extra_float])
+        def build(extra_float: list[str]) -> tuple[onnx.ModelProto, list[str]]:
+            return self.dynamic_built(self.calibrated.model, settings, [n for n in nodes if n not in extra_float])
 
         if not self._mixed_allowed():
-            return Built(build([]), settings, dict(self.kept), nodes)
+            model, dynamic = build([])
+            return Built(model, settings, dict(self.kept), dynamic) if dynamic else None
         result = search(
             lambda: [c for c in self.ranking(settings) if c.node in nodes],
-            lambda extra_float: self.judge(build(extra_float)),
+            lambda extra_float: self.judge(build(extra_float)[0]),
             self.job.quantize.max_float_share,
         )
         self._warn_unmet(result.met, "dynamic int8")
         probes = [ProbeRecord(kept_float=p.kept_float, passed=p.passed, summary=p.summary) for p in result.probes]
-        dynamic = [n for n in nodes if n not in result.kept_float]
+        model, dynamic = build(list(result.kept_float))
+        if not dynamic:  # the dynamic quantizer left every MatMul float: no int8 candidate
+            return None
         kept = {**self.kept, **result.kept_float}
-        return Built(build(list(result.kept_float)), settings, kept, dynamic, probes, result.damage, result.met)
+        return Built(model, settings, kept, dynamic, probes, result.damage, result.met)
 
     def ranking(self, settings: QdqSettings) -> list[Candidate]:
         """The quantizable compute nodes, most damaging alone in static int8 first (measured once
@@ -192,6 +198,10 @@ class CandidateBuilder:
             )
         return self._rankings[key]
 
+    def float_model(self, settings: QdqSettings) -> Built:
+        """The float model itself, as the fp32 candidate."""
+        return Built(self.calibrated.model, settings, {}, precision="fp32")
+
     def static_keeping(self, settings: QdqSettings, built: Built) -> Built:
         """Static int8 with `settings`, keeping float what `built` kept float (no new search)."""
         return replace(built, model=self.static(settings, built.kept_float), settings=settings, probes=[], met=None)
@@ -204,9 +214,11 @@ class CandidateBuilder:
         movable = [name for name in built.damage if nodes.get(name) in DYNAMIC_OPS]
         if not movable:
             return None
-        model = self.dynamic(built.model, built.settings, movable)
-        kept = {name: why for name, why in built.kept_float.items() if name not in movable}
-        return replace(built, model=model, kept_float=kept, dynamic=movable)
+        model, dynamic = self.dynamic_built(built.model, built.settings, movable)
+        if not dynamic:
+            return None
+        kept = {name: why for name, why in built.kept_float.items() if name not in dynamic}
+        return replace(built, model=model, kept_float=kept, dynamic=dynamic)
 
     def _dynamic_nodes(self) -> list[str]:
         """MatMul nodes with a constant weight, not kept float by the job or its data."""
@@ -235,7 +247,7 @@ class CandidateBuilder:
         """
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        with tempfile.TemporaryDirectory(prefix="onnxforge-dynamic-") as folder:
+        with tempfile.TemporaryDirectory(prefix="onnxforge-dynamic-") as folder, _without_preprocess_hint():
             output = Path(folder) / "dynamic.onnx"
             try:
                 quantize_dynamic(
@@ -253,8 +265,33 @@ class CandidateBuilder:
                 raise StageError(StageName.QUANTIZE, self.job.name, detail) from e
             return onnx.load(str(output))
 
+    def dynamic_built(
+        self, model: onnx.ModelProto, settings: QdqSettings, nodes: list[str]
+    ) -> tuple[onnx.ModelProto, list[str]]:
+        """`dynamic`, and the nodes it really quantized (the quantizer leaves some MatMuls float,
+        e.g. where it cannot read a weight's shape): a MatMul of `nodes` still in the output stayed float."""
+        quantized = self.dynamic(model, settings, nodes)
+        still_float = {node.name for node in quantized.graph.node if node.op_type in DYNAMIC_OPS}
+        return quantized, [name for name in nodes if name not in still_float]
 
-BuildStep = Callable[[], "Built | None"]
+
+class _PreprocessHint(logging.Filter):
+    """Drops ONNX Runtime's "consider to run pre-processing" warning: the model it quantizes here
+    already carries inferred shapes (`pipeline.quantization.shapes`), which is what that step adds."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "consider to run pre-processing" not in record.getMessage()
+
+
+@contextmanager
+def _without_preprocess_hint() -> Iterator[None]:
+    hint = _PreprocessHint()
+    root = logging.getLogger()
+    root.addFilter(hint)
+    try:
+        yield
+    finally:
+        root.removeFilter(hint)
 
 
 def has_checks(policy: Int8Policy) -> bool:

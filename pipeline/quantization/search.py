@@ -28,7 +28,7 @@ from pipeline.quantization.candidates import Built, CandidateBuilder
 from pipeline.quantization.decision import CandidateResult, SearchDecision, TargetLatency
 from pipeline.quantization.judge import PolicyJudge
 from pipeline.quantization.qdq import QdqSettings
-from pipeline.timing import DEFAULT_TIMING, compare_latency
+from pipeline.timing import DEFAULT_TIMING, RatioMeasurement, compare_latency
 
 if TYPE_CHECKING:
     from pipeline.stages.base import Target
@@ -61,7 +61,10 @@ class CandidateSpec:
 
 
 def candidate_specs(
-    builder: CandidateBuilder, settings: QdqSettings, constraints: QuantizationConstraints
+    builder: CandidateBuilder,
+    settings: QdqSettings,
+    constraints: QuantizationConstraints,
+    precisions: tuple[str, ...] = ("int8",),
 ) -> list[CandidateSpec]:
     """The recipes a branch's targets allow (and the job's ``quantize.recipes`` lists), in the
     order tried: the first is the safe default, and on a tie in speed the earlier one ships.
@@ -70,7 +73,22 @@ def candidate_specs(
         builder: Builds models from the branch's calibration.
         settings: The branch's QDQ settings (its targets' constraints applied).
         constraints: The branch's constraints (which recipes its kernels run).
+        precisions: The precisions every target of the branch may ship (``targets.precisions``);
+            with ``fp32``, the float model is the last candidate: it ships when no int8 one is
+            faster than it beyond the timing noise.
     """
+    specs = _int8_specs(builder, settings, constraints) if "int8" in precisions else []
+    allowed = builder.job.quantize.recipes
+    specs = [spec for index, spec in enumerate(specs) if allowed is None or spec.recipe in allowed or index == 0]
+    if "fp32" in precisions:
+        specs.append(CandidateSpec("fp32", "fp32 (the float model)", "fp32", lambda: builder.float_model(settings)))
+    return specs
+
+
+def _int8_specs(
+    builder: CandidateBuilder, settings: QdqSettings, constraints: QuantizationConstraints
+) -> list[CandidateSpec]:
+    """The int8 recipes the constraints allow, static first."""
     static = cache(lambda: builder.static_mixed(settings))
     signed = replace(settings, activation_type="int8")
     free_choice = builder.job.quantize.activation_type is None and not settings.power_of_two
@@ -82,14 +100,14 @@ def candidate_specs(
                 "int8 static, float MatMuls dynamic",
                 "int8",
                 lambda: builder.float_to_dynamic(static()),
-                "int8 static kept no MatMul float",
+                "int8 static kept no MatMul float, or none of them could be quantized dynamically",
             ),
             CandidateSpec(
                 "dynamic",
                 "int8 dynamic MatMul",
                 "int8",
                 lambda: builder.dynamic_mixed(settings),
-                "no MatMul with a constant weight",
+                "no MatMul with a constant weight that ONNX Runtime's dynamic quantizer takes",
             ),
         ]
     if free_choice and settings.activation_type == "uint8" and "int8" in constraints.activation_types:
@@ -101,8 +119,7 @@ def candidate_specs(
                 lambda: builder.static_keeping(signed, static()),
             )
         )
-    allowed = builder.job.quantize.recipes
-    return [spec for spec in specs if allowed is None or spec.recipe in allowed or spec is specs[0]]
+    return specs
 
 
 class LatencyTimer:
@@ -163,6 +180,13 @@ class LatencyTimer:
             return TargetLatency(target=target.name, note=f"could not be timed: {e.reason}")
         return TargetLatency(target=target.name, measurement=measured)
 
+    def identity(self) -> list[TargetLatency]:
+        """The float model against itself: exactly 1 on every timed target (not timed)."""
+        exact = RatioMeasurement(
+            ratio=1.0, low=1.0, high=1.0, rounds=0, baseline_ms=0.0, candidate_ms=0.0, seconds=0.0, decided=True
+        )
+        return [TargetLatency(target=name, measurement=exact, note="the float model itself") for name in self.timed]
+
     def close(self) -> None:
         """Remove the candidate files."""
         shutil.rmtree(self._scratch, ignore_errors=True)
@@ -189,7 +213,8 @@ def run_search(
             remaining = max(0.0, budget_s - (time.perf_counter() - start)) / (len(passing) - count)
             built = models[index]
             assert built is not None
-            results[index] = results[index].model_copy(update={"latency": timer(built.model, remaining)})
+            latency = timer.identity() if built.precision == "fp32" else timer(built.model, remaining)
+            results[index] = results[index].model_copy(update={"latency": latency})
     pick, reason = _choose(results)
     shipped = models[pick]
     assert shipped is not None, "the first candidate is always built"
@@ -247,7 +272,9 @@ def _choose(results: list[CandidateResult]) -> tuple[int, str]:
     """The candidate to ship and why: the fastest that passes (its slowest timed target decides).
 
     A later candidate ships only when its interval is below the earlier ones' point estimates:
-    within the timing noise, the earlier (simpler) recipe wins, so reruns choose alike.
+    within the timing noise, the earlier (simpler) recipe wins, so reruns choose alike. The fp32
+    candidate (the float model, exactly 1) comes last: it ships only when every int8 candidate is
+    slower than float beyond the noise.
     """
     passing = [i for i, r in enumerate(results) if r.passed]
     timed = [i for i in passing if results[i].worst_ratio() is not None]
@@ -256,17 +283,24 @@ def _choose(results: list[CandidateResult]) -> tuple[int, str]:
         for index in timed[1:]:
             if _upper(results[index]) < (results[best].worst_ratio() or 0.0):
                 best = index
-        ratios = "; ".join(
-            f"{t.target} {t.measurement.describe()}" for t in results[best].latency if t.measurement is not None
-        )
-        return (
-            best,
-            f"the fastest, within the timing noise, of {len(timed)} candidates meeting the int8 policy ({ratios})",
-        )
+        if results[best].precision == "fp32":
+            fastest = min((i for i in timed if i != best), key=lambda i: results[i].worst_ratio() or 0.0)
+            return (
+                best,
+                f"no int8 candidate is faster than float on the target (the fastest: {_ratios(results[fastest])})",
+            )
+        shown = _ratios(results[best])
+        return best, f"the fastest, within the timing noise, of {len(timed)} candidates meeting the policy ({shown})"
     if passing:
         only = "the only candidate" if len(passing) == 1 else "the first candidate"
         return passing[0], f"{only} meeting the int8 policy on the held-out data"
     return 0, "no candidate met the int8 policy on the held-out data: shipping the first, the closest the search got"
+
+
+def _ratios(result: CandidateResult) -> str:
+    """A candidate's latency on each timed target, e.g. ``int8 static: cpu 0.62x [0.60, 0.64], 14 rounds``."""
+    ratios = "; ".join(f"{t.target} {t.measurement.describe()}" for t in result.latency if t.measurement is not None)
+    return f"{result.name}: {ratios}"
 
 
 def _upper(result: CandidateResult) -> float:

@@ -70,12 +70,17 @@ def target_groups(job: ConversionJob, targets: list[Target]) -> list[Branch]:
     """
     from pipeline.stages.base import TRUNK, Branch
 
-    groups: dict[tuple[QdqSettings, QuantizationConstraints, bool], list[str]] = {}
+    groups: dict[tuple[QdqSettings, QuantizationConstraints, bool, tuple[str, ...]], list[str]] = {}
     for target in targets:
         settings, _ = quantization_settings(job, [target])
         capabilities = target.backend.capabilities
         # The constraints decide which candidates the search may build; timing decides how it picks.
-        key = (settings, capabilities.quantization, capabilities.measured_latency)
+        key = (
+            settings,
+            capabilities.quantization,
+            capabilities.measured_latency,
+            tuple(sorted(target.spec.precisions)),
+        )
         groups.setdefault(key, []).append(target.name)
     if len(groups) == 1:
         return [TRUNK]
@@ -85,3 +90,9 @@ def target_groups(job: ConversionJob, targets: list[Target]) -> list[Branch]:
 def branch_targets(targets: list[Target], branch: Branch) -> list[Target]:
     """The targets a branch serves (every target for the trunk)."""
     return [target for target in targets if not branch.targets or target.name in branch.targets]
+
+
+def shared_precisions(targets: list[Target]) -> tuple[str, ...]:
+    """The precisions every one of `targets` may ship (``targets.precisions``), in a fixed order."""
+    allowed = set.intersection(*(set(target.spec.precisions) for target in targets))
+    return tuple(precision for precision in ("int8", "fp32") if precision in allowed)

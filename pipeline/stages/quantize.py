@@ -26,7 +26,13 @@ from pipeline.quantization.performance import float_compute_nodes, slow_reasons
 from pipeline.quantization.recipe import Recipe, choose_recipe, irregular_tensor_nodes
 from pipeline.quantization.search import LatencyTimer, candidate_specs, run_search
 from pipeline.quantization.shapes import load_with_shapes
-from pipeline.quantization.targets import branch_targets, quantization_settings, resolve_activation_type, target_groups
+from pipeline.quantization.targets import (
+    branch_targets,
+    quantization_settings,
+    resolve_activation_type,
+    shared_precisions,
+    target_groups,
+)
 from pipeline.records import QuantizeRecord, StageName
 from pipeline.stage_cache import content_key
 from pipeline.stages.base import Branch, PreparedInputs, StageContext
@@ -99,7 +105,9 @@ class QuantizeStage:
         held_out = held_out_part(ctx.calibration, batches)
         judge = PolicyJudge(job, source, held_out)
         builder = CandidateBuilder(job, calibrated, kept, judge)
-        specs = candidate_specs(builder, settings, targets[0].backend.capabilities.quantization)
+        specs = candidate_specs(
+            builder, settings, targets[0].backend.capabilities.quantization, shared_precisions(targets)
+        )
         threshold = job.export.external_data_threshold_bytes
         timer = LatencyTimer(targets, source, judge.first_feeds, ctx.workdir / ".search", threshold)
         try:
@@ -108,9 +116,12 @@ class QuantizeStage:
             )
         finally:
             timer.close()
-        _check_quantized(job, built.model, calibrated.recipe, built.kept_float)
-        target = ctx.workdir / ctx.branch.file_name(INT8_STEM)
-        save_model(ir.from_proto(built.model), target, threshold)
+        if built.precision == "fp32":  # the float model ships: the branch's chain ends at it
+            target = source
+        else:
+            _check_quantized(job, built.model, calibrated.recipe, built.kept_float)
+            target = ctx.workdir / ctx.branch.file_name(INT8_STEM)
+            save_model(ir.from_proto(built.model), target, threshold)
         decision = decision.model_copy(
             update={"targets": list(ctx.branch.targets), "slow_reasons": _slow_reasons(decision, built, target)}
         )
@@ -225,6 +236,7 @@ def _record(
         reduce_range=settings.reduce_range,
         reduce_range_reason=reduce_range_reason,
         power_of_two_scales=settings.power_of_two,
+        shipped_precision="fp32" if built.precision == "fp32" else "int8",
         fused_ops=dict(sorted(contrib_ops(graph).items())),
         kept_float=built.kept_float,
         kept_float_damage=built.damage,
@@ -239,7 +251,7 @@ def _record(
 
 def _slow_reasons(decision: SearchDecision, built: Built, path: Path) -> list[str]:
     """Why the shipped model is not faster than float, when the search measured that it is not."""
-    if decision.speedup is not False and decision.speedup is not None:
+    if built.precision == "fp32" or decision.speedup is True:
         return []
     shipped = next(c for c in decision.candidates if c.shipped)
     if shipped.worst_ratio() is None:

@@ -66,7 +66,10 @@ class ValidateStage(NoPreconditions):
     def run(self, ctx: StageContext) -> Artifact:
         """Stream the evaluation data through PyTorch and every model on every target."""
         start = time.perf_counter()
-        chains = {target.name: [artifact.path for artifact in ctx.model_chain(target.name)] for target in ctx.targets}
+        chains = {
+            target.name: [artifact.path for artifact in _distinct_models(ctx.model_chain(target.name))]
+            for target in ctx.targets
+        }
         links = chain_links(ctx)
         with ExitStack() as stack:
             sessions: Sessions = {
@@ -307,6 +310,7 @@ def _quantization_summary(artifact: Artifact) -> QuantizationSummary:
         ],
         dynamic_nodes=record.dynamic_nodes,
         decision=record.decision,
+        shipped_precision=record.shipped_precision,
     )
 
 
@@ -333,7 +337,7 @@ def chain_links(ctx: StageContext) -> list[Link]:
     distilled = ctx.artifact_with(DistillRecord)
     links = []
     for target in ctx.targets:
-        models = ctx.model_chain(target.name)
+        models = _distinct_models(ctx.model_chain(target.name))
         judged: list[Artifact] = [*([distilled] if distilled is not None else []), *models]
         if distilled is not None:
             roots = [TEACHER, PYTORCH]
@@ -352,10 +356,16 @@ def chain_links(ctx: StageContext) -> list[Link]:
 def _quantized_pair(ctx: StageContext, target: str) -> tuple[str, str] | None:
     """The model quantize started from, and the int8 model it wrote for `target` (None: the job does not quantize)."""
     quantized = ctx.artifact_with(QuantizeRecord, target)
-    if quantized is None:
+    if quantized is None or quantized.record_as(QuantizeRecord).shipped_precision == "fp32":
         return None
     before = next(a.path for a in ctx.artifacts.values() if a.sha256 == quantized.parent_sha256)
     return before, quantized.path
+
+
+def _distinct_models(chain: list[Artifact]) -> list[Artifact]:
+    """A chain without a stage's artifact that is the model before it (quantize shipping the float
+    model for a target): nothing to compare, the chain ends at that float model."""
+    return [a for index, a in enumerate(chain) if index == 0 or a.path != chain[index - 1].path]
 
 
 def _check_output_overrides(job: ConversionJob, output_names: list[str]) -> None:

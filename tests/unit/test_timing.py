@@ -151,7 +151,7 @@ def test_faster_reads_the_interval() -> None:
 def test_describe() -> None:
     m = measurement(0.60, 0.64).model_copy(update={"ratio": 0.62})
     assert m.describe() == "0.62x [0.60, 0.64], 14 rounds"
-    assert m.model_copy(update={"decided": False}).describe() == "0.62x [0.60, 0.64], 14 rounds, undecided"
+    assert m.model_copy(update={"decided": False}).describe() == "0.62x [0.60, 0.64], 14 rounds, wide"
 
 
 def test_a_measurement_round_trips_through_json() -> None:

@@ -7,6 +7,7 @@ here the judge and the timer are stand-ins, so the choice rules are tested exact
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any
 
 import onnx
@@ -48,9 +49,12 @@ class Judge:
 
 
 class Timer:
-    """Reports the latency given for each candidate."""
+    """Reports the latency given for each candidate (the float model itself: exactly 1)."""
 
     timed = ["cpu"]
+
+    def identity(self) -> list[TargetLatency]:
+        return [TargetLatency(target="cpu", measurement=ratio(1.0, 1.0, 1.0), note="the float model itself")]
 
     def __init__(self, latencies: dict[str, RatioMeasurement]) -> None:
         self.latencies = latencies
@@ -66,11 +70,11 @@ def specs(*names: str, slow: str = "") -> list[CandidateSpec]:
         def step() -> Built:
             if name == slow:
                 time.sleep(0.3)
-            return built(name)
+            return replace(built(name), precision="fp32" if name == "fp32" else "int8")
 
         return step
 
-    return [CandidateSpec(name, name, "int8", build(name)) for name in names]
+    return [CandidateSpec(name, name, "fp32" if name == "fp32" else "int8", build(name)) for name in names]
 
 
 def search(names: tuple[str, ...], passing: set[str], latencies: dict[str, RatioMeasurement], budget: float = 60.0,
@@ -130,6 +134,17 @@ def test_the_budget_is_for_the_alternatives_after_the_first() -> None:
     assert judge_two.judged == ["a", "b"]
     assert slow_second.candidates[2].note == "not tried: budget spent"
     assert slow_second.shipped == "a"
+
+
+def test_the_float_model_ships_only_when_every_int8_candidate_is_slower() -> None:
+    slower, _, timer = search(("a", "fp32"), {"a", "fp32"}, {"a": ratio(1.3, 1.2, 1.4)})
+    noisy, _, _ = search(("a", "fp32"), {"a", "fp32"}, {"a": ratio(0.98, 0.9, 1.06)})
+    faster, _, _ = search(("a", "fp32"), {"a", "fp32"}, {"a": ratio(0.7, 0.65, 0.75)})
+
+    assert timer.calls == ["a"]  # the float model is not timed against itself
+    assert slower.shipped == "fp32" and "no int8 candidate is faster than float" in slower.reason
+    assert noisy.shipped == "a"  # within the noise, int8 (earlier) stays
+    assert faster.shipped == "a"
 
 
 def test_a_slower_shipped_model_is_flagged() -> None:
