@@ -1,12 +1,14 @@
-"""ONNX Runtime sessions and latency as every benchmark measures them: CPU provider, 2 threads unless told."""
+"""ONNX Runtime sessions and latency as every benchmark measures them: CPU provider, 2 threads unless told;
+latency through `pipeline.timing`, the module the search and the speed guard use."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+
+from pipeline.timing import measure_latency_ms
 
 THREADS = 2
 Feeds = dict[str, np.ndarray]
@@ -20,13 +22,8 @@ def session(path: Path, threads: int = THREADS) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def latency_ms(model: Path, feeds: Feeds, repeats: int = 20, threads: int = THREADS) -> float:
-    """Best of `repeats` runs after one warm-up, in milliseconds."""
+def latency_ms(model: Path, feeds: Feeds, threads: int = THREADS) -> float:
+    """The model's typical latency on `feeds` in milliseconds (`pipeline.timing.measure_latency_ms`:
+    warm-up, then the median of timed runs); ratios between models come from `compare_latency`."""
     runner = session(model, threads)
-    runner.run(None, feeds)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        runner.run(None, feeds)
-        best = min(best, time.perf_counter() - start)
-    return 1000 * best
+    return measure_latency_ms(lambda: runner.run(None, feeds))

@@ -64,20 +64,20 @@ def prune(job_file: Path, out: Path, structured: dict[str, Any], **overrides: An
 
 
 def measure(
-    results: dict[str, pipeline.ConversionResult], feeds: Feeds, repeats: int, quality: Callable[[Path], str]
+    results: dict[str, pipeline.ConversionResult], feeds: Feeds, quality: Callable[[Path], str]
 ) -> tuple[list[Row], float]:
     """One row for the unpruned model (from the first run) and one per variant; the reference latency."""
     first = next(iter(results.values()))
     summary = first.report.pruning
     assert summary is not None
     original = first.path("simplify")
-    reference_ms = latency_ms(original, feeds, repeats)
+    reference_ms = latency_ms(original, feeds)
     rows = [Row("unpruned (simplified fp32)", summary.parameters[0], summary.macs[0], reference_ms, quality(original))]
     for name, result in results.items():
         record = result.report.pruning
         assert record is not None
         model = result.path("prune")
-        rows.append(Row(name, record.parameters[1], record.macs[1], latency_ms(model, feeds, repeats), quality(model)))
+        rows.append(Row(name, record.parameters[1], record.macs[1], latency_ms(model, feeds), quality(model)))
     return rows, reference_ms
 
 
@@ -98,7 +98,7 @@ def digits(folder: Path) -> tuple[Table, list[str]]:
         "50% channels, L1 norm + recovery": {**base, "criterion": "l1", "recovery": True},
     }
     results = {name: prune(job, folder / f"digits{i}", spec) for i, (name, spec) in enumerate(variants.items())}
-    rows, reference_ms = measure(results, batch, 200, accuracy)
+    rows, reference_ms = measure(results, batch, accuracy)
     drops = {row.variant: 100 * (float(rows[0].quality) - float(row.quality)) for row in rows[1:]}
     table = _table("Digits CNN, batch 256, fp32", rows, "top-1 accuracy", reference_ms, drops, "drop (points)")
     ratio = rows[2].latency_ms / reference_ms
@@ -132,7 +132,7 @@ def minilm(folder: Path) -> tuple[Table, list[str]]:
         values = (embeddings * reference).sum(1) / norms
         return f"{values.mean():.4f} / {values.min():.4f}"
 
-    rows, reference_ms = measure(results, batch, 10, cosine)
+    rows, reference_ms = measure(results, batch, cosine)
     table = _table("MiniLM, batch 16 x 128 tokens, fp32", rows, "cosine mean / min", reference_ms, {}, "")
     verdicts = [
         f"MiniLM 30% FFN: latency ratio {rows[2].latency_ms / reference_ms:.2f}, cosine (mean / min) with recovery "

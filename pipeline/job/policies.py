@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Literal, TypeVar
+import math
+from typing import Literal, Self, TypeVar
 
 from pydantic import Field
 
@@ -58,6 +59,22 @@ class TaskPolicy(Section):
     min_snr_db: float | None = None
     min_top1_agreement: float | None = Field(default=None, ge=0, le=1)
     max_accuracy_drop: float | None = Field(default=None, ge=0)
+
+    def tightened(self, share: float) -> Self:
+        """This rule with every limit moved `share` of the way from itself toward perfect: the
+        distance to a perfect cosine or agreement, the accuracy drop allowed and the noise power
+        allowed (SNR) each shrink by that share."""
+        keep = 1.0 - share
+        return self.model_copy(
+            update={
+                "min_cosine": None if self.min_cosine is None else 1.0 - (1.0 - self.min_cosine) * keep,
+                "min_snr_db": None if self.min_snr_db is None else self.min_snr_db - 10.0 * math.log10(keep),
+                "min_top1_agreement": (
+                    None if self.min_top1_agreement is None else 1.0 - (1.0 - self.min_top1_agreement) * keep
+                ),
+                "max_accuracy_drop": None if self.max_accuracy_drop is None else self.max_accuracy_drop * keep,
+            }
+        )
 
 
 class Int8Policy(TaskPolicy):
@@ -133,6 +150,15 @@ class ParityPolicy(Section):
     outputs: dict[Identifier, OutputPolicy] = Field(default_factory=dict)
     localize: Literal["on_failure", "always", "never"] = "on_failure"
     localize_batches: int = Field(default=1, ge=1)
+
+    def with_int8_margin(self, share: float) -> ParityPolicy:
+        """This policy with the int8 rules (job-wide and per output) tightened by `share`
+        (`TaskPolicy.tightened`): what the quantize search aims at on held-out data."""
+        outputs = {
+            name: override.model_copy(update={"int8": override.int8.tightened(share) if override.int8 else None})
+            for name, override in self.outputs.items()
+        }
+        return self.model_copy(update={"int8": self.int8.tightened(share), "outputs": outputs})
 
     def section(self, precision: Precision) -> Fp32Policy | TaskPolicy:
         """The job-wide rule of a precision.

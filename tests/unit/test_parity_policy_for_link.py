@@ -6,6 +6,7 @@ for its own output only; "task" comparisons (``onnxforge parity``) take the int8
 
 from __future__ import annotations
 
+import math
 from typing import get_args
 
 import pytest
@@ -95,3 +96,22 @@ def test_defaults_are_the_shared_constants() -> None:
 
 def test_precision_is_still_importable_from_the_policy_module() -> None:
     assert PolicyModulePrecision is Precision
+
+
+def test_the_search_margin_moves_every_int8_limit_toward_perfect() -> None:
+    policy = ParityPolicy.model_validate(
+        {
+            "int8": {"min_cosine": 0.99, "min_snr_db": 20.0, "min_top1_agreement": 0.9, "max_accuracy_drop": 1.0},
+            "outputs": {"emb": {"int8": {"min_cosine": 0.999}}},
+        }
+    )
+
+    tight = policy.with_int8_margin(0.1)
+
+    assert tight.int8.min_cosine == pytest.approx(0.991)
+    assert tight.int8.min_snr_db == pytest.approx(20.0 + 10 * math.log10(1 / 0.9))
+    assert tight.int8.min_top1_agreement == pytest.approx(0.91)
+    assert tight.int8.max_accuracy_drop == pytest.approx(0.9)
+    emb = tight.outputs["emb"].int8
+    assert emb is not None and emb.min_cosine == pytest.approx(0.9991)
+    assert tight.fp32 == policy.fp32 and policy.int8.min_cosine == 0.99  # nothing else, and no mutation
