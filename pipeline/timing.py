@@ -76,6 +76,12 @@ MIN_INTERVAL_ROUNDS = 3
 MAX_INNER_REPEAT = 100_000
 """The most calls of a very fast callable inside one timed sample."""
 
+LONG_ROUND_S = 0.1
+"""A round at least this long is kept though its thread was descheduled: a scheduler slice (a few
+ms) is then a small part of it, and a multi-threaded run (ONNX Runtime on 2 threads) of hundreds of
+ms is nearly always descheduled once, so retrying it would only spend the budget (MiniLM: 3 rounds
+in 10 s)."""
+
 _SIGNIFICANT = 4
 """Significant digits a measurement keeps (it goes into report.json)."""
 
@@ -248,8 +254,9 @@ def _gc_paused() -> Iterator[None]:
 
 def _time_round(runs: Sequence[Runnable], repeat: int, retries: int) -> tuple[list[float], int]:
     """One round: seconds per call of each of `runs`, timed back to back in order; timed again
-    (up to `retries` times) while the timing thread was descheduled during it. The first attempt
-    not descheduled is kept; if every one was, the quickest in all (the least disturbed).
+    (up to `retries` times) while the timing thread was descheduled during it, unless the round
+    is long (`LONG_ROUND_S`). The first attempt not descheduled is kept; if every one was, the
+    quickest in all (the least disturbed).
 
     Returns:
         (seconds per call of each, attempts that were descheduled).
@@ -260,7 +267,7 @@ def _time_round(runs: Sequence[Runnable], repeat: int, retries: int) -> tuple[li
         for _ in range(retries + 1):
             before = _involuntary_switches()
             seconds = [_time_sample(run, repeat) for run in runs]
-            if _involuntary_switches() == before:
+            if _involuntary_switches() == before or sum(seconds) * repeat >= LONG_ROUND_S:
                 return seconds, disturbed
             disturbed += 1
             kept = seconds if not kept or sum(seconds) < sum(kept) else kept

@@ -234,6 +234,15 @@ def test_descheduled_rounds_are_timed_again(clock: SimulatedClock, monkeypatch: 
     assert (m.rounds, m.retimed, m.disturbed) == (4, 8, 4)
 
 
+def test_long_rounds_are_kept_though_descheduled(clock: SimulatedClock, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A 300 ms two-thread inference is nearly always descheduled once; retrying it would only spend the budget.
+    counter = itertools.count()
+    monkeypatch.setattr(timing, "_involuntary_switches", lambda: next(counter))
+    settings = TimingSettings(warmup=1, min_rounds=2, max_rounds=4, relative_halfwidth=1e-9, retries=2)
+    m = compare_latency(clock.work(0.3), clock.work(0.3), settings)
+    assert (m.rounds, m.retimed, m.disturbed) == (4, 0, 0)
+
+
 def test_very_fast_callables_are_repeated_inside_a_sample(clock: SimulatedClock) -> None:
     m = compare_latency(clock.work(1e-5, noise=0.0), clock.work(2e-5, noise=0.0), clock.settings)
     assert m.inner_repeat == 100  # 1 ms samples
