@@ -292,7 +292,9 @@ def test_targets_that_agree_share_one_int8_model(tmp_path: Path) -> None:
 
 
 def test_the_search_records_every_candidate_and_ships_one(tmp_path: Path) -> None:
-    job = make_job(tmp_path, quantize={"recipes": ["static", "dynamic", "static_int8_activations"]})
+    # A small budget: each passing candidate is timed for a second or so, not five.
+    recipes = ["static", "dynamic", "static_int8_activations"]
+    job = make_job(tmp_path, quantize={"recipes": recipes, "search_budget_s": 4.0})
     ctx = make_context(tmp_path, job, [make_target("cpu")])
 
     record = QuantizeStage().run(ctx).record
