@@ -36,13 +36,16 @@ def _data(entry: ZooModel) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]
     return calibration, evaluation
 
 
-def job_table(entry: ZooModel, targets: Sequence[str], weights_path: Path | None) -> dict[str, Any]:
+def job_table(
+    entry: ZooModel, targets: Sequence[str], weights_path: Path | None, precisions: Sequence[str] | None = None
+) -> dict[str, Any]:
     """The job file's tables, as a dict ready for TOML.
 
     Args:
         entry: The zoo model.
         targets: Backend names, each one ``[[targets]]`` entry.
         weights_path: The trained state dict, or ``None`` for random weights.
+        precisions: Every target's ``precisions`` (None: the default, int8 only).
     """
     model: dict[str, Any] = {
         "factory": "benchmarks.zoo.models:build",
@@ -63,7 +66,9 @@ def job_table(entry: ZooModel, targets: Sequence[str], weights_path: Path | None
         "inputs": [{"name": i.name, "shape": list(i.shape), "dtype": i.dtype} for i in entry.inputs],
         "calibration": {"npz": "calibration.npz", "batch_size": 32},
         "evaluation": evaluation,
-        "targets": [{"backend": backend} for backend in targets],
+        "targets": [
+            {"backend": backend, **({"precisions": list(precisions)} if precisions else {})} for backend in targets
+        ],
         "parity": {"int8": dict(entry.int8)},
     }
     if entry.check_shapes:
@@ -73,20 +78,23 @@ def job_table(entry: ZooModel, targets: Sequence[str], weights_path: Path | None
     return job
 
 
-def write_job(entry: ZooModel, folder: Path, targets: Sequence[str] = DEFAULT_TARGETS) -> Path:
+def write_job(
+    entry: ZooModel, folder: Path, targets: Sequence[str] = DEFAULT_TARGETS, precisions: Sequence[str] | None = None
+) -> Path:
     """Writes ``entry``'s job folder (data files and ``job.toml``) and returns the job file.
 
     Args:
         entry: The zoo model.
         folder: The job folder (created).
         targets: Backend names.
+        precisions: Every target's ``precisions`` (None: the default).
     """
     folder.mkdir(parents=True, exist_ok=True)
     calibration, evaluation = _data(entry)
     np.savez(folder / "calibration.npz", **calibration)
     np.savez(folder / "evaluation.npz", **evaluation)
     found = weights(entry.name)
-    job = job_table(entry, targets, None if found is None else found[0])
+    job = job_table(entry, targets, None if found is None else found[0], precisions)
     path = folder / "job.toml"
     header = f"# onnxforge job for the zoo model {entry.name!r}: {entry.family}. Written by benchmarks/zoo/jobs.py.\n"
     path.write_text(header + tomli_w.dumps(job))

@@ -180,14 +180,14 @@ def report_rows(name: str, params: int, seconds: float, report: dict[str, Any]) 
     return rows
 
 
-def convert_one(name: str, job_dir: Path, targets: Sequence[str]) -> list[Row]:
+def convert_one(name: str, job_dir: Path, targets: Sequence[str], precisions: Sequence[str] | None = None) -> list[Row]:
     """Writes the job of ``name``, converts it, and returns its rows (a failed row on an error)."""
     import pipeline
 
     params = parameter_count(build(name))
     start = time.perf_counter()
     try:
-        job = write_job(ZOO[name], job_dir, targets)
+        job = write_job(ZOO[name], job_dir, targets, precisions)
         start = time.perf_counter()
         pipeline.convert(job, output_dir=job_dir / "out")
     except pipeline.ParityError:
@@ -245,11 +245,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", choices=list(ZOO), default=list(ZOO))
     parser.add_argument("--targets", nargs="+", default=["cpu"])
     parser.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR)
+    parser.add_argument("--precisions", nargs="+", choices=["int8", "fp32"], help="every target's precisions")
     parser.add_argument("--rerender", action="store_true", help="print the table of the last run, converting nothing")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     console = Console(width=240)
-    root = args.work_dir / "-".join(args.targets)
+    root = args.work_dir / "-".join([*args.targets, *(args.precisions or [])])
     rows: list[Row] = []
     if args.rerender:
         results = root / "results.json"
@@ -260,7 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0 if all(r.verdict == "pass" for r in rows) else 1
     for name in args.models:
         console.print(f"converting {name} on {', '.join(args.targets)} ...")
-        found = convert_one(name, root / name, args.targets)
+        found = convert_one(name, root / name, args.targets, args.precisions)
         for row in found:
             console.print(f"  {row.target}: {row.verdict} in {row.seconds:.1f} s {'; '.join(row.failures)[:300]}")
         rows.extend(found)
