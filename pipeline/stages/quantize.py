@@ -1,4 +1,5 @@
-"""Quantize stage: streaming calibration, the QDQ rewrite, and mixed precision to meet the policy."""
+"""Quantize stage: once per group of targets, streaming calibration on the batches not held out, the
+recipe search (`pipeline.quantization.search`), and the shipped model with its record."""
 
 from __future__ import annotations
 
@@ -41,14 +42,10 @@ logger = logging.getLogger(__name__)
 
 INT8_STEM = "model.int8"
 INT8_MODEL = f"{INT8_STEM}.onnx"
-# Calibration batches the mixed-precision search judges each candidate on.
-_JUDGE_BATCHES = 4
-# Run names of the judge's two models (the float model runs once, its outputs kept).
-CPU, FLOAT = "cpu", "float"
 
 
 class QuantizeStage:
-    """Quantize weights and activations to int8 (QDQ), ranges from streamed calibration data."""
+    """Ship each group of targets the fastest int8 model (or fp32, where allowed) that meets the policy."""
 
     name = StageName.QUANTIZE
 
@@ -70,11 +67,12 @@ class QuantizeStage:
         return target_groups(ctx.job, ctx.targets)
 
     def key(self, ctx: StageContext) -> str | None:
-        """The parent model, the calibration data, the branch and its settings (its targets' and
-        the CPU's included) and the int8 policy mixed precision aims at."""
+        """The parent model, the calibration data, the branch, its settings (its targets' and the
+        CPU's included) and precisions, and the parity policy the search judges with."""
         assert ctx.calibration is not None
         job = ctx.job
-        settings, _ = quantization_settings(job, branch_targets(ctx.targets, ctx.branch))
+        targets = branch_targets(ctx.targets, ctx.branch)
+        settings, _ = quantization_settings(job, targets)
         return content_key(
             self.name,
             {
@@ -83,8 +81,8 @@ class QuantizeStage:
                 "calibration": ctx.calibration.digest(),
                 "quantize": job.quantize.model_dump(mode="json"),
                 "settings": asdict(settings),
-                "policy": job.parity.int8.model_dump(mode="json"),
-                "rtol": job.parity.fp32.rtol,
+                "precisions": shared_precisions(targets),
+                "policy": job.parity.model_dump(mode="json"),
                 "threshold_mb": job.export.external_data_threshold_mb,
             },
         )
