@@ -271,24 +271,19 @@ def _build_and_judge(
 def _choose(results: list[CandidateResult]) -> tuple[int, str]:
     """The candidate to ship and why: the fastest that passes (its slowest timed target decides).
 
-    A later candidate ships only when its interval is below the earlier ones' point estimates:
-    within the timing noise, the earlier (simpler) recipe wins, so reruns choose alike. The fp32
-    candidate (the float model, exactly 1) comes last: it ships only when every int8 candidate is
-    slower than float beyond the noise.
+    The fastest by point estimate sets the bar: the earliest candidate whose estimate is within
+    that fastest one's interval ships, so within the timing noise the earlier (simpler) recipe
+    wins and reruns choose alike. The fp32 candidate (the float model, exactly 1) comes last: it
+    ships only when every int8 candidate is slower than float beyond the noise.
     """
     passing = [i for i, r in enumerate(results) if r.passed]
     timed = [i for i in passing if results[i].worst_ratio() is not None]
     if len(timed) > 1:
-        best = timed[0]
-        for index in timed[1:]:
-            if _upper(results[index]) < (results[best].worst_ratio() or 0.0):
-                best = index
+        fastest = min(timed, key=lambda i: (results[i].worst_ratio() or 0.0, i))
+        bar = _upper(results[fastest])
+        best = next(i for i in timed if (results[i].worst_ratio() or 0.0) <= bar)
         if results[best].precision == "fp32":
-            fastest = min((i for i in timed if i != best), key=lambda i: results[i].worst_ratio() or 0.0)
-            return (
-                best,
-                f"no int8 candidate is faster than float on the target (the fastest: {_ratios(results[fastest])})",
-            )
+            return best, "no int8 candidate is faster than float on the target beyond the timing noise"
         shown = _ratios(results[best])
         return best, f"the fastest, within the timing noise, of {len(timed)} candidates meeting the policy ({shown})"
     if passing:

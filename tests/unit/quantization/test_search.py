@@ -147,6 +147,17 @@ def test_the_float_model_ships_only_when_every_int8_candidate_is_slower() -> Non
     assert faster.shipped == "a"
 
 
+def test_the_fastest_sets_the_bar_and_the_earliest_within_it_ships() -> None:
+    # b is the fastest; a is within b's interval, so the earlier a ships; fp32 never beats both.
+    tie, _, _ = search(("a", "b", "fp32"), {"a", "b", "fp32"},
+                       {"a": ratio(1.05, 0.95, 1.15), "b": ratio(0.98, 0.80, 1.07)})  # fmt: skip
+    clear, _, _ = search(("a", "b", "fp32"), {"a", "b", "fp32"},
+                         {"a": ratio(1.3, 1.2, 1.4), "b": ratio(0.7, 0.65, 0.75)})  # fmt: skip
+
+    assert tie.shipped == "a"
+    assert clear.shipped == "b"
+
+
 def test_a_slower_shipped_model_is_flagged() -> None:
     result = CandidateResult(name="a", precision="int8", passed=True,
                              latency=[TargetLatency(target="cpu", measurement=ratio(1.3, 1.2, 1.4))])  # fmt: skip
