@@ -93,8 +93,10 @@ def test_export_parity_is_tight(digits_result: pipeline.ConversionResult) -> Non
 
 def test_rerun_replaces_output_atomically(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    first = pipeline.convert(DIGITS_DIR / "job.toml", output_dir=out)
-    second = pipeline.convert(DIGITS_DIR / "job.toml", output_dir=out)
+    # The static recipe only: which recipe ships may follow timing; each recipe's model is deterministic.
+    job = pipeline.load_job(DIGITS_DIR / "job.toml", output_dir=out, quantize={"recipes": ["static"]})
+    first = pipeline.convert(job)
+    second = pipeline.convert(job)
     assert first.artifacts["quantize"].sha256 == second.artifacts["quantize"].sha256
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 

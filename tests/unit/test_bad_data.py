@@ -77,7 +77,7 @@ def job_dict(tmp_path: Path, **sections: Any) -> dict[str, Any]:
         "model": {"onnx": str(tmp_path / "model.onnx")},
         "inputs": [{"name": "x", "shape": ["batch", FEATURES]}],
         "calibration": {"npz": str(tmp_path / "calibration.npz"), "batch_size": 8},
-        "quantize": {"calibration_cache": False},
+        "quantize": {"calibration_cache": False, "recipes": ["static"]},
         "output_dir": str(tmp_path / "out"),
         **sections,
     }

@@ -113,6 +113,7 @@ def make_job(data: Path, out: Path, **sections: Any) -> ConversionJob:
             "calibration": {"npz": data, "labels": "label", "batch_size": 16},
             "evaluation": {"npz": data, "labels": "label", "batch_size": 16},
             "output_dir": out,
+            "quantize": {"recipes": ["static"]},  # the search's other recipes are tested in test_quantize.py
             **sections,
         }
     )
