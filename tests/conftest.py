@@ -149,3 +149,27 @@ def minilm_conversion(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, A
         assert isinstance(e.result, pipeline.ConversionResult)
         return out, e.result.report, e.failures
 
+
+@pytest.fixture(scope="session")
+def minilm_models(minilm_conversion: tuple[Path, Any, list[str]]) -> dict[str, Path]:
+    """The session's MiniLM float models, from its one conversion: "export" (model.fp32.onnx, as
+    torch exported it) and "simplify" (model.simplified.onnx). Shared: read them, never write them."""
+    out, _, _ = minilm_conversion
+    models = {"export": out / "model.fp32.onnx", "simplify": out / "model.simplified.onnx"}
+    for path in models.values():
+        assert path.is_file(), path
+    return models
+
+
+def minilm_onnx_job(folder: Path, fp32: Path, **overrides: Any) -> ConversionJob:
+    """The MiniLM sample job with its exported fp32 model as the source (export adopts the ONNX
+    file instead of exporting again; the stages after it see the same model), output in
+    folder/out; `overrides` as in `pipeline.load_job`."""
+    import pipeline
+
+    raw = sample_job(MINILM_DIR)
+    raw["model"] = {"onnx": str(fp32), "task": raw["model"]["task"]}
+    raw["output_dir"] = str(folder / "out")
+    job_file = folder / "minilm_onnx.toml"
+    job_file.write_text(tomli_w.dumps(raw))
+    return pipeline.load_job(job_file, **overrides)
