@@ -195,6 +195,11 @@ _TIMINGS = ("latency_ratio", "fp32_ms", "shipped_ms")
 def _without_timings(report: dict[str, Any]) -> dict[str, Any]:
     kept = {key: value for key, value in report.items() if key not in ("performance", "stage_timings")}
     kept["summary"] = [{k: v for k, v in row.items() if k not in _TIMINGS} for row in report.get("summary", [])]
+    # The quantize search's own clock (its seconds; candidates' latencies, none with one recipe).
+    kept["quantization"] = [
+        {**entry, "decision": {k: v for k, v in (entry.get("decision") or {}).items() if k != "seconds"}}
+        for entry in report.get("quantization", [])
+    ]
     return kept
 
 
