@@ -34,7 +34,7 @@ def batch_manifest(tmp_path: Path, digits_job: dict[str, Any]) -> Path:
     (tmp_path / "bad_factories.py").write_text(_BAD_FACTORIES)
     (tmp_path / "corrupt.onnx").write_bytes(b"this is not a protobuf")
     healthy = {key: value for key, value in digits_job.items() if key not in ("name", "output_dir")}
-    healthy["quantize"] = {"mixed_precision": False}
+    healthy["quantize"] = {**digits_job["quantize"], "mixed_precision": False}
     jobs = [
         {"name": "healthy_a", "output_dir": "out/healthy_a"},
         {"name": "segfaults", "output_dir": "out/segfaults", "model": {"factory": "bad_factories:segfault"}},
@@ -115,7 +115,7 @@ def test_convert_batch_runs_a_manifest_and_writes_the_three_summary_files(
 ) -> None:
     (tmp_path / "corrupt.onnx").write_bytes(b"this is not a protobuf")
     healthy = {key: value for key, value in digits_job.items() if key not in ("name", "output_dir")}
-    healthy["quantize"] = {"mixed_precision": False}
+    healthy["quantize"] = {**digits_job["quantize"], "mixed_precision": False}
     jobs = [
         {"name": "healthy", "output_dir": "out/healthy"},
         {"name": "corrupt", "output_dir": "out/corrupt", "model": {"onnx": "corrupt.onnx"}},
