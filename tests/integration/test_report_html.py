@@ -34,7 +34,12 @@ CHROMIUM_FLAGS = [
 @pytest.fixture(scope="module")
 def report_html(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("html") / "out"
-    job = pipeline.load_job(DIGITS_DIR / "job_pruned.toml", output_dir=str(out), parity={"localize": "always"})
+    job = pipeline.load_job(
+        DIGITS_DIR / "job_pruned.toml",
+        output_dir=str(out),
+        parity={"localize": "always"},
+        quantize={"recipes": ["static"]},
+    )
     pipeline.convert(job)
     return out / "report.html"
 
