@@ -35,25 +35,36 @@ JUDGE_MARGIN = 0.1
 CPU, FLOAT, CANDIDATE = "cpu", "float", "candidate"
 
 
-def is_held_out(index: int, batches: int) -> bool:
-    """Whether calibration batch `index` (of `batches`) is held out for judging, not calibrated on.
+def is_held_out(index: int) -> bool:
+    """Whether calibration batch `index` is held out for judging, not calibrated on.
 
-    With fewer than `HOLDOUT_EVERY` batches nothing is held out (a third or half of so little data
-    would cost calibration more than judging on it costs honesty): the batches both calibrate and
-    judge, and the report says so.
+    Data of fewer than `HOLDOUT_EVERY` batches has no such index, so nothing is held out there (a
+    third or half of so little data would cost calibration more than judging on it costs
+    honesty): its batches both calibrate and judge, and the report says so.
     """
-    return batches >= HOLDOUT_EVERY and index % HOLDOUT_EVERY == HOLDOUT_EVERY - 1
+    return index % HOLDOUT_EVERY == HOLDOUT_EVERY - 1
 
 
-def calibration_part(data: FeedSource, batches: int) -> Iterator[dict[str, np.ndarray]]:
+def calibration_part(data: FeedSource) -> Iterator[dict[str, np.ndarray]]:
     """The feeds of the batches ranges are calibrated on."""
-    return (batch.feeds for index, batch in enumerate(data) if not is_held_out(index, batches))
+    return (batch.feeds for index, batch in enumerate(data) if not is_held_out(index))
 
 
-def held_out_part(data: FeedSource, batches: int) -> list[Batch]:
-    """The batches candidates are judged on (the only batch, when there is one)."""
-    held = [batch for index, batch in enumerate(data) if is_held_out(index, batches)]
-    return held or list(data)
+def held_out_part(data: FeedSource) -> tuple[list[Batch], int]:
+    """The batches candidates are judged on, and how many batches the data has, in one pass.
+
+    Too little data to hold any batch out: every batch (at most `HOLDOUT_EVERY` - 1) judges.
+    """
+    held: list[Batch] = []
+    first: list[Batch] = []
+    batches = 0
+    for index, batch in enumerate(data):
+        batches += 1
+        if index < HOLDOUT_EVERY - 1:
+            first.append(batch)
+        elif is_held_out(index):
+            held.append(batch)
+    return held or first, batches
 
 
 def describe_held_out(batches: int, held_out: list[Batch]) -> str:

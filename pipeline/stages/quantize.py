@@ -97,10 +97,9 @@ class QuantizeStage:
         source = ctx.workdir / parent.path
         targets = branch_targets(ctx.targets, ctx.branch)
         settings, reduce_range_reason = quantization_settings(job, targets)
-        batches = sum(1 for _ in ctx.calibration)
-        calibrated = self._calibrate(ctx, source, parent.sha256, batches)
+        calibrated = self._calibrate(ctx, source, parent.sha256)
         kept = {**calibrated.recipe.kept_float, **irregular_tensor_nodes(calibrated.model, calibrated.stats)}
-        held_out = held_out_part(ctx.calibration, batches)
+        held_out, batches = held_out_part(ctx.calibration)
         judge = PolicyJudge(job, source, held_out)
         builder = CandidateBuilder(job, calibrated, kept, judge)
         specs = candidate_specs(
@@ -126,7 +125,7 @@ class QuantizeStage:
         record = _record(job, ctx, calibrated, built, reduce_range_reason, decision, target)
         return model_artifact(self.name, target, parent, record, ctx.branch.targets)
 
-    def _calibrate(self, ctx: StageContext, source: Path, model_sha256: str, batches: int) -> Calibrated:
+    def _calibrate(self, ctx: StageContext, source: Path, model_sha256: str) -> Calibrated:
         """Load the float model with shapes, choose its recipe, measure the activation ranges on the
         calibration batches not held out for judging."""
         options = ctx.job.quantize
@@ -140,7 +139,7 @@ class QuantizeStage:
         op_types = set(recipe.op_types) if recipe.op_types else None
         tensors = select_tensors(model, op_types, recipe.quantize_outputs)
         clock = time.perf_counter()
-        stats, cache_hit = self._statistics(ctx, model, model_sha256, tensors, batches)
+        stats, cache_hit = self._statistics(ctx, model, model_sha256, tensors)
         seconds = time.perf_counter() - clock
         ranges = {
             name: compute_range(h, options.calibration_method, percentile=options.percentile)
@@ -149,7 +148,7 @@ class QuantizeStage:
         return Calibrated(model, recipe, stats, ranges, cache_hit, seconds)
 
     def _statistics(
-        self, ctx: StageContext, model: onnx.ModelProto, model_sha256: str, tensors: list[str], batches: int
+        self, ctx: StageContext, model: onnx.ModelProto, model_sha256: str, tensors: list[str]
     ) -> tuple[CalibrationStats, bool]:
         """Calibration statistics from the cache, or streamed from the calibration part of the data."""
         assert ctx.calibration is not None
@@ -161,9 +160,7 @@ class QuantizeStage:
         if cached is not None:
             return cached, True
         try:
-            stats = collect_statistics(
-                model, ctx.workdir, tensors, calibration_part(ctx.calibration, batches), histograms=True
-            )
+            stats = collect_statistics(model, ctx.workdir, tensors, calibration_part(ctx.calibration), histograms=True)
         except OnnxforgeError:  # bad data (JobError), a full disk (StorageError)
             raise
         except Exception as e:  # ONNX Runtime raises several types
