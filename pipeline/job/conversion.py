@@ -92,18 +92,14 @@ class ConversionJob(Section):
     @field_validator("inputs")
     @classmethod
     def _unique_input_names(cls, value: list[InputSpec]) -> list[InputSpec]:
-        names = [spec.name for spec in value]
-        if len(set(names)) != len(names):
-            raise ValueError(f"input names must be unique, got {names}")
+        _require_unique([spec.name for spec in value], "input names must be unique")
         return value
 
     @field_validator("targets")
     @classmethod
     def _unique_targets(cls, value: list[TargetSpec]) -> list[TargetSpec]:
         # Targets name their models and report rows by backend (``model.int8.fpga.onnx``).
-        names = [spec.backend for spec in value]
-        if len(set(names)) != len(names):
-            raise ValueError(f"each backend may be a target once, got {names}")
+        _require_unique([spec.backend for spec in value], "each backend may be a target once")
         return value
 
     @field_validator("export")
@@ -183,3 +179,9 @@ class ConversionJob(Section):
         if source is None:
             raise JobError(self.origin, "evaluation", "no [evaluation] or [calibration] data to measure parity on")
         return source
+
+
+def _require_unique(names: list[str], problem: str) -> None:
+    """Raise `problem` with the names when one repeats (a field validator's error)."""
+    if len(set(names)) != len(names):
+        raise ValueError(f"{problem}, got {names}")

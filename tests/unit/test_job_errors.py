@@ -688,6 +688,28 @@ def test_duplicate_input_names_name_the_inputs_key(digits_job: Raw, write_job: W
     assert "unique" in error.problem
 
 
+def test_a_backend_listed_twice_as_a_target_names_the_targets_key(
+    digits_job: Raw, write_job: WriteJob, tmp_path: Path
+) -> None:
+    digits_job["targets"] = [{"backend": "cpu"}, {"backend": "cpu", "options": {"intra_op_threads": 1}}]
+    error = convert_fails(write_job(digits_job), tmp_path)
+    assert error.key == "targets"
+    assert "each backend may be a target once" in error.problem and "'cpu', 'cpu'" in error.problem
+
+
+@pytest.mark.parametrize(
+    ("precisions", "expected"),
+    [(["int8", "int8"], "each precision may be listed once"), (["bf16"], "'int8' or 'fp32'"), ([], "at least 1")],
+)
+def test_bad_target_precisions_name_the_key(
+    digits_job: Raw, write_job: WriteJob, tmp_path: Path, precisions: list[str], expected: str
+) -> None:
+    digits_job["targets"] = [{"backend": "cpu", "precisions": precisions}]
+    error = convert_fails(write_job(digits_job), tmp_path)
+    assert error.key.startswith("targets[0].precisions")
+    assert expected in error.problem
+
+
 def test_several_problems_are_all_named(write_job: WriteJob, tmp_path: Path) -> None:
     error = convert_fails(write_job({"name": "x", "bogus": 1}), tmp_path)
     assert error.key == "model"
