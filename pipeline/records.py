@@ -89,6 +89,8 @@ class SimplifyRecord(ModelRecord):
     Attributes:
         optimizer_error: Why the constant-folding optimizer could not run on the model ("": it
             ran); then only dead nodes and unused initializers were removed.
+        constant_nodes_kept: Nodes left whose inputs are all constants, by op type: folding them
+            would grow the model past the size rule, or nothing could evaluate them.
     """
 
     precision: ClassVar[Precision | None] = "fp32"
@@ -97,6 +99,7 @@ class SimplifyRecord(ModelRecord):
     after: GraphCounts
     removed_ops: dict[str, int]
     optimizer_error: str = ""
+    constant_nodes_kept: dict[str, int] = Field(default_factory=dict)
 
 
 class PruneRecord(ModelRecord):
