@@ -41,12 +41,15 @@ class FpgaOptions(SessionOptionsSpec):
         vitis_config_file: The Vitis AI provider's ``config_file`` (its compiler settings).
         cost_dims: Values for symbolic dimensions in the cost and memory estimate, as
             ``"name=value"`` (unlisted ones: 1), e.g. ``["batch=1", "sequence=128"]``.
+        hls: Export the accelerator partition as an hls4ml project (``hls/`` in the output folder)
+            and compare its C simulation with the emulator (needs ``onnxforge[fpga-hls]`` and g++).
     """
 
     profile: str = DEFAULT_PROFILE
     execution: Literal["auto", "emulator"] = "auto"
     vitis_config_file: str | None = None
     cost_dims: list[str] = Field(default_factory=list)
+    hls: bool = False
 
     @field_validator("profile")
     @classmethod
