@@ -1,5 +1,6 @@
 """Simplify stage: the onnxscript optimizer (constant and shape-op folding, BatchNorm folded into
-Conv / Gemm, Identity elimination) and onnx-ir's dead-node and unused-initializer removal."""
+Conv / Gemm, Identity elimination), then the constant subgraphs it left folded by a size rule
+(`pipeline.constant_folding`), and onnx-ir's dead-node and unused-initializer removal."""
 
 from __future__ import annotations
 
@@ -11,6 +12,12 @@ import onnxscript.optimizer
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from pipeline.artifacts import Artifact
+from pipeline.constant_folding import (
+    FOLD_GROWTH_CAP_BYTES,
+    constant_nodes_left,
+    fold_constant_subgraphs,
+    several_outputs_warning_dropped,
+)
 from pipeline.errors import OnnxforgeError, StageError, first_line
 from pipeline.job import ConversionJob
 from pipeline.onnx_io import check_model, model_artifact, parameter_count, save_model
@@ -33,10 +40,14 @@ class SimplifyStage(NoPreconditions):
         return job.simplify.enabled
 
     def key(self, ctx: StageContext) -> str | None:
-        """The parent model and the saving threshold."""
+        """The parent model, the saving threshold and the folding size rule."""
         return content_key(
             self.name,
-            {"parent": ctx.current_model().sha256, "threshold_mb": ctx.job.export.external_data_threshold_mb},
+            {
+                "parent": ctx.current_model().sha256,
+                "threshold_mb": ctx.job.export.external_data_threshold_mb,
+                "fold_growth_cap_bytes": FOLD_GROWTH_CAP_BYTES,
+            },
         )
 
     def run(self, ctx: StageContext) -> Artifact:
@@ -49,7 +60,11 @@ class SimplifyStage(NoPreconditions):
         target = ctx.workdir / SIMPLIFIED_MODEL
         optimizer_error = ""
         try:
-            onnxscript.optimizer.optimize(model)
+            with several_outputs_warning_dropped():
+                onnxscript.optimizer.optimize(model)
+            # What onnxscript's size limits left (a GRU's 192 x 64 weight chain): folded by the size rule.
+            for subgraph in fold_constant_subgraphs(model):
+                logger.info("simplify %s: kept constant subgraph %s", ctx.job.name, subgraph.describe())
         except Exception as e:  # noqa: BLE001 - the optimizer fails on some valid graphs: simplify less, say why
             optimizer_error = f"{type(e).__name__}: {first_line(e)}"
             logger.warning("simplify %s: the optimizer failed (%s); only dead nodes are removed", ctx.job.name, e)
@@ -67,7 +82,11 @@ class SimplifyStage(NoPreconditions):
         logger.info("simplify %s: nodes %d -> %d", ctx.job.name, before.nodes, after.nodes)
         # What went, by op type: folded BatchNorms, Identities, constant subgraphs, dead nodes.
         record = SimplifyRecord(
-            before=before, after=after, removed_ops=dict(sorted(removed.items())), optimizer_error=optimizer_error
+            before=before,
+            after=after,
+            removed_ops=dict(sorted(removed.items())),
+            optimizer_error=optimizer_error,
+            constant_nodes_kept=constant_nodes_left(model.graph),
         )
         return model_artifact(self.name, target, parent, record)
 
