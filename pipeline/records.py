@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.distillation.summary import DistillationSummary
 from pipeline.job import Precision
+from pipeline.parity.hls import HlsSummary
 from pipeline.pruning.summary import PruningSummary
 from pipeline.quantization.decision import SearchDecision
 
@@ -26,6 +27,7 @@ class StageName(StrEnum):
     SIMPLIFY = "simplify"
     PRUNE = "prune"
     QUANTIZE = "quantize"
+    HLS = "hls"
     VALIDATE = "validate"
 
 
@@ -207,13 +209,28 @@ class DistillRecord(StageRecord):
     summary: DistillationSummary
 
 
+class HlsRecord(StageRecord):
+    """The hls4ml project of the fpga target's accelerator partition (its artifact is the project's README.md)."""
+
+    summary: HlsSummary
+
+
 class ValidateRecord(StageRecord):
     """The parity verdict (the report itself is the artifact)."""
 
     verdict: str
 
 
-AnyRecord = ExportRecord | SimplifyRecord | PruneRecord | QuantizeRecord | DistillRecord | ValidateRecord | ModelRecord
+AnyRecord = (
+    ExportRecord
+    | SimplifyRecord
+    | PruneRecord
+    | QuantizeRecord
+    | DistillRecord
+    | HlsRecord
+    | ValidateRecord
+    | ModelRecord
+)
 
 # The record type of each stage's artifact, to read a manifest or a stage-cache entry back typed.
 RECORD_TYPES: dict[str, type[StageRecord]] = {
@@ -222,5 +239,6 @@ RECORD_TYPES: dict[str, type[StageRecord]] = {
     StageName.SIMPLIFY: SimplifyRecord,
     StageName.PRUNE: PruneRecord,
     StageName.QUANTIZE: QuantizeRecord,
+    StageName.HLS: HlsRecord,
     StageName.VALIDATE: ValidateRecord,
 }
