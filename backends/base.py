@@ -48,6 +48,12 @@ class QuantizationConstraints:
         dynamic_int8: Runs ONNX Runtime's dynamic int8 kernels (DynamicQuantizeLinear with
             MatMulInteger, fused as DynamicQuantizeMatMul), so a MatMul may be quantized with
             activation ranges measured at run time instead of calibrated ones.
+        accelerator_op_types: The op types an integer accelerator runs (its profile's operators;
+            empty for backends without one). A transformer's int8 model for such a target
+            quantizes these op types, outputs included, so int8 flows from node to node on the
+            accelerator instead of falling back at every float output.
+        int16_activations: Also runs int16 activations (int16 x int8 products), so the tensors
+            int8 damages most may be quantized to 16 bits instead of kept float.
     """
 
     activation_types: tuple[str, ...] = ("uint8", "int8")
@@ -55,6 +61,8 @@ class QuantizationConstraints:
     per_channel_weights: bool = True
     power_of_two_scales: bool = False
     dynamic_int8: bool = False
+    accelerator_op_types: tuple[str, ...] = ()
+    int16_activations: bool = False
 
 
 @dataclass(frozen=True)
@@ -87,6 +95,8 @@ class Capabilities:
             parts.append("per-tensor weights")
         if constraints.dynamic_int8:
             parts.append("dynamic int8")
+        if constraints.int16_activations:
+            parts.append("int16 activations")
         if self.contrib_ops:
             parts.append("ORT contrib ops")
         return ", ".join(parts)
@@ -265,6 +275,21 @@ class SessionBase:
         traceback: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def capabilities_for(backend: Backend, options: BaseModel | None) -> Capabilities:
+    """A backend's capabilities under a target's options.
+
+    A backend whose constraints depend on its options (the FPGA-style backend's profile says
+    which operators its accelerator runs) has a ``capabilities_for(options)`` method; the rest
+    have fixed `capabilities`.
+    """
+    method = getattr(backend, "capabilities_for", None)
+    if callable(method):
+        found = method(options)
+        if isinstance(found, Capabilities):
+            return found
+    return backend.capabilities
 
 
 @runtime_checkable

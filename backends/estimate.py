@@ -72,6 +72,9 @@ class AcceleratorPlan(BaseModel):
         weight_buffer_bytes: The profile's weight buffer.
         weights_fit: All weights stay on chip (else they stream from external memory).
         unknown_shapes: Nodes whose cost could not be estimated (shape inference could not tell).
+        model_macs: Multiply-accumulates of every Conv / Gemm / MatMul of the model, the CPU's included
+            (None when a shape was unknown).
+        mac_share: macs / model_macs: the share of the model's arithmetic on the accelerator.
     """
 
     profile: str
@@ -90,3 +93,5 @@ class AcceleratorPlan(BaseModel):
     weight_buffer_bytes: int
     weights_fit: bool
     unknown_shapes: list[str]
+    model_macs: int | None = None
+    mac_share: float | None = None

@@ -138,11 +138,13 @@ class CalibrationRecord(StageRecord):
 
 
 class ProbeRecord(StageRecord):
-    """One candidate model of the mixed-precision search: how many ranked nodes were float, the verdict."""
+    """One candidate model of the mixed-precision search: how many ranked nodes were float (and
+    activations int16, on targets that run them), the verdict."""
 
     kept_float: int
     passed: bool
     summary: str
+    int16: int = 0
 
 
 class QuantizeRecord(ModelRecord):
@@ -166,6 +168,8 @@ class QuantizeRecord(ModelRecord):
         kept_float_damage: For the nodes mixed precision kept float, the damage each did alone in int8
             (1 - cosine of the worst output on a calibration batch).
         dynamic_nodes: Nodes quantized dynamically (activation ranges at run time).
+        int16_activations: Activations quantized to 16 bits (targets that run int16 x int8
+            products), with why each: int8 would have damaged them most.
         mixed_precision_probes: Every candidate the mixed-precision search judged.
         decision: Every candidate recipe the per-target search tried, and why this one shipped.
         shipped_precision: "int8", or "fp32" when the search shipped the float model itself (the
@@ -193,6 +197,7 @@ class QuantizeRecord(ModelRecord):
     kept_float: dict[str, str]
     kept_float_damage: dict[str, float] = Field(default_factory=dict)
     dynamic_nodes: list[str] = Field(default_factory=list)
+    int16_activations: dict[str, str] = Field(default_factory=dict)
     mixed_precision_probes: list[ProbeRecord]
     decision: SearchDecision | None = None
     shipped_precision: Literal["int8", "fp32"] = "int8"

@@ -8,6 +8,7 @@ provider running the rest.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -111,6 +112,17 @@ class FpgaBackend:
         measured_latency=False,
     )
     options_model = FpgaOptions
+
+    def capabilities_for(self, options: BaseModel | None) -> Capabilities:
+        """The capabilities under the target's profile: its operators, weight scales and activation widths."""
+        profile = load_profile(self._spec(options).profile)
+        quantization = replace(
+            self.capabilities.quantization,
+            accelerator_op_types=tuple(sorted(profile.ops)),
+            per_channel_weights=profile.arithmetic.per_channel_weights,
+            int16_activations=16 in profile.arithmetic.activation_bits,
+        )
+        return replace(self.capabilities, quantization=quantization)
 
     @property
     def execution_providers(self) -> tuple[str, ...]:

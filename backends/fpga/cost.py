@@ -3,24 +3,34 @@ activation memory plan (a pool with offsets reused once a tensor is dead) checke
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 
 from backends.estimate import AcceleratorPlan, Buffer, NodeCost, SegmentCost
 from backends.fpga.partition import AcceleratorNode, PartitionPlan
 from backends.fpga.profile import Compute, FpgaProfile
 
+logger = logging.getLogger(__name__)
+
 ALIGNMENT = 64  # bytes: buffer offsets are aligned to the memory port width
 _LAYOUT_OPS = {"Reshape", "Flatten", "Squeeze", "Unsqueeze"}  # views: no data moves, no new buffer
+_MAC_OPS = {"Conv", "Gemm", "MatMul"}
 
 Shapes = Mapping[str, tuple[int, ...]]
 
 
 def static_shapes(model: onnx.ModelProto, dims: Mapping[str, int]) -> dict[str, tuple[int, ...]]:
-    """Tensor shapes with every symbolic input dimension fixed (named in `dims`, else 1)."""
+    """Tensor shapes with every symbolic input dimension fixed (named in `dims`, else 1).
+
+    ONNX's shape inference first; where it stops (contrib ops it does not know, such as a fused
+    Gelu, or shapes computed from data), one ONNX Runtime run on zero inputs of those shapes
+    measures the rest.
+    """
     fixed = onnx.ModelProto()
     fixed.CopyFrom(model)
     for value in fixed.graph.input:
@@ -36,14 +46,61 @@ def static_shapes(model: onnx.ModelProto, dims: Mapping[str, int]) -> dict[str, 
             shapes[value.name] = tuple(d.dim_value for d in shape.dim)
     for init in model.graph.initializer:
         shapes[init.name] = tuple(init.dims)
+    missing = [name for node in model.graph.node for name in node.output if name and name not in shapes]
+    if missing:
+        shapes.update(_measured_shapes(fixed, missing))
     return shapes
+
+
+def _measured_shapes(model: onnx.ModelProto, names: list[str]) -> dict[str, tuple[int, ...]]:
+    """The shapes of `names` in one CPU run of `model` (static input shapes) on zero inputs."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    known = {value.name for value in probe.graph.output}
+    probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in names if name not in known)
+    feeds = {}
+    for value in probe.graph.input:
+        tensor = value.type.tensor_type
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type)
+        feeds[value.name] = np.zeros([d.dim_value for d in tensor.shape.dim], dtype=dtype)
+    try:
+        session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+        values = session.run(names, feeds)
+    except Exception as e:  # noqa: BLE001 - the estimate then lacks these shapes; the partition stands
+        logger.info("could not measure %d shapes for the cost estimate: %s", len(names), e)
+        return {}
+    return {name: tuple(value.shape) for name, value in zip(names, values, strict=True)}
+
+
+def model_macs(model: onnx.ModelProto, shapes: Shapes) -> int | None:
+    """Multiply-accumulates of every Conv / Gemm / MatMul, wherever it runs (None: a shape is unknown)."""
+    total = 0
+    for node in model.graph.node:
+        if node.op_type in _MAC_OPS:
+            macs = _macs(node, shapes)
+            if macs is None:
+                return None
+            total += macs
+    return total
+
+
+def _macs(node: onnx.NodeProto, shapes: Shapes) -> int | None:
+    out = shapes.get(node.output[0])
+    operand = shapes.get(node.input[1] if node.op_type == "Conv" else node.input[0])
+    if out is None or operand is None:
+        return None
+    if node.op_type == "Conv":
+        return math.prod(out) * math.prod(operand[1:])  # input channels per group x kernel area
+    transposed = node.op_type == "Gemm" and any(a.name == "transA" and a.i for a in node.attribute)
+    return math.prod(out) * operand[-2 if transposed else -1]
 
 
 def node_cost(item: AcceleratorNode, shapes: Shapes, compute: Compute) -> NodeCost:
     """MACs and cycles of one node on the profile's array (pixels x input channels x output channels)."""
     node = item.node
     out = shapes.get(node.output[0])
-    if out is None:
+    operands = [shapes.get(name) for name in node.input[:2] if name]
+    if out is None or (node.op_type in _MAC_OPS and None in operands):
         return NodeCost(node=node.name, op_type=node.op_type, macs=None, cycles=None)
     pp, icp, ocp = compute.pixel_parallelism, compute.input_channel_parallelism, compute.output_channel_parallelism
     elements = math.prod(out)
@@ -123,6 +180,8 @@ def accelerator_plan(
         weight_buffer_bytes=profile.memory.weight_buffer_kib * 1024,
         weights_fit=weight_bytes <= profile.memory.weight_buffer_kib * 1024,
         unknown_shapes=[c.node for c in costs if c.cycles is None],
+        model_macs=(total := model_macs(model, shapes)),
+        mac_share=round(macs / total, 4) if total else None,
     )
 
 

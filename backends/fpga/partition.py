@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -13,37 +12,28 @@ import onnx
 from onnx import numpy_helper
 
 from backends.base import QDQ_OPS
-from backends.fpga.profile import FpgaProfile, OpLimits
+from backends.fpga.fixed_point import Fixed, align_channels, fraction_bits
+from backends.fpga.profile import Arithmetic, FpgaProfile, OpLimits
 
 CPU = "CPUExecutionProvider"
 
 # What each input of a supported op must be: an int8 activation (DequantizeLinear of int8), a
-# constant int8 weight, a constant int32 bias, or a plain constant (shapes, axes, clip bounds).
-Role = Literal["activation", "weight", "bias", "constant"]
+# constant int8 weight, a constant int32 bias, a plain constant (axes, clip bounds), or a shape
+# (a constant, or an integer tensor the CPU computed from dynamic dimensions).
+Role = Literal["activation", "weight", "bias", "constant", "shape"]
 _ROLES: dict[str, tuple[Role, ...]] = {
     "Conv": ("activation", "weight", "bias"),
     "Gemm": ("activation", "weight", "bias"),
     "MatMul": ("activation", "weight"),
     "Add": ("activation", "activation"),
-    "Reshape": ("activation", "constant"),
+    "Mul": ("activation", "activation"),
+    "LayerNormalization": ("activation", "weight", "bias"),
+    "Reshape": ("activation", "shape"),
     "Squeeze": ("activation", "constant"),
     "Unsqueeze": ("activation", "constant"),
     "Clip": ("activation", "constant", "constant"),
 }
 _SPATIAL = {"Conv", "MaxPool", "AveragePool"}
-
-
-@dataclass(frozen=True)
-class Fixed:
-    """An integer tensor with a power-of-two scale: value = tensor * 2**-frac_bits.
-
-    Attributes:
-        tensor: Name of the integer tensor (a QuantizeLinear output or an initializer).
-        frac_bits: Fraction bits: the scale is 2**-frac_bits.
-    """
-
-    tensor: str
-    frac_bits: int
 
 
 @dataclass
@@ -99,6 +89,7 @@ class _Graph:
         graph = model.graph
         self.nodes = list(graph.node)
         self.outputs = {output.name for output in graph.output}
+        self.opset = next((entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx")), 1)
         self.constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
         for node in self.nodes:
             value = _constant_value(node) if node.op_type == "Constant" else None
@@ -110,20 +101,36 @@ class _Graph:
             for name in node.input:
                 self.consumers[name].append(node)
 
-    def fixed_scale(self, node: onnx.NodeProto, dtype: type[np.integer]) -> tuple[int | None, str]:
-        """Fraction bits of a Q/DQ node's scale, or None and why it does not fit the accelerator."""
+    def fixed_scale(
+        self, node: onnx.NodeProto, dtypes: tuple[type[np.integer], ...], per_channel: bool = False
+    ) -> tuple[int | np.ndarray, int] | str:
+        """(Fraction bits, integer width) of a Q/DQ node's scale: one count, or one per channel when
+        `per_channel` allows it; else why it does not fit the accelerator."""
         scale = self.constants.get(node.input[1])
         zero = self.constants.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
         if scale is None or zero is None:
-            return None, "its scale or zero point is not a constant"
-        if scale.size != 1:
-            return None, "it has per-channel scales (the accelerator takes one scale per tensor)"
-        if zero.dtype != dtype or np.any(zero != 0):
-            return None, f"it is not symmetric {np.dtype(dtype).name} (zero point 0)"
-        mantissa, exponent = math.frexp(float(scale.reshape(())))
-        if mantissa != 0.5:
-            return None, f"its scale {float(scale.reshape(())):g} is not a power of two"
-        return 1 - exponent, ""
+            return "its scale or zero point is not a constant"
+        if scale.size != 1 and not per_channel:
+            return "it has per-channel scales (the accelerator takes one scale per tensor)"
+        if zero.dtype not in [np.dtype(dtype) for dtype in dtypes] or np.any(zero != 0):
+            names = " or ".join(np.dtype(dtype).name for dtype in dtypes)
+            return f"it is not symmetric {names} (zero point 0)"
+        fracs = fraction_bits(scale)
+        if fracs is None:
+            return f"its scale {float(scale.reshape(-1)[0]):g} is not a power of two"
+        return (int(fracs[0]) if scale.size == 1 else fracs), 8 * zero.dtype.itemsize
+
+    def aligned(self, source: str, fracs: np.ndarray, dequantize: onnx.NodeProto) -> Fixed | str:
+        """A per-channel constant as one tensor at its finest channel scale (kept with the constants)."""
+        values = self.constants[source]
+        axis = next((attr.i for attr in dequantize.attribute if attr.name == "axis"), 1) % max(values.ndim, 1)
+        found = align_channels(values, fracs, axis)
+        if found is None:
+            return "its per-channel scales differ by more than the accelerator's alignment shift"
+        aligned, frac_bits = found
+        name = f"{source}@aligned"
+        self.constants[name] = aligned
+        return Fixed(name, frac_bits, 8 * values.dtype.itemsize)
 
 
 def partition(model: onnx.ModelProto, profile: FpgaProfile) -> PartitionPlan:
@@ -198,34 +205,57 @@ def _accelerate(graph: _Graph, node: onnx.NodeProto, profile: FpgaProfile) -> Ac
         return problem
     inputs: list[Fixed | None] = []
     roles = _ROLES.get(node.op_type, ())
+    if node.op_type == "MatMul" and limits.operands == "any" and _constant_behind(graph, node.input[1]) is None:
+        roles = ("activation", "activation")  # attention: both operands are activations
     for index, name in enumerate(node.input):
         role = roles[index] if index < len(roles) else "activation"
-        found = _input(graph, name, role)
+        found = _input(graph, name, role, profile.arithmetic)
         if isinstance(found, str):
             return f"input {index} ({name}): {found}"
         inputs.append(found)
-    return _with_outputs(graph, node, inputs)
+    return _with_outputs(graph, node, inputs, profile.arithmetic)
 
 
-def _input(graph: _Graph, name: str, role: Role) -> Fixed | None | str:
+def _input(graph: _Graph, name: str, role: Role, arithmetic: Arithmetic) -> Fixed | None | str:
     if not name:
         return None
     if role == "constant":
         return None if name in graph.constants else "must be a constant"
     producer = graph.producer.get(name)
+    if role == "shape":
+        if name in graph.constants:
+            return None
+        if producer is not None and producer.op_type in QDQ_OPS:
+            return "a shape must be an integer tensor, not a quantized one"
+        return Fixed(name, 0)  # computed on the CPU from dynamic dimensions; read as integers
     if producer is None or producer.op_type != "DequantizeLinear":
         return "is float (not quantized)" if name not in graph.constants else "is a float constant (not quantized)"
     source = producer.input[0]
     if role in ("weight", "bias") and source not in graph.constants:
         kind = "weight" if role == "weight" else "bias"
         return f"the {kind} is computed (the accelerator needs a constant {kind})"
-    frac_bits, problem = graph.fixed_scale(producer, np.int32 if role == "bias" else np.int8)
-    if frac_bits is None:
-        return problem
-    return Fixed(source, frac_bits)
+    per_channel = role in ("weight", "bias") and arithmetic.per_channel_weights
+    found = graph.fixed_scale(producer, _dtypes(role, arithmetic), per_channel)
+    if isinstance(found, str):
+        return found
+    frac_bits, bits = found
+    if isinstance(frac_bits, np.ndarray):
+        return graph.aligned(source, frac_bits, producer)
+    return Fixed(source, frac_bits, bits)
 
 
-def _with_outputs(graph: _Graph, node: onnx.NodeProto, inputs: list[Fixed | None]) -> AcceleratorNode | str:
+def _dtypes(role: Role, arithmetic: Arithmetic) -> tuple[type[np.integer], ...]:
+    """The integer types an input of this role may have on the profile's datapath."""
+    if role == "bias":
+        return (np.int32,)
+    if role == "weight":
+        return (np.int8,)
+    return (np.int8, np.int16) if 16 in arithmetic.activation_bits else (np.int8,)
+
+
+def _with_outputs(
+    graph: _Graph, node: onnx.NodeProto, inputs: list[Fixed | None], arithmetic: Arithmetic
+) -> AcceleratorNode | str:
     used = [name for name in node.output[1:] if name and (graph.consumers[name] or name in graph.outputs)]
     if used:
         return f"its extra output {used[0]} is used"
@@ -236,10 +266,12 @@ def _with_outputs(graph: _Graph, node: onnx.NodeProto, inputs: list[Fixed | None
     for user in graph.consumers[result]:
         if user.op_type != "QuantizeLinear":
             return f"its output {result} is read in float by {user.op_type} node {user.name}"
-        frac_bits, problem = graph.fixed_scale(user, np.int8)
-        if frac_bits is None:
-            return f"the QuantizeLinear of its output: {problem}"
-        outputs.append(Fixed(user.output[0], frac_bits))
+        found = graph.fixed_scale(user, _dtypes("activation", arithmetic))
+        if isinstance(found, str):
+            return f"the QuantizeLinear of its output: {found}"
+        frac_bits, bits = found
+        assert isinstance(frac_bits, int)  # one scale: per-channel was not allowed
+        outputs.append(Fixed(user.output[0], frac_bits, bits))
     if not outputs:
         return f"its output {result} is not quantized"
     return AcceleratorNode(node, inputs, outputs)
@@ -285,6 +317,8 @@ def _spatial_problem(graph: _Graph, node: onnx.NodeProto, attrs: Mapping[str, An
 
 
 def _matmul_problem(graph: _Graph, node: onnx.NodeProto, attrs: Mapping[str, Any], limits: OpLimits) -> str:
+    if limits.operands == "any":
+        return ""
     weight = _constant_behind(graph, node.input[1])
     if weight is None:
         return "both inputs are activations (e.g. attention scores); the accelerator's MatMul needs constant weights"
@@ -313,6 +347,25 @@ def _conv_problem(graph: _Graph, node: onnx.NodeProto, attrs: Mapping[str, Any],
     return _group_problem(int(attrs.get("group", 1)), _constant_behind(graph, node.input[1]), limits)
 
 
+def _last_axis_problem(graph: _Graph, node: onnx.NodeProto, attrs: Mapping[str, Any], limits: OpLimits) -> str:
+    """LayerNormalization and Softmax run over the last axis only (the default of both since opset 13)."""
+    axis = int(attrs.get("axis", -1))
+    if node.op_type == "Softmax" and "axis" not in attrs and graph.opset < 13:
+        return "Softmax before opset 13 flattens its input; the accelerator's unit runs over the last axis"
+    if axis != -1:
+        return f"{node.op_type} over axis {axis}; the accelerator's unit runs over the last axis (-1) only"
+    return ""
+
+
+def _gelu_problem(graph: _Graph, node: onnx.NodeProto, attrs: Mapping[str, Any], limits: OpLimits) -> str:
+    if node.domain not in ("", "ai.onnx", "com.microsoft"):
+        return f"Gelu of domain {node.domain!r}"
+    approximate = attrs.get("approximate", b"none")
+    if approximate not in (b"none", b"tanh", "none", "tanh"):
+        return f"Gelu with approximate = {approximate!r}"
+    return ""
+
+
 _OpCheck = Callable[[_Graph, onnx.NodeProto, Mapping[str, Any], OpLimits], str]
 # Per op, what its own attributes must satisfy (after `_spatial_problem` for spatial ops).
 _OP_CHECKS: dict[str, _OpCheck] = {
@@ -321,6 +374,9 @@ _OP_CHECKS: dict[str, _OpCheck] = {
     "AveragePool": _average_pool_problem,
     "MaxPool": _max_pool_problem,
     "Conv": _conv_problem,
+    "LayerNormalization": _last_axis_problem,
+    "Softmax": _last_axis_problem,
+    "Gelu": _gelu_problem,
 }
 
 

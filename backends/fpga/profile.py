@@ -27,11 +27,17 @@ class Arithmetic(_Section):
         accumulator_bits: Accumulator width; sums beyond it saturate (and are counted).
         rounding: How a right shift rounds: ``half_up``, ``half_even`` or ``floor``.
         reciprocal_bits: Fraction bits of the fixed-point reciprocal average pooling multiplies by.
+        activation_bits: Activation widths the datapath takes: ``[8]``, or ``[8, 16]`` for int16
+            activations where int8 would lose too much (int16 x int8 products, "A16W8").
+        per_channel_weights: One power-of-two scale per output channel of a weight (the
+            requantization shift differs per channel); else one per tensor.
     """
 
     accumulator_bits: int = Field(default=32, ge=16, le=48)
     rounding: Rounding = "half_up"
     reciprocal_bits: int = Field(default=16, ge=4, le=24)
+    activation_bits: list[Literal[8, 16]] = Field(default=[8], min_length=1)
+    per_channel_weights: bool = False
 
 
 class Compute(_Section):
@@ -76,6 +82,8 @@ class OpLimits(_Section):
         dilation_max: Largest dilation.
         pad_max: Largest padding on any side.
         groups: Which grouped convolutions run: ``one`` (plain), ``one_or_depthwise`` or ``any``.
+        operands: MatMul only: ``weight`` (the second operand is a constant 2-D weight: a fully
+            connected layer) or ``any`` (two int8 activations too, as attention's Q x K and P x V).
     """
 
     kernel_max: int | None = Field(default=None, ge=1)
@@ -83,13 +91,36 @@ class OpLimits(_Section):
     dilation_max: int | None = Field(default=None, ge=1)
     pad_max: int | None = Field(default=None, ge=0)
     groups: Literal["one", "one_or_depthwise", "any"] = "any"
+    operands: Literal["weight", "any"] = "weight"
+
+
+class Units(_Section):
+    """The fixed-point units for nonlinear layers (used when the profile lists their operators).
+
+    Attributes:
+        lut_fraction_bits: Fraction bits of the element-wise look-up tables (GELU: one entry per
+            int8 input code, rounded once more to the output's scale).
+        exp_fraction_bits: Fraction bits of Softmax's exp table, indexed by x - max(x).
+        reciprocal_bits: Fraction bits of the reciprocal Softmax multiplies by (1 / sum of exps).
+        rsqrt_table_bits: LayerNorm's inverse square root: a table indexed by this many leading
+            bits of the variance's mantissa (relative error below 2**-(bits + 1)).
+        norm_fraction_bits: Fraction bits of the normalised value (x - mean) / std before the
+            LayerNorm scale and bias.
+    """
+
+    lut_fraction_bits: int = Field(default=16, ge=8, le=24)
+    exp_fraction_bits: int = Field(default=15, ge=8, le=24)
+    reciprocal_bits: int = Field(default=40, ge=16, le=48)
+    rsqrt_table_bits: int = Field(default=10, ge=4, le=16)
+    norm_fraction_bits: int = Field(default=12, ge=6, le=20)
 
 
 class FpgaProfile(_Section):
     """A DPU-class int8 accelerator as onnxforge models it.
 
-    Activations and weights are int8 with zero point 0 and one power-of-two scale per tensor;
-    requantization is a shift. These are fixed by the emulator; the rest is the profile's.
+    Activations are int8 (or int16 where the profile allows) and weights int8, with zero point 0
+    and power-of-two scales (one per tensor; per output channel for weights where the profile
+    allows); requantization is a shift. These are fixed by the emulator; the rest is the profile's.
 
     Attributes:
         name: Profile name, shown in reports.
@@ -97,6 +128,7 @@ class FpgaProfile(_Section):
         arithmetic: Accumulation and rounding.
         compute: Parallelism and clock.
         memory: On-chip buffer sizes.
+        units: The fixed-point LayerNorm, Softmax and GELU units.
         ops: Supported operators (ONNX op type) with their attribute limits.
     """
 
@@ -105,6 +137,7 @@ class FpgaProfile(_Section):
     arithmetic: Arithmetic = Arithmetic()
     compute: Compute = Compute()
     memory: Memory = Memory()
+    units: Units = Units()
     ops: dict[str, OpLimits] = Field(min_length=1)
 
 

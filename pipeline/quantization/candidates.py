@@ -25,6 +25,7 @@ from pipeline.quantization.judge import PolicyJudge
 from pipeline.quantization.mixed_precision import COMPUTE_OPS, Candidate, rank_by_damage, rank_candidates, search
 from pipeline.quantization.qdq import QdqSettings, quantize_qdq
 from pipeline.quantization.recipe import Recipe
+from pipeline.quantization.wide import int16_candidates
 from pipeline.records import CalibrationRecord, IrregularTensor, ProbeRecord, StageName
 
 logger = logging.getLogger(__name__)
@@ -76,6 +77,7 @@ class Built:
         damage: Measured damage of the nodes the mixed-precision search kept float.
         met: Whether the mixed-precision search met the policy (None: it did not run).
         precision: "int8", or "fp32" for the float model itself.
+        int16: Activations quantized to 16 bits (targets with int16 activations), worst in int8 first.
     """
 
     model: onnx.ModelProto
@@ -86,6 +88,7 @@ class Built:
     damage: dict[str, float] = field(default_factory=dict)
     met: bool | None = None
     precision: str = "int8"
+    int16: list[str] = field(default_factory=list)
 
     def float_compute_nodes(self) -> int:
         """Compute nodes (Conv, MatMul, Gemm) that run in float: neither fed by two dequantized
@@ -116,9 +119,14 @@ class CandidateBuilder:
         self._rankings: dict[str, list[Candidate]] = {}
 
     def static(
-        self, settings: QdqSettings, kept: dict[str, str] | None = None, only: list[str] | None = None
+        self,
+        settings: QdqSettings,
+        kept: dict[str, str] | None = None,
+        only: list[str] | None = None,
+        wide: frozenset[str] = frozenset(),
     ) -> onnx.ModelProto:
-        """The QDQ model with every quantizable node int8 except `kept` (or only the nodes `only`).
+        """The QDQ model with every quantizable node int8 except `kept` (or only the nodes `only`),
+        the activations `wide` in int16.
 
         Raises:
             StageError: ONNX Runtime's QDQ quantizer failed.
@@ -133,25 +141,60 @@ class CandidateBuilder:
                 list(self.kept if kept is None else kept),
                 only,
                 recipe.quantize_outputs,
+                wide,
             )
         except Exception as e:  # ORT's quantizer raises many types
             detail = f"ONNX Runtime's QDQ quantizer failed: {type(e).__name__}: {first_line(e)}"
             raise StageError(StageName.QUANTIZE, self.job.name, detail) from e
 
-    def static_mixed(self, settings: QdqSettings) -> Built:
-        """Full static int8; when it misses the policy (and the job allows it), the fewest damaging
-        nodes kept float that meet it (`pipeline.quantization.mixed_precision`)."""
+    def static_mixed(self, settings: QdqSettings, int16: bool = False) -> Built:
+        """Full static int8; when it misses the policy (and the job allows it), the fewest
+        activations in int16 that meet it (when the target runs them: `pipeline.quantization.wide`),
+        then the fewest damaging nodes kept float (`pipeline.quantization.mixed_precision`)."""
         if not self._mixed_allowed():
             return Built(self.static(settings), settings, dict(self.kept))
+        wide: frozenset[str] = frozenset()
+        probes: list[ProbeRecord] = []
+        if int16:
+            found, probes = self._int16_search(settings)
+            if found is not None:
+                return Built(
+                    self.static(settings, wide=found),
+                    settings,
+                    dict(self.kept),
+                    [],
+                    probes,
+                    {},
+                    True,
+                    int16=sorted(found),
+                )
+            wide = frozenset(c.node for c in int16_candidates(self.calibrated.stats.tensors, self.calibrated.ranges))
 
         def evaluate(extra_float: list[str]) -> tuple[bool, str]:
-            return self.judge(self.static(settings, {**self.kept, **dict.fromkeys(extra_float, "")}))
+            return self.judge(self.static(settings, {**self.kept, **dict.fromkeys(extra_float, "")}, wide=wide))
 
         result = search(lambda: self.ranking(settings), evaluate, self.job.quantize.max_float_share)
         self._warn_unmet(result.met, "int8")
-        probes = [ProbeRecord(kept_float=p.kept_float, passed=p.passed, summary=p.summary) for p in result.probes]
+        probes += [
+            ProbeRecord(kept_float=p.kept_float, passed=p.passed, summary=p.summary, int16=len(wide))
+            for p in result.probes
+        ]
         kept = {**self.kept, **result.kept_float}
-        return Built(self.static(settings, kept), settings, kept, [], probes, result.damage, result.met)
+        model = self.static(settings, kept, wide=wide)
+        return Built(model, settings, kept, [], probes, result.damage, result.met, int16=sorted(wide))
+
+    def _int16_search(self, settings: QdqSettings) -> tuple[frozenset[str] | None, list[ProbeRecord]]:
+        """The shortest prefix of the int16 ranking that meets the policy (None: not even all of it)."""
+        ranked = int16_candidates(self.calibrated.stats.tensors, self.calibrated.ranges)
+
+        def evaluate(tensors: list[str]) -> tuple[bool, str]:
+            return self.judge(self.static(settings, wide=frozenset(tensors)))
+
+        result = search(lambda: ranked, evaluate)
+        probes = [
+            ProbeRecord(kept_float=0, passed=p.passed, summary=p.summary, int16=p.kept_float) for p in result.probes
+        ]
+        return (frozenset(result.kept_float) if result.met else None), probes
 
     def dynamic_mixed(self, settings: QdqSettings) -> Built | None:
         """Every MatMul with a constant weight quantized dynamically, the rest float; when that
@@ -204,7 +247,8 @@ class CandidateBuilder:
 
     def static_keeping(self, settings: QdqSettings, built: Built) -> Built:
         """Static int8 with `settings`, keeping float what `built` kept float (no new search)."""
-        return replace(built, model=self.static(settings, built.kept_float), settings=settings, probes=[], met=None)
+        model = self.static(settings, built.kept_float, wide=frozenset(built.int16))
+        return replace(built, model=model, settings=settings, probes=[], met=None)
 
     def float_to_dynamic(self, built: Built) -> Built | None:
         """`built` with the MatMul nodes it kept float quantized dynamically instead

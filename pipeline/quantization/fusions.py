@@ -25,14 +25,17 @@ logger = logging.getLogger(__name__)
 CONTRIB_DOMAIN = "com.microsoft"
 
 
-def fuse_gelu(model: onnx.ModelProto) -> dict[str, int]:
+def fuse_gelu(model: onnx.ModelProto, with_bias: bool = True) -> dict[str, int]:
     """Fuse erf-GELU subgraphs into Gelu, and a bias Add before one into BiasGelu, in place.
 
     The GELU's output keeps its tensor name, so the rest of the graph (and layer-wise parity,
     which compares tensors by name) is unchanged.
 
     Args:
-        model: A model (float or QDQ) whose GELUs run in float.
+        model: A model (float or QDQ) whose GELUs run in float, or a float model about to be
+            quantized for an accelerator with a GELU unit (``with_bias=False``: one Gelu node
+            whose input and output the quantizer can put Q / DQ on).
+        with_bias: Also fold the bias Add before each GELU (BiasGelu).
 
     Returns:
         The nodes the fusions added, by op type (empty when nothing matched).
@@ -48,7 +51,7 @@ def fuse_gelu(model: onnx.ModelProto) -> dict[str, int]:
     FusionGelu(wrapped).apply()
     # FusionBiasGelu takes every node named Gelu into the exact (erf) BiasGelu: an ONNX Gelu with
     # the tanh approximation (opset 20 and later) would change its function, so then it is skipped.
-    if not any(_is_tanh_gelu(node) for node in model.graph.node):
+    if with_bias and not any(_is_tanh_gelu(node) for node in model.graph.node):
         FusionBiasGelu(wrapped, is_fastgelu=False).apply()
     wrapped.topological_sort()
     fused = contrib_ops(model.graph) - before

@@ -18,6 +18,8 @@ from pipeline.quantization.fusions import fuse_gelu
 _QUANT_TYPES = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
 # The weight axis ONNX Runtime quantizes per channel, by op type (Gemm depends on transB).
 _WEIGHT_INPUT = {"Conv": 1, "ConvTranspose": 1, "MatMul": 1, "Gemm": 1}
+# Ops whose third input ONNX Runtime's QDQ quantizer writes as an int32 bias.
+_BIAS_OPS = frozenset({"Conv", "Gemm", "LayerNormalization", "InstanceNormalization", "BatchNormalization"})
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,7 @@ def quantize_qdq(
     exclude: list[str],
     only: list[str] | None = None,
     quantize_outputs: bool = True,
+    wide: frozenset[str] = frozenset(),
 ) -> onnx.ModelProto:
     """Return a QDQ copy of `model` (which must carry shape-inferred value_info).
 
@@ -64,6 +67,8 @@ def quantize_qdq(
         exclude: Node names kept float.
         only: Quantize just these nodes (None: every node of `op_types` not excluded).
         quantize_outputs: Also quantize the outputs of quantized nodes.
+        wide: Activations quantized to int16 instead of 8 bits (mixed int8 / int16 activations,
+            for targets that run int16 x int8 products: the tensors int8 damages most).
     """
     from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 
@@ -79,7 +84,11 @@ def quantize_qdq(
     if not quantize_outputs and op_types:
         extra_options["OpTypesToExcludeOutputQuantization"] = list(op_types)
     if settings.power_of_two:
-        extra_options["TensorQuantOverrides"] = _power_of_two_overrides(working, ranges, op_types, settings)
+        extra_options["TensorQuantOverrides"] = _power_of_two_overrides(working, ranges, op_types, settings, wide)
+    elif wide:
+        extra_options["TensorQuantOverrides"] = {name: [{"quant_type": QuantType.QInt16}] for name in sorted(wide)}
+    if wide and _onnx_opset(working) < 21:
+        extra_options["UseQDQContribOps"] = True  # 16-bit Q / DQ are standard ONNX only from opset 21
     quantizer = QDQQuantizer(
         working,
         settings.per_channel,
@@ -113,12 +122,15 @@ def _power_of_two_overrides(
     ranges: Mapping[str, tuple[float, float]],
     op_types: tuple[str, ...] | None,
     settings: QdqSettings,
+    wide: frozenset[str] = frozenset(),
 ) -> dict[str, list[dict[str, object]]]:
     """Scale and zero point for every activation and every quantizable constant: powers of two,
-    zero point 0. (Biases of Conv / Gemm are int32 with scale input x weight: a power of two too.)
-    Values are 0-d arrays, the form ONNX Runtime's overrides accept."""
+    zero point 0 (int16 for the `wide` activations). (Biases of Conv / Gemm are int32 with scale
+    input x weight: a power of two too.) Values are 0-d arrays, the form ONNX Runtime's overrides
+    accept."""
     overrides: dict[str, list[dict[str, object]]] = {
-        name: [_symmetric(power_of_two_scale(max(-low, high)))] for name, (low, high) in ranges.items()
+        name: [_wide(max(-low, high)) if name in wide else _symmetric(power_of_two_scale(max(-low, high)))]
+        for name, (low, high) in ranges.items()
     }
     initializers = {init.name: init for init in model.graph.initializer}
     for node in model.graph.node:
@@ -126,7 +138,8 @@ def _power_of_two_overrides(
             continue
         for index, name in enumerate(node.input):
             constant = initializers.get(name)
-            is_bias = node.op_type in ("Conv", "Gemm") and index == 2
+            # ONNX Runtime quantizes these as int32 biases with scale input x weight (a power of two too).
+            is_bias = node.op_type in _BIAS_OPS and index == 2
             if constant is None or is_bias or constant.data_type != onnx.TensorProto.FLOAT:
                 continue
             values = np.abs(numpy_helper.to_array(constant))
@@ -145,6 +158,18 @@ def _symmetric(scale: float) -> dict[str, object]:
         "zero_point": np.array(0, dtype=np.int8),
         "quant_type": QuantType.QInt8,
     }
+
+
+def _wide(magnitude: float) -> dict[str, object]:
+    return {
+        "scale": np.array(power_of_two_scale(magnitude, levels=32767), dtype=np.float32),
+        "zero_point": np.array(0, dtype=np.int16),
+        "quant_type": QuantType.QInt16,
+    }
+
+
+def _onnx_opset(model: onnx.ModelProto) -> int:
+    return next((entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx")), 1)
 
 
 def _channel_axis(node: onnx.NodeProto, rank: int) -> int:

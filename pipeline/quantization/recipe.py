@@ -19,7 +19,8 @@ class Recipe:
     """The quantization plan before mixed precision.
 
     Attributes:
-        family: "transformer", "generic", or "job" when the job lists op types itself.
+        family: "transformer", "transformer-accelerator" (for a target with an integer
+            accelerator), "generic", or "job" when the job lists op types itself.
         op_types: Op types to quantize (None: every op type ONNX Runtime quantizes).
         quantize_outputs: Put Q/DQ on the outputs of quantized nodes too. Off for transformers:
             their MatMul outputs feed float ops (bias Add, Softmax), so an output Q/DQ would
@@ -34,18 +35,29 @@ class Recipe:
     kept_float: dict[str, str] = field(default_factory=dict)
 
 
-def choose_recipe(model: onnx.ModelProto, job_op_types: list[str] | None, job_excludes: list[str]) -> Recipe:
-    """Pick op types from the model's family unless the job names them.
+def choose_recipe(
+    model: onnx.ModelProto,
+    job_op_types: list[str] | None,
+    job_excludes: list[str],
+    accelerator_op_types: tuple[str, ...] = (),
+) -> Recipe:
+    """Pick op types from the model's family (and the target's accelerator) unless the job names them.
 
     Args:
         model: The model to quantize.
         job_op_types: The job's `quantize.op_types` (None: automatic).
         job_excludes: The job's `quantize.exclude_nodes`.
+        accelerator_op_types: The op types the branch's integer accelerator runs (empty: none).
+            A transformer for such a target quantizes exactly those, outputs included
+            (family ``transformer-accelerator``): the CPU recipe's float MatMul outputs would
+            send every node back to the CPU.
     """
     kept = {name: "listed in quantize.exclude_nodes" for name in job_excludes}
     if job_op_types is not None:
         return Recipe("job", tuple(job_op_types), kept_float=kept)
     if is_transformer(model):
+        if accelerator_op_types:
+            return Recipe("transformer-accelerator", tuple(sorted(accelerator_op_types)), kept_float=kept)
         return Recipe("transformer", TRANSFORMER_OP_TYPES, quantize_outputs=False, kept_float=kept)
     return Recipe("generic", None, kept_float=kept)
 

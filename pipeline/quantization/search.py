@@ -89,7 +89,7 @@ def _int8_specs(
     builder: CandidateBuilder, settings: QdqSettings, constraints: QuantizationConstraints
 ) -> list[CandidateSpec]:
     """The int8 recipes the constraints allow, static first."""
-    static = cache(lambda: builder.static_mixed(settings))
+    static = cache(lambda: builder.static_mixed(settings, constraints.int16_activations))
     signed = replace(settings, activation_type="int8")
     free_choice = builder.job.quantize.activation_type is None and not settings.power_of_two
     specs = [CandidateSpec("static", "int8 static", "int8", static)]
@@ -151,7 +151,7 @@ class LatencyTimer:
     @property
     def timed(self) -> list[str]:
         """The targets it times."""
-        return [t.name for t in self._targets if t.backend.capabilities.measured_latency]
+        return [t.name for t in self._targets if t.capabilities.measured_latency]
 
     def __call__(self, model: onnx.ModelProto, budget_s: float) -> list[TargetLatency]:
         """The candidate's latency ratio to the float model on every target (untimed ones noted)."""
@@ -162,7 +162,7 @@ class LatencyTimer:
         results = []
         share = budget_s / max(1, len(self.timed))
         for target in self._targets:
-            if not target.backend.capabilities.measured_latency:
+            if not target.capabilities.measured_latency:
                 results.append(TargetLatency(target=target.name, note="emulated: see the cost model in Placement"))
                 continue
             results.append(self._time(target, path, share))

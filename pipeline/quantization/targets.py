@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 def quantization_settings(job: ConversionJob, targets: list[Target]) -> tuple[QdqSettings, str]:
     """The job's options merged with the constraints of `targets`; and why reduce_range is what it is."""
     options = job.quantize
-    constraints = [target.backend.capabilities.quantization for target in targets]
+    constraints = [target.capabilities.quantization for target in targets]
     if options.reduce_range is not None:
         reduce_range, reason = options.reduce_range, "set in the job"
     elif any(target.backend.name == "cpu" for target in targets):
@@ -36,7 +36,7 @@ def quantization_settings(job: ConversionJob, targets: list[Target]) -> tuple[Qd
             if options.power_of_two_scales is not None
             else any(c.power_of_two_scales for c in constraints)
         ),
-        fuse_gelu=options.fuse_gelu and all(target.backend.capabilities.contrib_ops for target in targets),
+        fuse_gelu=options.fuse_gelu and all(target.capabilities.contrib_ops for target in targets),
     )
     return settings, reason
 
@@ -47,7 +47,7 @@ def resolve_activation_type(job: ConversionJob, targets: list[Target]) -> str:
     Raises:
         JobError: A target cannot run the activation type the job asks for.
     """
-    accepted = [(t.name, t.backend.capabilities.quantization.activation_types) for t in targets]
+    accepted = [(t.name, t.capabilities.quantization.activation_types) for t in targets]
     requested = job.quantize.activation_type
     if requested is None:
         return "uint8" if all("uint8" in types for _, types in accepted) else "int8"
@@ -73,7 +73,7 @@ def target_groups(job: ConversionJob, targets: list[Target]) -> list[Branch]:
     groups: dict[tuple[QdqSettings, QuantizationConstraints, bool, tuple[str, ...]], list[str]] = {}
     for target in targets:
         settings, _ = quantization_settings(job, [target])
-        capabilities = target.backend.capabilities
+        capabilities = target.capabilities
         # The constraints decide which candidates the search may build; timing decides how it picks.
         key = (
             settings,

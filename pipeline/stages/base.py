@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel
 
-from backends.base import Backend
+from backends.base import Backend, Capabilities, capabilities_for
 from pipeline.artifacts import Artifact, RecordT, StageRun
 from pipeline.feeds import Batch, FeedSource
 from pipeline.job import ConversionJob, InputSpec, TargetSpec
@@ -31,6 +31,11 @@ class Target:
     def name(self) -> str:
         """The backend name."""
         return self.spec.backend
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """The backend's capabilities under this target's options (an FPGA profile's operators)."""
+        return capabilities_for(self.backend, self.options)
 
 
 @dataclass(frozen=True)

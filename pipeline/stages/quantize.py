@@ -21,7 +21,7 @@ from pipeline.onnx_io import load_graph_only, model_artifact, save_model
 from pipeline.quantization.candidates import Built, Calibrated, CandidateBuilder
 from pipeline.quantization.cpu import int8_dot_product_flags
 from pipeline.quantization.decision import SearchDecision
-from pipeline.quantization.fusions import contrib_ops
+from pipeline.quantization.fusions import contrib_ops, fuse_gelu
 from pipeline.quantization.judge import HOLDOUT_EVERY, PolicyJudge, calibration_part, describe_held_out, held_out_part
 from pipeline.quantization.performance import float_compute_nodes, slow_reasons
 from pipeline.quantization.recipe import Recipe, choose_recipe, irregular_tensor_nodes
@@ -34,6 +34,7 @@ from pipeline.quantization.targets import (
     shared_precisions,
     target_groups,
 )
+from pipeline.quantization.wide import describe_int16, int16_candidates
 from pipeline.records import QuantizeRecord, StageName
 from pipeline.stage_cache import content_key
 from pipeline.stages.base import Branch, PreparedInputs, StageContext
@@ -81,6 +82,7 @@ class QuantizeStage:
                 "calibration": ctx.calibration.digest(),
                 "quantize": job.quantize.model_dump(mode="json"),
                 "settings": asdict(settings),
+                "accelerator_ops": list(targets[0].capabilities.quantization.accelerator_op_types),
                 "precisions": shared_precisions(targets),
                 "policy": job.parity.model_dump(mode="json"),
                 "threshold_mb": job.export.external_data_threshold_mb,
@@ -103,7 +105,7 @@ class QuantizeStage:
         judge = PolicyJudge(job, source, held_out)
         builder = CandidateBuilder(job, calibrated, kept, judge)
         specs = candidate_specs(
-            builder, settings, targets[0].backend.capabilities.quantization, shared_precisions(targets)
+            builder, settings, targets[0].capabilities.quantization, shared_precisions(targets)
         )
         threshold = job.export.external_data_threshold_bytes
         timer = LatencyTimer(targets, source, judge.first_feeds, ctx.workdir / ".search", threshold)
@@ -135,7 +137,11 @@ class QuantizeStage:
             raise
         except Exception as e:  # shape inference raises many types
             raise StageError(self.name, ctx.job.name, f"shape inference failed: {first_line(e)}") from e
-        recipe = choose_recipe(model, options.op_types, options.exclude_nodes)
+        targets = branch_targets(ctx.targets, ctx.branch)
+        accelerator_ops = targets[0].capabilities.quantization.accelerator_op_types
+        recipe = choose_recipe(model, options.op_types, options.exclude_nodes, accelerator_ops)
+        if recipe.op_types and "Gelu" in recipe.op_types:
+            fuse_gelu(model, with_bias=False)  # one node for the accelerator's GELU unit
         op_types = set(recipe.op_types) if recipe.op_types else None
         tensors = select_tensors(model, op_types, recipe.quantize_outputs)
         clock = time.perf_counter()
@@ -236,6 +242,7 @@ def _record(
         kept_float=built.kept_float,
         kept_float_damage=built.damage,
         dynamic_nodes=built.dynamic,
+        int16_activations=describe_int16(built.int16, int16_candidates(calibrated.stats.tensors, calibrated.ranges)),
         mixed_precision_probes=built.probes,
         decision=decision,
         nodes=len(graph.node),

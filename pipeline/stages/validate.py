@@ -236,7 +236,7 @@ class ValidateStage(NoPreconditions):
         checks = []
         for target in ctx.targets:
             pair = _quantized_pair(ctx, target.name)
-            if pair is None or not target.backend.capabilities.measured_latency:
+            if pair is None or not target.capabilities.measured_latency:
                 continue
             before, int8 = pair
             checks.append(
@@ -392,7 +392,7 @@ def _notes(ctx: StageContext, chain: ParityChain) -> list[str]:
         )
     if ctx.artifact_with(QuantizeRecord) is not None:
         for target in ctx.targets:
-            if not target.backend.capabilities.measured_latency:
+            if not target.capabilities.measured_latency:
                 notes.append(
                     f"{target.name} runs on an emulator: its int8 latency is the cost model's estimate in the "
                     "Placement section, not a timing."
