@@ -3,8 +3,8 @@
 No scripts, fonts or files from elsewhere: the page opens offline and can be attached to a ticket.
 Order: the summary per target, failed checks, what quantize kept float (with a per-node damage
 chart), the parity chain's metrics per comparison and every check with its limit, accuracy, int8 speed, error
-histograms, where the error enters, distillation, pruning, placement, on-target parity, stage
-timings, model files, tool versions and input hashes. Sections shared with report.md are rendered
+histograms, where the error enters, distillation, pruning, placement, on-target parity, the hls4ml
+project, stage timings, model files, tool versions and input hashes. Sections shared with report.md are rendered
 from the same Markdown lines (`markdown_html`), so the two never disagree.
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from html import escape
 
+from pipeline.parity.hls import render_hls
 from pipeline.parity.localize import EXACT_DB, Localisation
 from pipeline.parity.report import ParityReport, accuracy_section, check_table, comparison_table, speed_section
 from pipeline.parity.sections import (
@@ -83,6 +84,7 @@ def render_html(report: ParityReport) -> str:
     parts += [markdown_html(render_placement(placement)) for placement in report.placements]
     if report.on_target:
         parts.append(markdown_html(render_target_parity(report.on_target)))
+    parts += [markdown_html(render_hls(hls)) for hls in report.hls]
     parts.append(
         markdown_html(render_provenance(report.stage_timings, report.models, report.tool_versions, report.input_hashes))
     )

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict
 
 from backends.base import PlacementReport
 from pipeline.distillation.summary import DistillationSummary
+from pipeline.parity.hls import HlsSummary, render_hls
 from pipeline.parity.localize import Localisation
 from pipeline.parity.metrics import OutputMetrics
 from pipeline.parity.policy import Check, Precision
@@ -32,7 +33,8 @@ from pipeline.quantization.performance import PerformanceCheck
 # 4: the distilled precision (student vs teacher) and the distillation summary.
 # 5: the decision summary per target, model files with sizes, what quantize kept float (with the
 #    mixed-precision probes), stage timings, tool versions and input hashes.
-REPORT_SCHEMA_VERSION = 6
+# 7: the hls4ml projects of fpga targets (C simulation against the emulator and CPU QDQ).
+REPORT_SCHEMA_VERSION = 7
 
 
 class _Record(BaseModel):
@@ -154,6 +156,7 @@ class ParityReport(_Record):
         quantization: Per int8 model (one per group of targets whose constraints agree): the
             mixed-precision probes and the nodes kept float (empty: no quantize stage).
         stage_timings: Every stage's wall-clock time, in run order.
+        hls: The hls4ml projects of fpga targets with ``hls = true`` (their C simulation's comparisons).
         tool_versions: Versions of onnxforge and the libraries in the conversion path.
         input_hashes: sha256 of every input the conversion read.
         verdict: "pass" when every check passed, else "fail".
@@ -176,6 +179,7 @@ class ParityReport(_Record):
     models: list[ModelFile] = []
     quantization: list[QuantizationSummary] = []
     stage_timings: list[StageTiming] = []
+    hls: list[HlsSummary] = []
     tool_versions: dict[str, str] = {}
     input_hashes: dict[str, str] = {}
     verdict: str
@@ -225,6 +229,7 @@ class ParityReport(_Record):
             models=run.models,
             quantization=run.quantization,
             stage_timings=run.stage_timings,
+            hls=run.hls,
             tool_versions=run.tool_versions,
             input_hashes=run.input_hashes,
             verdict="fail" if failures else "pass",
@@ -336,6 +341,8 @@ def render_markdown(report: ParityReport) -> str:
         lines += ["", *render_placement(placement)]
     if report.on_target:
         lines += ["", *render_target_parity(report.on_target)]
+    for hls in report.hls:
+        lines += ["", *render_hls(hls)]
     for localisation in report.localisations:
         lines += ["", *render_localisation(localisation)]
     lines += render_provenance(report.stage_timings, report.models, report.tool_versions, report.input_hashes)

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import BaseModel, ConfigDict
 
 from backends.base import PlacementReport
+from pipeline.parity.hls import HlsSummary
 from pipeline.parity.target import TargetParity, fallback_failures
 from pipeline.quantization.decision import SearchDecision
 from pipeline.quantization.performance import PerformanceCheck
@@ -114,6 +115,7 @@ class RunFacts(_Fact):
         models: The chain's models on disk, in chain order.
         quantization: What quantize did, per int8 model (empty: the job does not quantize).
         stage_timings: Every stage, in run order.
+        hls: The hls4ml projects of fpga targets with ``hls = true``, with their C simulation's comparisons.
         tool_versions: Versions of onnxforge and the libraries in the conversion path.
         input_hashes: sha256 of every input the conversion read (model files, weights, data).
     """
@@ -121,6 +123,7 @@ class RunFacts(_Fact):
     models: list[ModelFile] = []
     quantization: list[QuantizationSummary] = []
     stage_timings: list[StageTiming] = []
+    hls: list[HlsSummary] = []
     tool_versions: dict[str, str] = {}
     input_hashes: dict[str, str] = {}
 

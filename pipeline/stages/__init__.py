@@ -7,6 +7,7 @@ A new stage is a module here with a class satisfying `pipeline.stages.base.Stage
 from pipeline.stages.base import Stage
 from pipeline.stages.distill import DistillStage
 from pipeline.stages.export import ExportStage
+from pipeline.stages.hls import HlsStage
 from pipeline.stages.prune import PruneStage
 from pipeline.stages.quantize import QuantizeStage
 from pipeline.stages.simplify import SimplifyStage
@@ -18,6 +19,7 @@ STAGES: tuple[Stage, ...] = (
     SimplifyStage(),
     PruneStage(),
     QuantizeStage(),
+    HlsStage(),
     ValidateStage(),
 )
 

@@ -12,7 +12,6 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import TensorProto, helper
 
 from backends.fpga.emulator import Emulator
 from backends.fpga.hls.qonnx_export import QonnxPartition
@@ -86,5 +85,5 @@ def _exposing(model: onnx.ModelProto, tensors: Sequence[str]) -> onnx.ModelProto
     present = {value.name for value in exposed.graph.output}
     for name in tensors:
         if name not in present:
-            exposed.graph.output.append(helper.make_tensor_value_info(name, TensorProto.INT8, None))
+            exposed.graph.output.append(onnx.ValueInfoProto(name=name))  # int8 or int16: ONNX Runtime infers it
     return exposed

@@ -4,9 +4,9 @@ qonnx cleans the graph and makes it channels last (hls4ml's layout for convoluti
 input then takes NHWC data, every output keeps its layout), Gemm becomes MatMul + Add (hls4ml's
 Dense). The types: each ``Quant`` is an ``ap_fixed<bits, bits - frac_bits, AP_RND_CONV, AP_SAT>``
 (hls4ml merges a layer's output Quant into the layer's result type, so the result is rounded and
-saturated once, as the emulator's requantization does); the input layer takes its input's int8
-type; each Conv / Dense accumulator is the profile's accumulator width with the fraction bits of
-the products (input + weight fraction bits), rounding as the profile does (it aligns the bias).
+saturated once, as the emulator's requantization does); the input layer takes its input's type;
+each Conv / Dense accumulator is the profile's accumulator width with the fraction bits of the
+products (input + weight fraction bits), rounding as the profile does (it aligns the bias).
 """
 
 from __future__ import annotations
@@ -177,8 +177,8 @@ def _run(step: str, action: Callable[[], Any]) -> Any:
     try:
         with _quiet(step):
             return action()
-    except BackendError:
-        raise
+    except (BackendError, OSError):
+        raise  # a refused write (disk full, permissions) is the runner's StorageError
     except Exception as e:
         detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise BackendError(
@@ -235,7 +235,7 @@ def _convert(cleaned: Any, folder: Path, profile: FpgaProfile, settings: HlsSett
 
 
 def _input_types(cleaned: Any) -> dict[str, str]:
-    """Each graph input's layer type: the int8 type of the Quant that reads it."""
+    """Each graph input's layer type: the type of the Quant that reads it (int8, or int16)."""
     types = {}
     initializers = {init.name for init in cleaned.graph.initializer}
     for value in cleaned.graph.input:
@@ -243,8 +243,9 @@ def _input_types(cleaned: Any) -> dict[str, str]:
             continue
         quant = next((n for n in cleaned.find_consumers(value.name) or [] if n.op_type == "Quant"), None)
         frac_bits = _frac_bits(cleaned, quant) if quant is not None else None
-        if frac_bits is not None:
-            types[_layer_name(value.name)] = fixed_type(8, frac_bits, "RND_CONV", "SAT")
+        if quant is not None and frac_bits is not None:
+            width = int(np.asarray(cleaned.get_initializer(quant.input[3])).reshape(()))
+            types[_layer_name(value.name)] = fixed_type(width, frac_bits, "RND_CONV", "SAT")
     return types
 
 

@@ -4,8 +4,9 @@ The QONNX graph is the integer graph between the partition's int8 inputs and out
 input is quantized by a ``Quant`` node with the input's scale (an exact identity on the values the
 CPU part hands over); every accelerator node reads ``Quant``-ed initializers (int8 weights, int32
 biases, their values the integers times their power-of-two scales) and its result is quantized by
-a ``Quant`` node per int8 output, rounding as the profile's shifter does. hls4ml reads each ``Quant``
-as an ``ap_fixed<bits, bits - frac_bits>`` type, so the fixed-point types follow from the scales.
+a ``Quant`` node per output (8 bits, or 16 for an int16 activation), rounding as the profile's
+shifter does. hls4ml reads each ``Quant`` as an ``ap_fixed<bits, bits - frac_bits>`` type, so the
+fixed-point types follow from the scales.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from backends.errors import BackendError
-from backends.fpga.partition import AcceleratorNode, Fixed, PartitionPlan, Segment
+from backends.fpga.fixed_point import Fixed
+from backends.fpga.partition import AcceleratorNode, PartitionPlan, Segment
 from backends.fpga.profile import Rounding
 
 QUANT_DOMAIN = "qonnx.custom_op.general"
@@ -29,7 +31,6 @@ OPSET = 13
 QUANT_ROUNDING: dict[str, str] = {"half_even": "ROUND", "floor": "FLOOR"}
 EXPORTABLE_OPS = ("Conv", "Gemm", "MatMul", "Relu", "MaxPool", "Add", "Reshape", "Flatten")
 HINT = f"set hls = false for this target; the export takes one accelerator partition of {', '.join(EXPORTABLE_OPS)}"
-_BIAS_BITS = 32
 
 
 @dataclass(frozen=True)
@@ -126,7 +127,7 @@ class _Writer:
     def parameter(self, fixed: Fixed) -> str:
         """A Quant-ed initializer: the integers times their scale, quantized back to their width."""
         integers = self.plan.constants[fixed.tensor]
-        bits = _BIAS_BITS if integers.dtype == np.int32 else 8
+        bits = max(fixed.bits, _signed_bits(integers))
         values = (integers.astype(np.float64) * 2.0**-fixed.frac_bits).astype(np.float32)
         source = self.constant(f"{fixed.tensor}_value", values)
         return self.quant(source, f"{fixed.tensor}_quantized_value", fixed.frac_bits, bits)
@@ -145,7 +146,7 @@ class _Writer:
         result = f"{node.output[0]}_wide"
         self.nodes.append(helper.make_node(node.op_type, inputs, [result], name=node.name, **_attributes(item, self)))
         for fixed in item.outputs:
-            self.quant(result, fixed.tensor, fixed.frac_bits, 8)
+            self.quant(result, fixed.tensor, fixed.frac_bits, fixed.bits)
 
 
 def export_qonnx(
@@ -177,7 +178,7 @@ def export_qonnx(
     inputs, outputs = boundary(model, plan, segment)
     writer = _Writer(plan, QUANT_ROUNDING[rounding])
     for fixed in inputs:
-        writer.quant(f"{fixed.tensor}_input", fixed.tensor, fixed.frac_bits, 8)
+        writer.quant(f"{fixed.tensor}_input", fixed.tensor, fixed.frac_bits, fixed.bits)
     for item in segment.accelerator_nodes:
         writer.node(item)
     graph = helper.make_graph(
@@ -191,6 +192,14 @@ def export_qonnx(
     qonnx = helper.make_model(graph, opset_imports=opsets, producer_name="onnxforge")
     nodes = tuple(item.node.name for item in segment.accelerator_nodes)
     return QonnxPartition(qonnx, tuple(inputs), tuple(outputs), nodes)
+
+
+def _signed_bits(integers: np.ndarray) -> int:
+    """The fewest signed bits that hold every value (an aligned per-channel weight may outgrow its type)."""
+    if integers.size == 0:
+        return 1
+    high, low = int(integers.max()), int(integers.min())
+    return max(high.bit_length(), (-low - 1).bit_length()) + 1
 
 
 def _value_info(name: str, shape: Sequence[int]) -> onnx.ValueInfoProto:
@@ -211,8 +220,9 @@ def _unsupported(item: AcceleratorNode, plan: PartitionPlan) -> str:
         shape = plan.constants.get(node.input[1])
         if shape is None or (attrs.get("allowzero", 0) and 0 in shape.tolist()):
             return "its shape is computed or has allowzero = 1 with a 0 dimension"
-    if node.op_type == "Gemm" and attrs.get("transA", 0):
-        return "Gemm with transA"
+    weight = item.inputs[1] if node.op_type in ("Conv", "Gemm", "MatMul") and len(item.inputs) > 1 else None
+    if weight is not None and weight.tensor not in plan.constants:
+        return "both operands are activations (the export maps constant weights only, to hls4ml's Dense / Conv)"
     return ""
 
 

@@ -22,7 +22,11 @@ def test_report_schema_names_the_decision_data() -> None:
     schema = json.loads(SCHEMA.read_text())
     fields = set(schema["properties"])
     assert {"summary", "models", "quantization", "stage_timings", "tool_versions", "input_hashes"} <= fields
-    assert schema["properties"]["schema_version"]["default"] == REPORT_SCHEMA_VERSION == 6
+    assert schema["properties"]["schema_version"]["default"] == REPORT_SCHEMA_VERSION == 7
+    # Schema 7: the hls4ml projects of fpga targets, each with its C simulation's comparisons.
+    assert {"vs_emulator", "vs_cpu_qdq", "emulator_vs_cpu_qdq", "differences"} <= set(
+        schema["$defs"]["HlsBuild"]["properties"]
+    )
     # Schema 6: one quantization entry per int8 model (per group of targets), each with its search.
     assert schema["properties"]["quantization"]["type"] == "array"
     assert {"candidates", "shipped", "reason", "judged_on"} <= set(schema["$defs"]["SearchDecision"]["properties"])
