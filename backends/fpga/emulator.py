@@ -1,9 +1,13 @@
 """The bit-accurate integer emulator of the accelerator: int8 x int8 -> wide accumulation, shift requantization.
 
 Every kernel returns its exact integer result and that result's fraction bits; one requantization
-step (shift with the profile's rounding, then saturation to int8) writes each output. Products are
-summed in float64 BLAS calls: int8 x int8 products and their sums stay far below 2**53, so the
-sums are exact integers, bit for bit what an integer MAC array computes.
+step (shift with the profile's rounding, then saturation to int8) writes each output. The
+multiply-accumulate kernels (backends/fpga/mac_kernels.py) sum products on float BLAS, float32
+where a bound on the weights proves every sum exact (backends/fpga/exact.py), so the sums are exact
+integers, bit for bit what an integer MAC array computes.
+
+Kernels get their inputs as int64 copies, unless marked `narrow_inputs` (then as stored: int8
+activations, int8 / int32 constants); they may return integers or floats holding exact integers.
 """
 
 from __future__ import annotations
@@ -16,16 +20,16 @@ import numpy as np
 import onnx
 from numpy.lib.stride_tricks import sliding_window_view
 
+from backends.fpga.exact import requantize_exact
+from backends.fpga.mac_kernels import NARROW_INPUTS, MacKernels, narrow_inputs
 from backends.fpga.partition import AcceleratorNode
 from backends.fpga.profile import FpgaProfile, Rounding
 
 logger = logging.getLogger(__name__)
 
 INT8_MIN, INT8_MAX = -128, 127
-# Padding value for max pooling: below every int8.
-_MAX_POOL_PAD = -(1 << 20)
 
-Wide = tuple[np.ndarray, int]  # an exact int64 result and its fraction bits
+Wide = tuple[np.ndarray, int]  # exact integers (int64, or as `narrow_inputs` says) and their fraction bits
 
 
 def shift_round(values: np.ndarray, shift: int, rounding: Rounding) -> np.ndarray:
@@ -44,9 +48,23 @@ def shift_round(values: np.ndarray, shift: int, rounding: Rounding) -> np.ndarra
     return floor + round_up
 
 
-def requantize(values: np.ndarray, frac_bits: int, out_frac_bits: int, rounding: Rounding) -> np.ndarray:
-    """A wide result with `frac_bits` to int8 with `out_frac_bits`: shift, round, saturate."""
-    shifted = shift_round(values, frac_bits - out_frac_bits, rounding)
+def requantize(
+    values: np.ndarray, frac_bits: int, out_frac_bits: int, rounding: Rounding, bits: int = 8
+) -> np.ndarray:
+    """A wide result with `frac_bits` to int8 with `out_frac_bits`: shift, round, saturate.
+
+    `values` are integers, or floats holding exact integers (as the float-BLAS kernels return);
+    int8 already at the output's fraction bits comes back as it is (not copied).
+    """
+    shift = frac_bits - out_frac_bits
+    if bits == 16:  # an int16 activation (profiles with activation_bits = [8, 16])
+        return np.clip(shift_round(values.astype(np.int64), shift, rounding), -32768, 32767).astype(np.int16)
+    if shift == 0 and values.dtype == np.int8:
+        return values
+    exact = requantize_exact(values, shift, rounding)
+    if exact is not None:
+        return exact
+    shifted = shift_round(values.astype(np.int64), shift, rounding)
     return np.clip(shifted, INT8_MIN, INT8_MAX).astype(np.int8)
 
 
@@ -62,14 +80,11 @@ class Emulator:
         self.profile = profile
         self._constants = constants
         self.saturated: dict[str, int] = {}
+        self._wide_constants: dict[str, np.ndarray] = {}
         self._kernels: dict[str, Callable[[onnx.NodeProto, list[Wide | None]], Wide]] = {
-            "Conv": self._conv,
-            "Gemm": self._gemm,
-            "MatMul": self._matmul,
-            "Relu": lambda node, ins: (np.maximum(_value(ins[0]), 0), _frac(ins[0])),
+            **MacKernels(profile, shift_round, self._accumulate).kernels(),  # Conv, Gemm, MatMul, Relu, MaxPool
             "Clip": self._clip,
             "Add": self._add,
-            "MaxPool": self._max_pool,
             "AveragePool": self._average_pool,
             "GlobalAveragePool": self._global_average_pool,
             "Concat": self._concat,
@@ -81,18 +96,30 @@ class Emulator:
 
     def run(self, item: AcceleratorNode, env: dict[str, np.ndarray]) -> None:
         """Run one node: read its int8 inputs from `env` (or the constants), write its int8 outputs."""
+        kernel = self._kernels[item.node.op_type]
+        narrow = getattr(kernel, NARROW_INPUTS, False)
         inputs: list[Wide | None] = [
-            None if fixed is None else (self._lookup(fixed.tensor, env), fixed.frac_bits) for fixed in item.inputs
+            None if fixed is None else (self._lookup(fixed.tensor, env, narrow), fixed.frac_bits)
+            for fixed in item.inputs
         ]
-        values, frac_bits = self._kernels[item.node.op_type](item.node, inputs)
+        values, frac_bits = kernel(item.node, inputs)
         for output in item.outputs:
-            env[output.tensor] = requantize(values, frac_bits, output.frac_bits, self.profile.arithmetic.rounding)
+            rounding = self.profile.arithmetic.rounding
+            env[output.tensor] = requantize(values, frac_bits, output.frac_bits, rounding, output.bits)
 
-    def _lookup(self, name: str, env: Mapping[str, np.ndarray]) -> np.ndarray:
+    def _lookup(self, name: str, env: Mapping[str, np.ndarray], narrow: bool) -> np.ndarray:
+        """A tensor as stored (`narrow`), else as int64: activations copied per run, constants once
+        (read-only: a kernel writing into its input would change every later run)."""
         found = env.get(name)
-        if found is None:
-            found = self._constants[name]
-        return found.astype(np.int64)
+        if found is not None:
+            return found if narrow else found.astype(np.int64)
+        if narrow:
+            return self._constants[name]
+        wide = self._wide_constants.get(name)
+        if wide is None:
+            wide = self._wide_constants[name] = self._constants[name].astype(np.int64)
+            wide.flags.writeable = False
+        return wide
 
     def _accumulate(self, node: onnx.NodeProto, total: np.ndarray) -> np.ndarray:
         """Saturate to the accumulator width, counting overflows (real MAC arrays saturate or wrap)."""
@@ -103,49 +130,6 @@ class Emulator:
             logger.debug("%s: %d accumulations saturated", node.name, overflow)
             total = np.clip(total, -limit - 1, limit)
         return total
-
-    def _with_bias(self, node: onnx.NodeProto, products: np.ndarray, frac_bits: int, bias: Wide | None) -> Wide:
-        """Add the int32 bias, aligned to the products' fraction bits."""
-        if bias is not None:
-            aligned = shift_round(_value(bias), _frac(bias) - frac_bits, self.profile.arithmetic.rounding)
-            shape = (1, -1) + (1,) * (products.ndim - 2) if node.op_type == "Conv" else (-1,)
-            products = products + aligned.reshape(shape)
-        return self._accumulate(node, products), frac_bits
-
-    def _conv(self, node: onnx.NodeProto, inputs: list[Wide | None]) -> Wide:
-        x, w = _value(inputs[0]), _value(inputs[1])
-        attrs = _attributes(node)
-        group = int(attrs.get("group", 1))
-        strides = list(attrs.get("strides", [1, 1]))
-        dilations = list(attrs.get("dilations", [1, 1]))
-        top, left, bottom, right = list(attrs.get("pads", [0, 0, 0, 0]))
-        padded = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
-        kh, kw = w.shape[2:]
-        span = ((kh - 1) * dilations[0] + 1, (kw - 1) * dilations[1] + 1)
-        windows = sliding_window_view(padded, span, axis=(2, 3))[
-            :, :, :: strides[0], :: strides[1], :: dilations[0], :: dilations[1]
-        ]  # [N, C, Ho, Wo, kh, kw]
-        per_group_in = x.shape[1] // group
-        per_group_out = w.shape[0] // group
-        results = []
-        for g in range(group):
-            cols = windows[:, g * per_group_in : (g + 1) * per_group_in]
-            cols = cols.transpose(0, 2, 3, 1, 4, 5).reshape(*cols.shape[:1], *cols.shape[2:4], -1)
-            kernel = w[g * per_group_out : (g + 1) * per_group_out].reshape(per_group_out, -1)
-            results.append(_exact_matmul(cols, kernel.T))  # [N, Ho, Wo, Cout_g]
-        products = np.concatenate(results, axis=-1).transpose(0, 3, 1, 2)
-        return self._with_bias(node, products, _frac(inputs[0]) + _frac(inputs[1]), _optional(inputs, 2))
-
-    def _gemm(self, node: onnx.NodeProto, inputs: list[Wide | None]) -> Wide:
-        w = _value(inputs[1])
-        if _attributes(node).get("transB", 0):
-            w = w.T
-        products = _exact_matmul(_value(inputs[0]), w)
-        return self._with_bias(node, products, _frac(inputs[0]) + _frac(inputs[1]), _optional(inputs, 2))
-
-    def _matmul(self, node: onnx.NodeProto, inputs: list[Wide | None]) -> Wide:
-        products = _exact_matmul(_value(inputs[0]), _value(inputs[1]))
-        return self._accumulate(node, products), _frac(inputs[0]) + _frac(inputs[1])
 
     def _add(self, node: onnx.NodeProto, inputs: list[Wide | None]) -> Wide:
         frac_bits = max(_frac(inputs[0]), _frac(inputs[1]))
@@ -166,10 +150,6 @@ class Emulator:
         high = None if bounds[1] is None else int(np.floor(float(bounds[1]) * 2.0**frac_bits))
         return np.clip(x, low, high), frac_bits
 
-    def _max_pool(self, node: onnx.NodeProto, inputs: list[Wide | None]) -> Wide:
-        windows = _pool_windows(_value(inputs[0]), _attributes(node), _MAX_POOL_PAD)
-        return windows.max(axis=(-2, -1)), _frac(inputs[0])
-
     def _average_pool(self, node: onnx.NodeProto, inputs: list[Wide | None]) -> Wide:
         attrs = _attributes(node)
         windows = _pool_windows(_value(inputs[0]), attrs, 0)
@@ -186,6 +166,7 @@ class Emulator:
         reciprocal = ((1 << bits) + count // 2) // count
         return total * reciprocal, frac_bits + bits
 
+    @narrow_inputs
     def _layout(self, node: onnx.NodeProto, inputs: list[Wide | None]) -> Wide:
         x = _value(inputs[0])
         attrs = _attributes(node)
@@ -208,11 +189,6 @@ class Emulator:
             return tuple(int(a) for a in self._constants[node.input[1]])
         axes = attrs.get("axes")
         return tuple(int(a) for a in axes) if isinstance(axes, list) else ()
-
-
-def _exact_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Integer matrix product, exact: float64 holds every int8 x int8 sum of fewer than 2**38 terms."""
-    return np.rint(a.astype(np.float64) @ b.astype(np.float64)).astype(np.int64)
 
 
 def _pool_windows(x: np.ndarray, attrs: dict[str, Any], pad_value: int) -> np.ndarray:

@@ -58,7 +58,11 @@ class FpgaSession(SessionBase):
             session = self._cpu_session(index, segment, env)
             values = session.run(outputs, {name: env[name] for name in inputs})
             env.update(zip(outputs, values, strict=True))
-        return {name: env[name] if name in env else self._plan.constants[name] for name in self._outputs}
+        # The emulator's channels-first results can be views of channels-last memory: copied once here.
+        return {
+            name: np.ascontiguousarray(env[name] if name in env else self._plan.constants[name])
+            for name in self._outputs
+        }
 
     def _close(self) -> None:
         """Release the CPU sessions; warn about accumulator overflows the emulator saw."""
@@ -70,8 +74,13 @@ class FpgaSession(SessionBase):
         if index not in self._cpu_sessions:
             inputs, outputs = self._boundaries[index]
             submodel = _submodel(self._model, segment, inputs, outputs, self._plan.constants, env, self._types)
+            options = session_options(self._threads)
+            # ONNX Runtime's pool threads spin for a while after each run, and the emulator's BLAS
+            # threads run right after: spinning there took cores from them (the first convolution
+            # after the input's QuantizeLinear ran up to 5x slower on 2 cores).
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             self._cpu_sessions[index] = ort.InferenceSession(
-                submodel.SerializeToString(), session_options(self._threads), providers=["CPUExecutionProvider"]
+                submodel.SerializeToString(), options, providers=["CPUExecutionProvider"]
             )
         return self._cpu_sessions[index]
 
