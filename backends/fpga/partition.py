@@ -44,11 +44,14 @@ class AcceleratorNode:
         node: The ONNX node (its float inputs are DequantizeLinear outputs).
         inputs: Per input: the integer tensor it reads, or None for a plain constant / absent input.
         outputs: The int8 tensors (QuantizeLinear outputs of its result) it writes directly.
+        float_output: The float result it writes from its int32 accumulators (dequantized, for
+            the CPU to read), when float nodes read the result; profiles say which ops may.
     """
 
     node: onnx.NodeProto
     inputs: list[Fixed | None]
     outputs: list[Fixed]
+    float_output: str | None = None
 
 
 @dataclass
@@ -213,7 +216,7 @@ def _accelerate(graph: _Graph, node: onnx.NodeProto, profile: FpgaProfile) -> Ac
         if isinstance(found, str):
             return f"input {index} ({name}): {found}"
         inputs.append(found)
-    return _with_outputs(graph, node, inputs, profile.arithmetic)
+    return _with_outputs(graph, node, inputs, profile.arithmetic, limits.outputs == "int8_or_int32")
 
 
 def _input(graph: _Graph, name: str, role: Role, arithmetic: Arithmetic) -> Fixed | None | str:
@@ -254,27 +257,32 @@ def _dtypes(role: Role, arithmetic: Arithmetic) -> tuple[type[np.integer], ...]:
 
 
 def _with_outputs(
-    graph: _Graph, node: onnx.NodeProto, inputs: list[Fixed | None], arithmetic: Arithmetic
+    graph: _Graph, node: onnx.NodeProto, inputs: list[Fixed | None], arithmetic: Arithmetic, wide_output: bool
 ) -> AcceleratorNode | str:
     used = [name for name in node.output[1:] if name and (graph.consumers[name] or name in graph.outputs)]
     if used:
         return f"its extra output {used[0]} is used"
     result = node.output[0]
-    if result in graph.outputs:
-        return f"its output {result} is a graph output in float"
+    float_readers = [user for user in graph.consumers[result] if user.op_type != "QuantizeLinear"]
+    read_in_float = bool(float_readers) or result in graph.outputs
+    if read_in_float and not wide_output:
+        if result in graph.outputs:
+            return f"its output {result} is a graph output in float"
+        user = float_readers[0]
+        return f"its output {result} is read in float by {user.op_type} node {user.name}"
     outputs = []
     for user in graph.consumers[result]:
         if user.op_type != "QuantizeLinear":
-            return f"its output {result} is read in float by {user.op_type} node {user.name}"
+            continue
         found = graph.fixed_scale(user, _dtypes("activation", arithmetic))
         if isinstance(found, str):
             return f"the QuantizeLinear of its output: {found}"
         frac_bits, bits = found
         assert isinstance(frac_bits, int)  # one scale: per-channel was not allowed
         outputs.append(Fixed(user.output[0], frac_bits, bits))
-    if not outputs:
+    if not outputs and not read_in_float:
         return f"its output {result} is not quantized"
-    return AcceleratorNode(node, inputs, outputs)
+    return AcceleratorNode(node, inputs, outputs, result if read_in_float else None)
 
 
 def _attribute_problem(graph: _Graph, node: onnx.NodeProto, limits: OpLimits) -> str:

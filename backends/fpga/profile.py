@@ -84,6 +84,8 @@ class OpLimits(_Section):
         groups: Which grouped convolutions run: ``one`` (plain), ``one_or_depthwise`` or ``any``.
         operands: MatMul only: ``weight`` (the second operand is a constant 2-D weight: a fully
             connected layer) or ``any`` (two int8 activations too, as attention's Q x K and P x V).
+        outputs: ``int8`` (every result is requantized), or ``int8_or_int32`` (MAC ops: a result
+            float nodes read leaves as its int32 accumulators, dequantized for the CPU).
     """
 
     kernel_max: int | None = Field(default=None, ge=1)
@@ -92,6 +94,7 @@ class OpLimits(_Section):
     pad_max: int | None = Field(default=None, ge=0)
     groups: Literal["one", "one_or_depthwise", "any"] = "any"
     operands: Literal["weight", "any"] = "weight"
+    outputs: Literal["int8", "int8_or_int32"] = "int8"
 
 
 class Units(_Section):

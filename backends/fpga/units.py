@@ -46,7 +46,7 @@ class TransformerUnits:
         self._units = profile.units
         self._rounding = profile.arithmetic.rounding
         self._constants = constants
-        self._tables: dict[tuple[str, int], np.ndarray] = {}
+        self._tables: dict[tuple[str, int, int], np.ndarray] = {}
 
     def kernels(self) -> dict[str, Kernel]:
         """The kernels by op type, for the emulator's table."""
@@ -143,7 +143,7 @@ class TransformerUnits:
         middle of m's table interval.
         """
         bits = self._units.rsqrt_table_bits
-        key = ("rsqrt", bits)
+        key = ("rsqrt", bits, 0)
         if key not in self._tables:
             index = np.arange(1 << bits, 4 << bits, dtype=np.float64) + 0.5
             table = np.zeros(4 << bits, dtype=np.int64)

@@ -40,6 +40,7 @@ def choose_recipe(
     job_op_types: list[str] | None,
     job_excludes: list[str],
     accelerator_op_types: tuple[str, ...] = (),
+    int16_activations: bool = False,
 ) -> Recipe:
     """Pick op types from the model's family (and the target's accelerator) unless the job names them.
 
@@ -48,15 +49,18 @@ def choose_recipe(
         job_op_types: The job's `quantize.op_types` (None: automatic).
         job_excludes: The job's `quantize.exclude_nodes`.
         accelerator_op_types: The op types the branch's integer accelerator runs (empty: none).
-            A transformer for such a target quantizes exactly those, outputs included
-            (family ``transformer-accelerator``): the CPU recipe's float MatMul outputs would
-            send every node back to the CPU.
+        int16_activations: The accelerator also runs int16 activations. Then a transformer
+            quantizes exactly the accelerator's op types, outputs included (family
+            ``transformer-accelerator``), and the search moves what 8 bits damage to 16. An
+            int8-only accelerator cannot hold a transformer's residual stream (MiniLM with its
+            Adds in int8: cosine 0.40); it gets the CPU recipe, whose MatMuls it runs with int32
+            outputs.
     """
     kept = {name: "listed in quantize.exclude_nodes" for name in job_excludes}
     if job_op_types is not None:
         return Recipe("job", tuple(job_op_types), kept_float=kept)
     if is_transformer(model):
-        if accelerator_op_types:
+        if accelerator_op_types and int16_activations:
             return Recipe("transformer-accelerator", tuple(sorted(accelerator_op_types)), kept_float=kept)
         return Recipe("transformer", TRANSFORMER_OP_TYPES, quantize_outputs=False, kept_float=kept)
     return Recipe("generic", None, kept_float=kept)

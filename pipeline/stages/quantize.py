@@ -104,9 +104,7 @@ class QuantizeStage:
         held_out, batches = held_out_part(ctx.calibration)
         judge = PolicyJudge(job, source, held_out)
         builder = CandidateBuilder(job, calibrated, kept, judge)
-        specs = candidate_specs(
-            builder, settings, targets[0].capabilities.quantization, shared_precisions(targets)
-        )
+        specs = candidate_specs(builder, settings, targets[0].capabilities.quantization, shared_precisions(targets))
         threshold = job.export.external_data_threshold_bytes
         timer = LatencyTimer(targets, source, judge.first_feeds, ctx.workdir / ".search", threshold)
         try:
@@ -138,8 +136,14 @@ class QuantizeStage:
         except Exception as e:  # shape inference raises many types
             raise StageError(self.name, ctx.job.name, f"shape inference failed: {first_line(e)}") from e
         targets = branch_targets(ctx.targets, ctx.branch)
-        accelerator_ops = targets[0].capabilities.quantization.accelerator_op_types
-        recipe = choose_recipe(model, options.op_types, options.exclude_nodes, accelerator_ops)
+        constraints = targets[0].capabilities.quantization
+        recipe = choose_recipe(
+            model,
+            options.op_types,
+            options.exclude_nodes,
+            constraints.accelerator_op_types,
+            constraints.int16_activations,
+        )
         if recipe.op_types and "Gelu" in recipe.op_types:
             fuse_gelu(model, with_bias=False)  # one node for the accelerator's GELU unit
         op_types = set(recipe.op_types) if recipe.op_types else None

@@ -205,3 +205,29 @@ def _int16_qdq(build: QdqBuilder, tensor: str, frac: int) -> str:
     ):
         build.nodes.append(helper.make_node(op, [source, scale, zero], [result], domain="com.microsoft"))
     return f"{tensor}_d16"
+
+
+def test_a_matmul_read_in_float_leaves_the_accelerator_as_int32_accumulators(tmp_path: Path) -> None:
+    """The CPU recipe's transformer MatMul (int8 inputs, float output) on an int8-only profile: the
+    accelerator computes it, the CPU reads the dequantized accumulators."""
+    build = QdqBuilder()
+    x = build.quantize("x", 5)
+    codes = RNG.integers(-128, 128, size=(HIDDEN, HIDDEN), dtype=np.int8)
+    product = build.op("MatMul", [x, build.weight("w", codes, 8)], "product")
+    probs = build.op("Softmax", [product], "probs", axis=-1)
+    model = build.save(tmp_path / "float_out.onnx", {"x": ["batch", "sequence", HIDDEN]}, probs)
+    data = feeds()
+
+    placement = FpgaBackend().placement(model)
+    with FpgaBackend().open(model) as session:
+        accelerated = session.run(data)["probs"]
+    devices = {node.node: node.device for node in placement.nodes}
+    # The exact product (ONNX Runtime's AVX2 int8 kernel saturates pairs of u8 x s8 products, so
+    # its QDQ run is no reference for full-range int8 here).
+    exact = data["x"].astype(np.float64) @ (codes * 2.0**-8)
+    exact = np.exp(exact - exact.max(axis=-1, keepdims=True))
+    exact /= exact.sum(axis=-1, keepdims=True)
+
+    assert devices["product_node"] == "fpga:dpu-int8"
+    assert devices["probs_node"] == "CPUExecutionProvider"
+    assert np.abs(accelerated - exact).max() < 1e-5  # exact sums; float32 rounding only
