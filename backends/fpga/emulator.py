@@ -24,6 +24,7 @@ from backends.fpga.exact import requantize_exact
 from backends.fpga.mac_kernels import NARROW_INPUTS, MacKernels, narrow_inputs
 from backends.fpga.partition import AcceleratorNode
 from backends.fpga.profile import FpgaProfile, Rounding
+from backends.fpga.units import TransformerUnits
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +94,7 @@ class Emulator:
             "Squeeze": self._layout,
             "Unsqueeze": self._layout,
         }
+        self._kernels.update(TransformerUnits(profile, constants).kernels())
 
     def run(self, item: AcceleratorNode, env: dict[str, np.ndarray]) -> None:
         """Run one node: read its int8 inputs from `env` (or the constants), write its int8 outputs."""
@@ -106,6 +108,8 @@ class Emulator:
         for output in item.outputs:
             rounding = self.profile.arithmetic.rounding
             env[output.tensor] = requantize(values, frac_bits, output.frac_bits, rounding, output.bits)
+        if item.float_output is not None:  # int32 accumulators, dequantized for the CPU to read
+            env[item.float_output] = (np.asarray(values, dtype=np.float64) * 2.0**-frac_bits).astype(np.float32)
 
     def _lookup(self, name: str, env: Mapping[str, np.ndarray], narrow: bool) -> np.ndarray:
         """A tensor as stored (`narrow`), else as int64: activations copied per run, constants once
