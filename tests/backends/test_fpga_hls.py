@@ -203,6 +203,15 @@ def test_an_operator_hls4ml_does_not_take_is_named() -> None:
         exported(model, RNG.normal(size=(2, 8)).astype(np.float32))
 
 
+def test_a_result_the_cpu_reads_in_float_is_refused() -> None:
+    g = Qdq()
+    gemm = g.op("Gemm", [g.q("x", 4), g.weight("w", (8, 4), 6), g.weight("b", (4,), 10, bias=True)], "gemm")
+    model = g.model({"x": ["batch", 8]}, g.op("Sigmoid", [gemm], "y"))  # the accumulators leave in float
+
+    with pytest.raises(BackendError, match=r"node gemm \(Gemm\): its result leaves the accelerator in float"):
+        exported(model, RNG.normal(size=(2, 8)).astype(np.float32))
+
+
 def test_a_rounding_hls4ml_has_no_type_for_is_refused(tmp_path: Path) -> None:
     text = (PROFILES / "dpu-int8.toml").read_text()
     (tmp_path / "up.toml").write_text(text.replace('rounding = "half_even"', 'rounding = "half_up"'))

@@ -211,6 +211,8 @@ def _unsupported(item: AcceleratorNode, plan: PartitionPlan) -> str:
     node = item.node
     if node.op_type not in EXPORTABLE_OPS:
         return f"{node.op_type} has no layer in hls4ml's ONNX reader that the export maps to"
+    if item.float_output is not None:
+        return "its result leaves the accelerator in float (dequantized int32 accumulators); the export writes int8"
     attrs = _raw_attributes(node)
     if node.op_type == "Conv" and int(attrs.get("group", 1)) != 1:
         return "grouped convolution (the export writes plain convolutions only)"
