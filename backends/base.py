@@ -147,6 +147,16 @@ class PlacementReport(BaseModel):
     notes: list[str] = Field(default_factory=list)
     accelerator: AcceleratorPlan | None = None
 
+    def accelerator_share(self) -> tuple[float, str] | None:
+        """The share of the model on the preferred device and what it counts: ``MACs`` when the
+        backend estimates them, else ``compute nodes``; None for a CPU target or an empty graph."""
+        if self.preferred == "CPUExecutionProvider" or self.compute_nodes == 0:
+            return None
+        plan = self.accelerator
+        if plan is not None and plan.mac_share is not None:
+            return plan.mac_share, "MACs"
+        return 1.0 - self.fallback_share, "compute nodes"
+
     @classmethod
     def from_nodes(
         cls,

@@ -432,7 +432,8 @@ def _print_report(report: ParityReport) -> None:
     for line in summary_lines(report):
         stdout.print(line, highlight=False, markup=False)
     verdict = "[green]PASS[/]" if report.verdict == "pass" else "[red]FAIL[/]"
-    stdout.print(f"verdict: {verdict}")
+    notes = "; ".join(f"{escape(s.target)}: {escape(s.share_note)}" for s in report.summary if s.share_note)
+    stdout.print(f"verdict: {verdict}" + (f" [yellow]({notes})[/]" if notes else ""))
 
 
 _RESULT_STYLE = {"pass": "[green]pass[/]", "FAIL": "[red]FAIL[/]"}

@@ -13,3 +13,7 @@ DEFAULT_MIN_COSINE: Final = 0.99
 DEFAULT_BATCH_SIZE: Final = 32
 # Seconds the per-target quantization search may spend per group of targets.
 DEFAULT_SEARCH_BUDGET_S: Final = 120.0
+
+# Below this share of a target's work on its accelerator (MACs where the backend counts them, else
+# compute nodes), the verdict says so: "pass (all on CPU fallback)".
+DEFAULT_MIN_ACCELERATOR_SHARE: Final = 0.5

@@ -9,7 +9,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from pipeline.job.base import DimName, FilePath, Identifier, ImportSpec, Section, resolve_path
 from pipeline.job.data import DataSource
-from pipeline.job.defaults import DEFAULT_SEARCH_BUDGET_S
+from pipeline.job.defaults import DEFAULT_MIN_ACCELERATOR_SHARE, DEFAULT_SEARCH_BUDGET_S
 
 
 class ExportOptions(Section):
@@ -260,12 +260,18 @@ class TargetSpec(Section):
             somewhere other than the backend's preferred device (unset: report only).
         precisions: The precisions the quantize search may ship for this target: ``int8``, and
             ``fp32`` to let the float model ship when no int8 candidate is faster on the target.
+        min_accelerator_share: Below this share of the shipped model's work on the target's
+            accelerator (MACs when the backend estimates them, else compute nodes), the verdict
+            and the report say so beside the result.
+        require_accelerator_share: Fail the job, not only warn, below `min_accelerator_share`.
     """
 
     backend: Identifier
     options: dict[str, str | int | float | bool | list[str]] = Field(default_factory=dict)
     max_fallback: float | None = Field(default=None, ge=0.0, le=1.0)
     precisions: list[ShippedPrecision] = Field(default_factory=lambda: list(DEFAULT_PRECISIONS), min_length=1)
+    min_accelerator_share: float = Field(default=DEFAULT_MIN_ACCELERATOR_SHARE, ge=0.0, le=1.0)
+    require_accelerator_share: bool = False
 
     @field_validator("precisions")
     @classmethod

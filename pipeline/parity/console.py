@@ -67,6 +67,9 @@ def summary_lines(report: ParityReport) -> list[str]:
     lines += [speed_line(check) for check in report.performance]
     lines += [placement_line(placement) for placement in report.placements]
     lines += [
+        f"warning: {s.target}: {s.share_note}, below its min_accelerator_share" for s in report.summary if s.share_note
+    ]
+    lines += [
         f"on {parity.target}, {item.name}: error {item.target_error:.4g} vs CPU QDQ {item.cpu_error:.4g} "
         f"(limit {item.limit:.4g}; {item.differing} of {item.elements} values differ from CPU QDQ)"
         for parity in report.on_target
@@ -134,6 +137,8 @@ def placement_line(placement: PlacementReport) -> str:
     )
     if (estimate := placement.accelerator) is not None:
         fits = "fits" if estimate.fits else "does NOT fit"
+        if estimate.mac_share is not None:
+            line += f"; {estimate.mac_share:.0%} of the MACs on the accelerator"
         line += (
             f"; estimate {estimate.latency_us} us, {estimate.cycles} cycles; activation memory peak "
             f"{estimate.peak_activation_bytes:,} of {estimate.activation_buffer_bytes:,} bytes ({fits})"

@@ -24,7 +24,13 @@ from pipeline.parity.sections import (
     render_summary,
 )
 from pipeline.parity.summary import ModelFile, QuantizationSummary, RunFacts, StageTiming, TargetSummary, summarise
-from pipeline.parity.target import TargetParity, fallback_failures, render_placement, render_target_parity
+from pipeline.parity.target import (
+    PlacementLimits,
+    TargetParity,
+    fallback_failures,
+    render_placement,
+    render_target_parity,
+)
 from pipeline.pruning.summary import PruningSummary
 from pipeline.quantization.performance import PerformanceCheck
 
@@ -203,15 +209,17 @@ class ParityReport(_Record):
         localisations: list[Localisation] | None = None,
         placements: list[PlacementReport] | None = None,
         on_target: list[TargetParity] | None = None,
-        max_fallback: dict[str, float | None] | None = None,
+        limits: dict[str, PlacementLimits] | None = None,
         facts: RunFacts | None = None,
     ) -> ParityReport:
         """Assemble a report; its verdict fails on any failed comparison, on-target check or
-        placement over its target's `max_fallback`. `facts`: what the run recorded besides parity."""
+        placement its target's `limits` reject. `facts`: what the run recorded besides parity."""
         failures = [line for comparison in comparisons for line in comparison.failures()]
         failures += [line for parity in on_target or [] for line in parity.failures()]
-        limits, run = max_fallback or {}, facts or RunFacts()
-        failures += [line for p in placements or [] for line in fallback_failures(p, limits.get(p.backend))]
+        limits, run = limits or {}, facts or RunFacts()
+        failures += [
+            line for p in placements or [] for line in fallback_failures(p, limits.get(p.backend, PlacementLimits()))
+        ]
         failures += [line for check in performance or [] for line in check.failures()]
         return cls(
             job=job,

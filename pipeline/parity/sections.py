@@ -206,6 +206,7 @@ SUMMARY_COLUMNS = [
     "fp32",
     "shipped",
     "fallback",
+    "on accelerator",
 ]
 
 
@@ -236,13 +237,14 @@ def summary_row(summary: TargetSummary) -> list[str]:
     metric = summary.metric + (f" ({summary.metric_output})" if summary.metric_output else "")
     return [
         summary.target,
-        summary.verdict.upper(),
+        summary.verdict.upper() + (f" ({summary.share_note})" if summary.share_note else ""),
         summary.precision,
         f"{format_bytes(summary.fp32_bytes)} -> {format_bytes(summary.shipped_bytes)}{ratio}",
         latency,
         metric,
         *(_metric(v, summary.metric) for v in (summary.pytorch_metric, summary.fp32_metric, summary.shipped_metric)),
         "-" if summary.fallback_share is None else f"{summary.fallback_share:.1%}",
+        "-" if summary.accelerator_share is None else f"{summary.accelerator_share:.1%} of {summary.share_basis}",
     ]
 
 

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict
 
 from backends.base import PlacementReport
 from pipeline.parity.hls import HlsSummary
-from pipeline.parity.target import TargetParity, fallback_failures
+from pipeline.parity.target import PlacementLimits, TargetParity, fallback_failures, short_share_note
 from pipeline.quantization.decision import SearchDecision
 from pipeline.quantization.performance import PerformanceCheck
 
@@ -149,6 +149,11 @@ class TargetSummary(_Fact):
         fp32_metric: The metric of the exported float model.
         shipped_metric: The metric of the shipped model.
         fallback_share: Share of compute nodes off the target's preferred device (None: not placed).
+        accelerator_share: Share of the work on the target's accelerator (None: a CPU target, or
+            not placed), counted in `share_basis` ("MACs" or "compute nodes").
+        share_basis: What `accelerator_share` counts.
+        share_note: Beside the verdict when the share is below the target's
+            ``min_accelerator_share``: "all on CPU fallback", "12% of MACs on the accelerator".
     """
 
     target: str
@@ -167,6 +172,9 @@ class TargetSummary(_Fact):
     fp32_metric: float | None
     shipped_metric: float | None
     fallback_share: float | None
+    accelerator_share: float | None = None
+    share_basis: str = ""
+    share_note: str = ""
 
 
 def summarise(
@@ -174,7 +182,7 @@ def summarise(
     performance: list[PerformanceCheck],
     placements: list[PlacementReport],
     on_target: list[TargetParity],
-    max_fallback: dict[str, float | None],
+    limits: dict[str, PlacementLimits],
     facts: RunFacts,
 ) -> list[TargetSummary]:
     """One summary per target that the chain ran on, in the comparisons' order."""
@@ -182,7 +190,7 @@ def summarise(
     sizes = {model.file: model.bytes for model in facts.models}
     return [
         _summary(target, [c for c in comparisons if c.target == target], performance, placements, on_target,
-                 max_fallback.get(target), sizes, _shipped_precision(target, facts))
+                 limits.get(target, PlacementLimits()), sizes, _shipped_precision(target, facts))
         for target in targets
     ]  # fmt: skip
 
@@ -193,7 +201,7 @@ def _summary(
     performance: list[PerformanceCheck],
     placements: list[PlacementReport],
     on_target: list[TargetParity],
-    max_fallback: float | None,
+    limits: PlacementLimits,
     sizes: dict[str, int],
     precision: Literal["int8", "fp32"],
 ) -> TargetSummary:
@@ -201,8 +209,9 @@ def _summary(
     placement = next((p for p in placements if p.backend == target), None)
     speed = next((p for p in performance if p.target == target), None)
     passed = all(c.passed for c in comparisons) and all(p.passed for p in on_target if p.target == target)
-    if placement is not None and fallback_failures(placement, max_fallback):
+    if placement is not None and fallback_failures(placement, limits):
         passed = False
+    share = placement.accelerator_share() if placement is not None else None
     export = next((c for c in chain if c.stage == "export"), None)  # None: the job gave an ONNX file, the root
     fp32_model = export.candidate if export is not None else (chain[0].reference if chain else "")
     shipped = chain[-1].candidate if chain else fp32_model
@@ -224,6 +233,9 @@ def _summary(
         fp32_metric=values.get(fp32_model),
         shipped_metric=values.get(shipped),
         fallback_share=placement.fallback_share if placement is not None else None,
+        accelerator_share=share[0] if share is not None else None,
+        share_basis=share[1] if share is not None else "",
+        share_note=short_share_note(placement, limits) if placement is not None else "",
     )
 
 

@@ -15,6 +15,7 @@ from pydantic import BaseModel
 
 from backends.base import PlacementReport
 from backends.estimate import AcceleratorPlan
+from pipeline.job.defaults import DEFAULT_MIN_ACCELERATOR_SHARE
 
 INT8_STEPS = 255  # an int8 step of a range is range / 255
 
@@ -134,14 +135,56 @@ class ThreeWay:
         )
 
 
-def fallback_failures(placement: PlacementReport, max_fallback: float | None) -> list[str]:
-    """The placement gate: a failure line when more of the model falls back than the target allows."""
-    if max_fallback is None or placement.fallback_share <= max_fallback:
-        return []
-    return [
-        f"placement@{placement.backend}: {placement.fallback_nodes} of {placement.compute_nodes} compute nodes of "
-        f"{placement.model} fall back ({placement.fallback_share:.1%}), above targets.max_fallback {max_fallback:.1%}"
-    ]
+@dataclass(frozen=True)
+class PlacementLimits:
+    """What a target's job entry asks of its placement (`TargetSpec`).
+
+    Attributes:
+        max_fallback: The most compute nodes that may fall back (None: report only).
+        min_accelerator_share: Below this share of the work on the accelerator, say so.
+        require_accelerator_share: Fail below `min_accelerator_share` instead of warning.
+    """
+
+    max_fallback: float | None = None
+    min_accelerator_share: float = DEFAULT_MIN_ACCELERATOR_SHARE
+    require_accelerator_share: bool = False
+
+
+def fallback_failures(placement: PlacementReport, limits: PlacementLimits) -> list[str]:
+    """The placement gates: a failure line when more of the model falls back than the target
+    allows, and when too little runs on its accelerator where the target requires a share."""
+    failures = []
+    if limits.max_fallback is not None and placement.fallback_share > limits.max_fallback:
+        failures.append(
+            f"placement@{placement.backend}: {placement.fallback_nodes} of {placement.compute_nodes} compute nodes "
+            f"of {placement.model} fall back ({placement.fallback_share:.1%}), above targets.max_fallback "
+            f"{limits.max_fallback:.1%}"
+        )
+    note = share_note(placement, limits)
+    if note and limits.require_accelerator_share:
+        failures.append(f"placement@{placement.backend}: {note}, and targets.require_accelerator_share is set")
+    return failures
+
+
+def share_note(placement: PlacementReport, limits: PlacementLimits) -> str:
+    """What to say beside the verdict when little of the model runs on the target's accelerator
+    ("" when the share is at or above the target's `min_accelerator_share`, or it has none)."""
+    found = placement.accelerator_share()
+    if found is None or found[0] >= limits.min_accelerator_share:
+        return ""
+    share, basis = found
+    ran = f"nothing of {placement.model} runs" if share == 0 else f"{share:.0%} of the {basis} of {placement.model} run"
+    return f"{ran} on {placement.preferred}, below targets.min_accelerator_share {limits.min_accelerator_share:.0%}"
+
+
+def short_share_note(placement: PlacementReport, limits: PlacementLimits) -> str:
+    """The verdict's aside: "all on CPU fallback", or "12% of MACs on the accelerator" ("" when
+    the share meets the target's `min_accelerator_share` or the target has no accelerator)."""
+    found = placement.accelerator_share()
+    if found is None or found[0] >= limits.min_accelerator_share:
+        return ""
+    share, basis = found
+    return "all on CPU fallback" if share == 0 else f"{share:.0%} of {basis} on the accelerator"
 
 
 def render_placement(placement: PlacementReport, rows: int = 20) -> list[str]:
@@ -178,7 +221,13 @@ def _render_accelerator(plan: AcceleratorPlan) -> list[str]:
     weights = "stay on chip" if plan.weights_fit else "stream from external memory"
     lines = [
         f"Accelerator estimate ({plan.profile}): {plan.cycles} cycles, {plan.latency_us} us per inference, "
-        f"{plan.macs} MACs at {plan.utilization:.0%} utilisation (CPU parts and transfers not counted).",
+        f"{plan.macs} MACs at {plan.utilization:.0%} utilisation (CPU parts and transfers not counted)"
+        + (
+            ""
+            if plan.mac_share is None
+            else f"; {plan.mac_share:.1%} of the model's {plan.model_macs} MACs run on the accelerator"
+        )
+        + ".",
         f"Activation memory plan: peak {plan.peak_activation_bytes} bytes of {plan.activation_buffer_bytes} "
         f"({fits}); weights {plan.weight_bytes} bytes ({weights}).",
         "",

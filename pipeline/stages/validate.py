@@ -24,7 +24,7 @@ from pipeline.parity.chain import Link, ParityChain, RunKey, Runs
 from pipeline.parity.localize import Localisation, localize
 from pipeline.parity.report import Comparison, ParityReport
 from pipeline.parity.summary import KeptFloat, ModelFile, Probe, QuantizationSummary, RunFacts, StageTiming
-from pipeline.parity.target import ThreeWay
+from pipeline.parity.target import PlacementLimits, ThreeWay
 from pipeline.parity.writers import write_reports
 from pipeline.quantization.performance import PerformanceCheck, performance_check
 from pipeline.records import DistillRecord, PruneRecord, QuantizeRecord, StageName, ValidateRecord
@@ -119,7 +119,7 @@ class ValidateStage(NoPreconditions):
             localisations=self._localise(ctx, comparisons),
             placements=placements,
             on_target=[three_way.result() for three_way in stream.on_target.values()],
-            max_fallback={target.name: target.spec.max_fallback for target in ctx.targets},
+            limits={target.name: _placement_limits(target) for target in ctx.targets},
             facts=facts,
         )
 
@@ -421,3 +421,9 @@ def _unchecked_accuracy_notes(job: ConversionJob, chain: ParityChain, precisions
         if precision in precisions and isinstance(rule, TaskPolicy) and rule.max_accuracy_drop is not None:
             notes.append(f"parity.{POLICY_SECTIONS[precision]}.max_accuracy_drop was not checked: {reason}.")
     return notes
+
+
+def _placement_limits(target: Target) -> PlacementLimits:
+    """What the target's job entry asks of its placement."""
+    spec = target.spec
+    return PlacementLimits(spec.max_fallback, spec.min_accelerator_share, spec.require_accelerator_share)

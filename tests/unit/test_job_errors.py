@@ -140,7 +140,7 @@ SCHEMA_CASES: list[tuple[str, Callable[[Raw], Any], str, tuple[str, ...]]] = [
         "unknown-key-in-array-of-tables",
         lambda raw: raw["targets"][0].update(colour="red"),
         "targets[0].colour",
-        ("unknown key", "expected one of: backend, max_fallback, options"),
+        ("unknown key", "expected one of: backend, max_fallback, min_accelerator_share, options, precisions"),
     ),
     (
         "shape-float",

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from backends.base import NodePlacement, PlacementReport
-from pipeline.parity.target import ThreeWay, fallback_failures, render_target_parity
+from backends.estimate import AcceleratorPlan
+from pipeline.parity.target import PlacementLimits, ThreeWay, fallback_failures, render_target_parity, short_share_note
 
 FLOAT = np.linspace(-1.0, 1.55, 256, dtype=np.float32).reshape(2, 128)  # range 2.55: one int8 step is 0.01
 
@@ -37,9 +38,40 @@ def test_fallback_gate() -> None:
     report = PlacementReport.from_nodes("fpga", "m.onnx", "fpga:x", nodes)
 
     assert report.compute_nodes == 2 and report.fallback_nodes == 1 and report.fallback_share == 0.5
-    assert fallback_failures(report, None) == []
-    assert fallback_failures(report, 0.5) == []
-    (line,) = fallback_failures(report, 0.25)
+    assert fallback_failures(report, PlacementLimits()) == []
+    assert fallback_failures(report, PlacementLimits(max_fallback=0.5)) == []
+    (line,) = fallback_failures(report, PlacementLimits(max_fallback=0.25))
     assert line == (
         "placement@fpga: 1 of 2 compute nodes of m.onnx fall back (50.0%), above targets.max_fallback 25.0%"
     )
+
+
+def test_accelerator_share_warns_and_fails_only_when_required() -> None:
+    def report(devices: list[str], mac_share: float | None = None) -> PlacementReport:
+        nodes = [NodePlacement(node=f"n{i}", op_type="MatMul", device=d) for i, d in enumerate(devices)]
+        placed = PlacementReport.from_nodes("fpga", "m.onnx", "fpga:x", nodes)
+        if mac_share is not None:
+            plan = AcceleratorPlan.model_construct(mac_share=mac_share)
+            placed = placed.model_copy(update={"accelerator": plan})
+        return placed
+
+    cpu = "CPUExecutionProvider"
+    nothing = report([cpu, cpu])
+    some = report(["fpga:x", cpu, cpu], mac_share=0.12)
+    most = report(["fpga:x", cpu], mac_share=0.95)
+    required = PlacementLimits(require_accelerator_share=True)
+
+    assert short_share_note(nothing, PlacementLimits()) == "all on CPU fallback"
+    assert short_share_note(some, PlacementLimits()) == "12% of MACs on the accelerator"
+    assert short_share_note(most, PlacementLimits()) == ""  # MACs count, not the 1 of 2 nodes
+    assert short_share_note(some, PlacementLimits(min_accelerator_share=0.1)) == ""
+    assert fallback_failures(some, PlacementLimits()) == []
+    (line,) = fallback_failures(some, required)
+    assert line == (
+        "placement@fpga: 12% of the MACs of m.onnx run on fpga:x, below targets.min_accelerator_share 50%, "
+        "and targets.require_accelerator_share is set"
+    )
+    cpu_target = PlacementReport.from_nodes(
+        "cpu", "m.onnx", cpu, [NodePlacement(node="a", op_type="MatMul", device=cpu)]
+    )
+    assert cpu_target.accelerator_share() is None and fallback_failures(cpu_target, required) == []
