@@ -56,8 +56,8 @@ def _side(value: float, limit: float) -> int:
 
 
 def summary_lines(report: ParityReport) -> list[str]:
-    """One line per distillation, pruning, int8 model's search, speed check, placement and on-target
-    output, in that order."""
+    """One line per distillation, pruning, int8 model's search, speed check, placement, hls4ml
+    project and on-target output, in that order."""
     lines = []
     if report.distillation is not None:
         lines.append(distillation_line(report.distillation))
@@ -66,6 +66,7 @@ def summary_lines(report: ParityReport) -> list[str]:
     lines += [search_line(q) for q in report.quantization if q.decision is not None]
     lines += [speed_line(check) for check in report.performance]
     lines += [placement_line(placement) for placement in report.placements]
+    lines += [hls.verdict() for hls in report.hls]
     lines += [
         f"warning: {s.target}: {s.share_note}, below its min_accelerator_share" for s in report.summary if s.share_note
     ]

@@ -30,6 +30,7 @@ from pipeline.quantization.performance import PerformanceCheck, performance_chec
 from pipeline.records import DistillRecord, PruneRecord, QuantizeRecord, StageName, ValidateRecord
 from pipeline.stages.base import NoPreconditions, StageContext, Target, resize_feeds
 from pipeline.stages.distill import pytorch_model, teacher_model
+from pipeline.stages.hls import hls_summaries
 from pipeline.versions import tool_versions
 
 logger = logging.getLogger(__name__)
@@ -283,6 +284,7 @@ def run_facts(ctx: StageContext, validate_seconds: float) -> RunFacts:
         models=models,
         quantization=_quantization(ctx),
         stage_timings=timings,
+        hls=hls_summaries(ctx),
         tool_versions=tool_versions(),
         input_hashes=input_hashes(ctx.job, ctx.source),
     )

@@ -63,6 +63,8 @@ def test_digits_c_simulation_matches_the_emulator_bit_for_bit(
     stages = [run.name for run in Manifest.model_validate_json(result.manifest_path.read_text()).stages]
     assert stages.index("hls") == stages.index("quantize") + 1
     assert result.passed
+    assert "## hls4ml project for fpga (hls/)" in (result.output_dir / "report.md").read_text()
+    assert [item.target for item in result.report.hls] == ["fpga"]
 
 
 def test_the_report_shows_the_c_simulation_against_the_emulator_and_cpu() -> None:
