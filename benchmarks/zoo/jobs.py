@@ -36,6 +36,17 @@ def _data(entry: ZooModel) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]
     return calibration, evaluation
 
 
+def target_entry(target: str, precisions: Sequence[str] | None) -> dict[str, Any]:
+    """One ``[[targets]]`` entry from ``backend`` or ``backend:profile`` (an fpga profile)."""
+    backend, _, profile = target.partition(":")
+    entry: dict[str, Any] = {"backend": backend}
+    if profile:
+        entry["options"] = {"profile": profile}
+    if precisions:
+        entry["precisions"] = list(precisions)
+    return entry
+
+
 def job_table(
     entry: ZooModel, targets: Sequence[str], weights_path: Path | None, precisions: Sequence[str] | None = None
 ) -> dict[str, Any]:
@@ -43,7 +54,8 @@ def job_table(
 
     Args:
         entry: The zoo model.
-        targets: Backend names, each one ``[[targets]]`` entry.
+        targets: Backend names, each one ``[[targets]]`` entry; ``fpga:npu-int8`` names an fpga
+            target with that profile.
         weights_path: The trained state dict, or ``None`` for random weights.
         precisions: Every target's ``precisions`` (None: the default, int8 only).
     """
@@ -66,9 +78,7 @@ def job_table(
         "inputs": [{"name": i.name, "shape": list(i.shape), "dtype": i.dtype} for i in entry.inputs],
         "calibration": {"npz": "calibration.npz", "batch_size": 32},
         "evaluation": evaluation,
-        "targets": [
-            {"backend": backend, **({"precisions": list(precisions)} if precisions else {})} for backend in targets
-        ],
+        "targets": [target_entry(target, precisions) for target in targets],
         "parity": {"int8": dict(entry.int8)},
     }
     if entry.check_shapes:

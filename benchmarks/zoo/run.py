@@ -59,6 +59,7 @@ class Row:
     decision: str = ""
     failures: list[str] = field(default_factory=list)
     reasons: list[str] = field(default_factory=list)
+    on_accelerator: str = ""
 
 
 def by_target(section: Any) -> dict[str, dict[str, Any]]:
@@ -141,6 +142,12 @@ def _search(quantization: dict[str, Any]) -> str:
     return f"{len(probes)} probe(s), last kept {last.get('kept_float')} float: {last.get('summary', '')}"
 
 
+def _share(summary: dict[str, Any]) -> str:
+    """``"100% of MACs"``: a summary entry's share of the work on the target's accelerator ("" for a CPU target)."""
+    share = summary.get("accelerator_share")
+    return f"{share:.0%} of {summary.get('share_basis', '')}" if isinstance(share, int | float) else ""
+
+
 def report_rows(name: str, params: int, seconds: float, report: dict[str, Any]) -> list[Row]:
     """One row per target of a report.json."""
     summaries = by_target(report.get("summary"))
@@ -175,6 +182,7 @@ def report_rows(name: str, params: int, seconds: float, report: dict[str, Any]) 
                 decision=_decision(report, target, [s, p, quantization]),
                 failures=[str(f) for f in failures],
                 reasons=[str(r) for r in p.get("reasons", [])],
+                on_accelerator=_share(s),
             )
         )
     return rows
@@ -223,14 +231,16 @@ def _fmt(value: Any, spec: str = "") -> str:
 def table(rows: Sequence[Row], title: str) -> Table:
     """The rich table of ``rows``."""
     t = Table(title=title, show_lines=True)
-    columns = ["model", "family", "params", "target", "verdict", "ships", "fp32 ms", "int8 ms", "int8/fp32"]
+    columns = ["model", "family", "params", "target", "verdict", "on accelerator", "ships", "fp32 ms", "int8 ms"]
+    columns.append("int8/fp32")
     more = ["faster", "kept float", "float nodes", "recipe", "search", "metric", "decision", "s", "failures"]
     for column in [*columns, *more]:
         t.add_column(column, overflow="fold")
     for r in rows:
         verdict = {"pass": "[green]pass[/]", "fail": "[red]FAIL[/]", "error": "[red]ERROR[/]"}.get(r.verdict, r.verdict)
         t.add_row(
-            r.model, r.family.split(" (")[0], f"{r.params:,}", r.target, verdict, r.precision, _fmt(r.fp32_ms, ".3f"),
+            r.model, r.family.split(" (")[0], f"{r.params:,}", r.target, verdict, r.on_accelerator or "-", r.precision,
+            _fmt(r.fp32_ms, ".3f"),
             _fmt(r.int8_ms, ".3f"), _fmt(r.ratio, ".2f"),
             "undecided" if r.faster is None and r.ratio is not None else _fmt(r.faster), _fmt(r.kept_float),
             _fmt(r.float_compute_nodes), r.recipe, r.search, r.metric, r.decision or "-", f"{r.seconds:.1f}",
