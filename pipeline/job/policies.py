@@ -104,6 +104,36 @@ class DistillPolicy(TaskPolicy):
     max_accuracy_drop: float | None = Field(default=1.0, ge=0)
 
 
+class GenerationPolicy(Section):
+    """Generation parity of a causal LM: every ONNX model's greedy decoding and perplexity against
+    PyTorch's, on held-out prompts and text (``[parity.generation]``); unset checks are not applied.
+
+    Attributes:
+        prompts: Held-out prompts decoded (cut from the evaluation data's first rows).
+        prompt_tokens: Tokens of each prompt (the start of an evaluation row).
+        new_tokens: Tokens each model generates greedily after each prompt.
+        min_token_agreement: Lowest mean share of the new tokens a model generates before its
+            first divergence from PyTorch's greedy tokens.
+        min_forced_agreement: Lowest mean share of steps on PyTorch's token path (teacher-forced)
+            at which the model's most likely token is PyTorch's.
+        min_logit_cosine: Lowest mean cosine of a step's logits to PyTorch's, on PyTorch's path.
+        max_kl: Largest mean KL divergence KL(PyTorch || model), in nats, of a step's next-token
+            distribution, on PyTorch's path.
+        max_perplexity_ratio: Largest perplexity on the held-out text relative to PyTorch's.
+        measure_speed: Time decode throughput and time to first token at batch 1 on each target.
+    """
+
+    prompts: int = Field(default=16, ge=1)
+    prompt_tokens: int = Field(default=32, ge=1)
+    new_tokens: int = Field(default=32, ge=1)
+    min_token_agreement: float | None = Field(default=0.9, ge=0, le=1)
+    min_forced_agreement: float | None = Field(default=None, ge=0, le=1)
+    min_logit_cosine: float | None = Field(default=None, ge=-1, le=1)
+    max_kl: float | None = Field(default=None, ge=0)
+    max_perplexity_ratio: float | None = Field(default=1.05, ge=1)
+    measure_speed: bool = True
+
+
 class OutputPolicy(Section):
     """Rules for one output that replace the job-wide ones (unset: the job-wide rule).
 
@@ -141,6 +171,7 @@ class ParityPolicy(Section):
         localize: Compare intermediate tensors to find where the error enters: ``on_failure``
             (for each failed comparison between two ONNX models), ``always``, or ``never``.
         localize_batches: Evaluation batches the localisation runs on.
+        generation: Generation parity of a causal LM (greedy tokens, logits, perplexity, speed).
     """
 
     fp32: Fp32Policy = Field(default_factory=Fp32Policy)
@@ -150,6 +181,7 @@ class ParityPolicy(Section):
     outputs: dict[Identifier, OutputPolicy] = Field(default_factory=dict)
     localize: Literal["on_failure", "always", "never"] = "on_failure"
     localize_batches: int = Field(default=1, ge=1)
+    generation: GenerationPolicy = Field(default_factory=GenerationPolicy)
 
     def with_int8_margin(self, share: float) -> ParityPolicy:
         """This policy with the int8 rules (job-wide and per output) tightened by `share`
