@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from html import escape
 
+from pipeline.parity.generation_section import generation_section
 from pipeline.parity.hls import render_hls
 from pipeline.parity.localize import EXACT_DB, Localisation
 from pipeline.parity.report import ParityReport, accuracy_section, check_table, comparison_table, speed_section
@@ -85,6 +86,7 @@ def render_html(report: ParityReport) -> str:
     if report.on_target:
         parts.append(markdown_html(render_target_parity(report.on_target)))
     parts += [markdown_html(render_hls(hls)) for hls in report.hls]
+    parts.append(markdown_html(generation_section(report.generation)))
     parts.append(
         markdown_html(render_provenance(report.stage_timings, report.models, report.tool_versions, report.input_hashes))
     )

@@ -9,6 +9,8 @@ from pydantic import BaseModel, ConfigDict
 
 from backends.base import PlacementReport
 from pipeline.distillation.summary import DistillationSummary
+from pipeline.parity.generation import GenerationParity
+from pipeline.parity.generation_section import generation_section
 from pipeline.parity.hls import HlsSummary, render_hls
 from pipeline.parity.localize import Localisation
 from pipeline.parity.metrics import OutputMetrics
@@ -40,7 +42,9 @@ from pipeline.quantization.performance import PerformanceCheck
 # 5: the decision summary per target, model files with sizes, what quantize kept float (with the
 #    mixed-precision probes), stage timings, tool versions and input hashes.
 # 7: the hls4ml projects of fpga targets (C simulation against the emulator and CPU QDQ).
-REPORT_SCHEMA_VERSION = 7
+# 8: generation parity of a causal LM (greedy and teacher-forced agreement, logit cosine, KL,
+#    perplexity, decode speed per model and target).
+REPORT_SCHEMA_VERSION = 8
 
 
 class _Record(BaseModel):
@@ -163,6 +167,7 @@ class ParityReport(_Record):
             mixed-precision probes and the nodes kept float (empty: no quantize stage).
         stage_timings: Every stage's wall-clock time, in run order.
         hls: The hls4ml projects of fpga targets with ``hls = true`` (their C simulation's comparisons).
+        generation: Generation parity of a causal LM against PyTorch (None: not measured).
         tool_versions: Versions of onnxforge and the libraries in the conversion path.
         input_hashes: sha256 of every input the conversion read.
         verdict: "pass" when every check passed, else "fail".
@@ -186,6 +191,7 @@ class ParityReport(_Record):
     quantization: list[QuantizationSummary] = []
     stage_timings: list[StageTiming] = []
     hls: list[HlsSummary] = []
+    generation: GenerationParity | None = None
     tool_versions: dict[str, str] = {}
     input_hashes: dict[str, str] = {}
     verdict: str
@@ -221,6 +227,7 @@ class ParityReport(_Record):
             line for p in placements or [] for line in fallback_failures(p, limits.get(p.backend, PlacementLimits()))
         ]
         failures += [line for check in performance or [] for line in check.failures()]
+        failures += run.generation.failures() if run.generation is not None else []
         return cls(
             job=job,
             data=data,
@@ -238,6 +245,7 @@ class ParityReport(_Record):
             quantization=run.quantization,
             stage_timings=run.stage_timings,
             hls=run.hls,
+            generation=run.generation,
             tool_versions=run.tool_versions,
             input_hashes=run.input_hashes,
             verdict="fail" if failures else "pass",
@@ -351,6 +359,7 @@ def render_markdown(report: ParityReport) -> str:
         lines += ["", *render_target_parity(report.on_target)]
     for hls in report.hls:
         lines += ["", *render_hls(hls)]
+    lines += generation_section(report.generation)
     for localisation in report.localisations:
         lines += ["", *render_localisation(localisation)]
     lines += render_provenance(report.stage_timings, report.models, report.tool_versions, report.input_hashes)

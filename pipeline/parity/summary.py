@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import BaseModel, ConfigDict
 
 from backends.base import PlacementReport
+from pipeline.parity.generation import GenerationParity
 from pipeline.parity.hls import HlsSummary
 from pipeline.parity.target import PlacementLimits, TargetParity, fallback_failures, short_share_note
 from pipeline.quantization.decision import SearchDecision
@@ -116,6 +117,7 @@ class RunFacts(_Fact):
         quantization: What quantize did, per int8 model (empty: the job does not quantize).
         stage_timings: Every stage, in run order.
         hls: The hls4ml projects of fpga targets with ``hls = true``, with their C simulation's comparisons.
+        generation: Generation parity of a causal LM (None: not measured).
         tool_versions: Versions of onnxforge and the libraries in the conversion path.
         input_hashes: sha256 of every input the conversion read (model files, weights, data).
     """
@@ -124,6 +126,7 @@ class RunFacts(_Fact):
     quantization: list[QuantizationSummary] = []
     stage_timings: list[StageTiming] = []
     hls: list[HlsSummary] = []
+    generation: GenerationParity | None = None
     tool_versions: dict[str, str] = {}
     input_hashes: dict[str, str] = {}
 

@@ -22,7 +22,11 @@ def test_report_schema_names_the_decision_data() -> None:
     schema = json.loads(SCHEMA.read_text())
     fields = set(schema["properties"])
     assert {"summary", "models", "quantization", "stage_timings", "tool_versions", "input_hashes"} <= fields
-    assert schema["properties"]["schema_version"]["default"] == REPORT_SCHEMA_VERSION == 7
+    assert schema["properties"]["schema_version"]["default"] == REPORT_SCHEMA_VERSION == 8
+    # Schema 8: generation parity of a causal LM, per model and target.
+    assert {"agreement", "perplexity", "perplexity_ratio", "speed", "checks"} <= set(
+        schema["$defs"]["ModelGeneration"]["properties"]
+    )
     # Schema 7: the hls4ml projects of fpga targets, each with its C simulation's comparisons.
     assert {"vs_emulator", "vs_cpu_qdq", "emulator_vs_cpu_qdq", "differences"} <= set(
         schema["$defs"]["HlsBuild"]["properties"]
