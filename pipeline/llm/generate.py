@@ -138,24 +138,31 @@ def _prompt(prompt: np.ndarray) -> np.ndarray:
     return ids
 
 
+def _session_past_dtype(runner: FeedRunner, signature: DecoderSignature) -> type[np.floating]:
+    """The past caches' element type as the session declares it (`SessionBase.inputs`), else float32."""
+    declared = {spec.name: spec.dtype for spec in getattr(runner, "inputs", [])}
+    dtype = declared.get(signature.past_names()[0]) if signature.layers else None
+    return dtype.type if dtype is not None and np.issubdtype(dtype, np.floating) else np.float32
+
+
 class OnnxDecoder:
     """An exported decoder with a KV cache (the `DecoderSignature` contract), one sequence at batch 1.
 
     Args:
         session: The open model (`as_runner` wraps an ONNX Runtime session).
         signature: The model's cache geometry and input / output names.
-        past_dtype: Element type of the past caches (float32 unless the model's caches are not).
+        past_dtype: Element type of the past caches (None: the session's, where it says, else float32).
     """
 
     def __init__(
         self,
         session: FeedRunner | ort.InferenceSession,
         signature: DecoderSignature,
-        past_dtype: type[np.floating] = np.float32,
+        past_dtype: type[np.floating] | None = None,
     ) -> None:
         self._runner = as_runner(session)
         self.signature = signature
-        self._past_dtype = past_dtype
+        self._past_dtype = past_dtype or _session_past_dtype(self._runner, signature)
         self._past: dict[str, np.ndarray] = {}
         self._length = 0
 

@@ -29,6 +29,7 @@ import pytest
 import torch
 from onnx import numpy_helper
 
+from backends.feeds import SessionInput
 from backends.registry import get_backend
 from pipeline.job.policies import GenerationPolicy, ParityPolicy
 from pipeline.llm.generate import (
@@ -252,6 +253,32 @@ def test_decoder_refusals(tiny: tuple[Any, DecoderSignature, Path]) -> None:
         wrong.prefill(np.array([1, 2]))
     with pytest.raises(GenerationError, match="new_tokens"):
         greedy(TorchDecoder(model), np.array([1]), 0)
+
+
+class _FakeHalfDecoder:
+    """Any object with run(feeds) -> dict serves; this one declares float16 caches and echoes them."""
+
+    def __init__(self, signature: DecoderSignature) -> None:
+        self.signature = signature
+        self.inputs = [SessionInput(name, np.dtype(np.float16), 4) for name in signature.past_names()]
+        self.seen: list[np.dtype] = []
+
+    def run(self, feeds: Any) -> dict[str, np.ndarray]:
+        past = feeds[self.signature.past_names()[0]]
+        self.seen.append(past.dtype)
+        batch, sequence = feeds["input_ids"].shape
+        grown = np.zeros((batch, 1, past.shape[2] + sequence, 2), dtype=np.float16)
+        logits = np.zeros((batch, sequence, self.signature.vocab), dtype=np.float16)
+        logits[..., past.shape[2] % self.signature.vocab] = 1.0  # the next token counts the cache
+        return {"logits": logits, **{name: grown for name in self.signature.present_names()}}
+
+
+def test_any_runner_serves_and_its_cache_type_is_kept() -> None:
+    signature = DecoderSignature(layers=1, kv_heads=1, head_dim=2, vocab=8)
+    runner = _FakeHalfDecoder(signature)
+    generation = greedy(OnnxDecoder(runner, signature), np.array([5, 6]), 3)
+    assert generation.tokens.tolist() == [0, 2, 3]  # past 0, then 2 and 3 cached tokens
+    assert generation.logits.dtype == np.float32 and set(runner.seen) == {np.dtype(np.float16)}
 
 
 def test_step_metrics() -> None:
