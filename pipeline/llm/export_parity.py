@@ -15,75 +15,20 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
-from pydantic import BaseModel, ConfigDict
 
 from pipeline.errors import StageError, first_line
-from pipeline.job.defaults import DEFAULT_ATOL
 from pipeline.llm.export import DecoderWithCache
+from pipeline.llm.export_records import SizeParity, TensorParity
 from pipeline.llm.signature import DecoderSignature
-from pipeline.records import StageName
 from pipeline.threads import session_options
 
 logger = logging.getLogger(__name__)
 
 # (batch, sequence, past): prompts with no past, single-token decode steps, a chunk after a past.
 DEFAULT_PARITY_SIZES: tuple[tuple[int, int, int], ...] = ((1, 1, 0), (2, 7, 0), (1, 1, 9), (3, 4, 5), (2, 1, 6))
-# fp32 against fp32: the same arithmetic in another order.
-DEFAULT_MIN_COSINE = 0.9999
-
-
-class TensorParity(BaseModel):
-    """One output at one size: ONNX Runtime against PyTorch on the attended positions.
-
-    Attributes:
-        name: The output (``logits``, ``present.{i}.key`` / ``.value``).
-        elements: Values compared.
-        max_abs_error: Largest absolute difference (inf when ONNX Runtime gave NaN or inf).
-        cosine: Cosine similarity of the compared values, flattened.
-    """
-
-    model_config = ConfigDict(frozen=True, ser_json_inf_nan="strings")
-
-    name: str
-    elements: int
-    max_abs_error: float
-    cosine: float
-
-
-class SizeParity(BaseModel):
-    """Every output of one step at one (batch, sequence, past) size.
-
-    Attributes:
-        batch: Rows.
-        sequence: New tokens per row.
-        past: Cached tokens per row before the step.
-        left_padding: Masked positions at the start of the last row (0 for one row).
-        logits: The logits' parity.
-        presents: Each present cache's parity, in output order.
-    """
-
-    model_config = ConfigDict(frozen=True, ser_json_inf_nan="strings")
-
-    batch: int
-    sequence: int
-    past: int
-    left_padding: int
-    logits: TensorParity
-    presents: list[TensorParity]
-
-    @property
-    def max_abs_error(self) -> float:
-        """The largest absolute difference over every output."""
-        return max(entry.max_abs_error for entry in [self.logits, *self.presents])
-
-    @property
-    def min_cosine(self) -> float:
-        """The lowest cosine over every output."""
-        return min(entry.cosine for entry in [self.logits, *self.presents])
-
-    def passed(self, atol: float = DEFAULT_ATOL, min_cosine: float = DEFAULT_MIN_COSINE) -> bool:
-        """Every output within `atol` everywhere and at least `min_cosine` alike."""
-        return self.max_abs_error <= atol and self.min_cosine >= min_cosine
+# The stage whose errors these are (`pipeline.records.StageName.EXPORT`; not imported, so that the
+# records module may import this package's records without a cycle).
+_STAGE = "export"
 
 
 def check_decoder_parity(
@@ -115,7 +60,7 @@ def check_decoder_parity(
     try:
         session = ort.InferenceSession(str(onnx_path), session_options(), providers=["CPUExecutionProvider"])
     except Exception as e:  # ONNX Runtime's errors have no common type
-        raise StageError(StageName.EXPORT, job, f"ONNX Runtime cannot load the decoder: {first_line(e)}") from e
+        raise StageError(_STAGE, job, f"ONNX Runtime cannot load the decoder: {first_line(e)}") from e
     rng = np.random.default_rng(seed)
     results = []
     for batch, sequence, past in sizes:
@@ -171,7 +116,7 @@ def _size_parity(
         produced = dict(zip(signature.output_names(), session.run(None, feeds), strict=True))
     except Exception as e:  # ONNX Runtime's errors have no common type
         raise StageError(
-            StageName.EXPORT,
+            _STAGE,
             job,
             f"ONNX Runtime failed on the decoder at batch {batch}, sequence {sequence}, past {past}: {first_line(e)}",
         ) from e

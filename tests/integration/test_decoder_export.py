@@ -5,6 +5,7 @@ loop against `generate`, and the graph's names and dynamic dims."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from transformers import (
 from pipeline.errors import JobError
 from pipeline.llm.export import ExportResult, export_decoder, input_shapes
 from pipeline.llm.export_parity import check_decoder_parity
+from pipeline.llm.export_records import SizeParity
 from pipeline.llm.signature import DecoderSignature
 
 SIZES = [(1, 1, 0), (2, 7, 0), (1, 1, 9), (3, 4, 5), (2, 1, 6)]
@@ -140,8 +142,19 @@ def test_parity_at_sizes(exported: Exported) -> None:
     for entry in parity:
         assert entry.passed(atol=ATOL), entry
         assert entry.logits.elements > 0 and len(entry.presents) == 2 * exported.signature.layers
+        assert SizeParity.model_validate_json(entry.model_dump_json()) == entry  # the stage records them
     # The last row of a batch is left-padded; the padding must have been honoured, not just survived.
     assert any(entry.left_padding > 0 for entry in parity)
+
+
+def test_parity_sees_a_different_model(exported: Exported) -> None:
+    other = copy.deepcopy(exported.model)
+    with torch.no_grad():
+        layer = other.get_output_embeddings()
+        layer.weight.add_(1e-2 * torch.randn_like(layer.weight))
+    parity = check_decoder_parity(other, exported.result.path, exported.signature, [(2, 3, 4)], job=JOB)
+    assert not parity[0].passed(atol=ATOL)
+    assert parity[0].logits.max_abs_error > ATOL
 
 
 def test_greedy_generation_matches_pytorch(exported: Exported) -> None:
