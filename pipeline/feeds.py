@@ -76,6 +76,7 @@ class FeedSource:
         self._python_path = python_path
         self._digest: str | None = None
         self._dropped: int | None = None
+        self._extend: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None
 
     @property
     def dropped_samples(self) -> int | None:
@@ -114,6 +115,15 @@ class FeedSource:
             self._digest = digest.hexdigest()
         return self._digest
 
+    def extend_feeds(self, extend: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]) -> None:
+        """Complete every checked batch with inputs the model needs and the data does not carry
+        (a decoder's position ids and empty past caches), after the checks against the job's inputs.
+
+        Args:
+            extend: The job's feeds of a batch -> the model's feeds.
+        """
+        self._extend = extend
+
     def __iter__(self) -> Iterator[Batch]:
         # A factory that takes an epoch (training data) reads its first epoch for checks and hashes.
         raw_batches = self._npz_batches() if self._source.npz is not None else self._factory_batches({"epoch": 1})
@@ -140,7 +150,7 @@ class FeedSource:
             samples += batch.size
             dropped += batch.size - (finite.size if finite is not None else 0)
             if finite is not None:
-                yield finite
+                yield finite if self._extend is None else Batch(self._extend(finite.feeds), finite.labels)
         if dropped and self._dropped is None:
             where = describe_source(self._source, self._section)
             logger.warning(

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.distillation.summary import DistillationSummary
 from pipeline.job import Precision
+from pipeline.llm.export_records import SizeParity
 from pipeline.parity.hls import HlsSummary
 from pipeline.pruning.summary import PruningSummary
 from pipeline.quantization.decision import SearchDecision
@@ -70,6 +71,8 @@ class ExportRecord(ModelRecord):
         inputs: Graph input names.
         outputs: Graph output names.
         seconds: Time per phase (export, save_and_check, pytorch_check).
+        decoder_parity: A causal LM's KV-cache export checked against PyTorch at several
+            (batch, sequence, past) sizes, the first step and single-token steps included.
     """
 
     precision: ClassVar[Precision | None] = "fp32"
@@ -83,6 +86,7 @@ class ExportRecord(ModelRecord):
     inputs: list[str]
     outputs: list[str]
     seconds: dict[str, float]
+    decoder_parity: list[SizeParity] = Field(default_factory=list)
 
 
 class SimplifyRecord(ModelRecord):

@@ -25,6 +25,7 @@ from pipeline.errors import (
 )
 from pipeline.feeds import FeedSource
 from pipeline.job import ConversionJob, DataSource
+from pipeline.llm.job import decoder_job, decoder_signature, is_causal_lm, prepare_decoder_data
 from pipeline.model_source import load_model
 from pipeline.parity.report import ParityReport
 from pipeline.publish import MANIFEST, Publication
@@ -93,7 +94,7 @@ def run_job(
             the result is attached as ``error.result``.
     """
     notify = on_event or (lambda event: None)
-    checked = preflight(job)
+    job, checked = preflight(job)
     publication = Publication.start(job.output_dir, job.origin)  # the folder locked, leftovers recovered
     staging = publication.staging
     try:
@@ -125,9 +126,13 @@ def run_job(
     return result
 
 
-def preflight(job: ConversionJob) -> PreparedInputs:
+def preflight(job: ConversionJob) -> tuple[ConversionJob, PreparedInputs]:
     """Resolve targets, load the model, check the data and every enabled stage's preconditions:
     every bad-input error, before anything is written.
+
+    Returns:
+        The job as the stages see it (a causal LM's: its decoder's graph inputs and outputs, see
+        `pipeline.llm.job`) and what was loaded.
 
     Raises:
         JobError: The model source, data, target options or a stage's settings are not usable.
@@ -135,14 +140,18 @@ def preflight(job: ConversionJob) -> PreparedInputs:
     """
     targets = [_resolve_target(job, index) for index in range(len(job.targets))]
     source = load_model(job)
+    signature = decoder_signature(job, source) if is_causal_lm(job) else None
     calibration = _feeds(job, job.calibration, "calibration")
     evaluation = _feeds(job, job.parity_data, "evaluation" if job.evaluation else "calibration")
     assert evaluation is not None
+    if signature is not None:
+        prepare_decoder_data(signature, calibration, evaluation)
+        job = decoder_job(job, signature)
     inputs = PreparedInputs(source, calibration, evaluation, targets)
     for stage in STAGES:
         if stage.enabled(job):
             stage.check(job, inputs)
-    return inputs
+    return job, inputs
 
 
 def _resolve_target(job: ConversionJob, index: int) -> Target:

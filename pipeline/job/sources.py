@@ -24,7 +24,9 @@ class ModelSource(Section):
             derived from the output structure, see `pipeline.outputs.output_names`).
         task: What the outputs are: "classification" turns on top-1 agreement and accuracy
             (also implied by labels in the data); "embedding" and "other" are judged by
-            cosine / SNR / element-wise error only.
+            cosine / SNR / element-wise error only; "causal-lm" (a `transformers` decoder) is
+            exported with its KV cache, quantized weight-only when ``[quantize.weight_only]`` is
+            set, and judged by generation parity (``[parity.generation]``) besides its logits.
     """
 
     factory: ImportSpec | None = None
@@ -33,7 +35,7 @@ class ModelSource(Section):
     onnx: FilePath | None = None
     kwargs: dict[str, str | int | float | bool] = Field(default_factory=dict)
     output_names: list[Identifier] | None = None
-    task: Literal["classification", "embedding", "other"] = "other"
+    task: Literal["classification", "embedding", "other", "causal-lm"] = "other"
 
     @field_validator("weights")
     @classmethod

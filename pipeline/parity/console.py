@@ -57,7 +57,7 @@ def _side(value: float, limit: float) -> int:
 
 def summary_lines(report: ParityReport) -> list[str]:
     """One line per distillation, pruning, int8 model's search, speed check, placement, hls4ml
-    project and on-target output, in that order."""
+    project, generation-parity model and on-target output, in that order."""
     lines = []
     if report.distillation is not None:
         lines.append(distillation_line(report.distillation))
@@ -67,6 +67,8 @@ def summary_lines(report: ParityReport) -> list[str]:
     lines += [speed_line(check) for check in report.performance]
     lines += [placement_line(placement) for placement in report.placements]
     lines += [hls.verdict() for hls in report.hls]
+    if report.generation is not None:
+        lines += [model.summary_line() for model in report.generation.models]
     lines += [
         f"warning: {s.target}: {s.share_note}, below its min_accelerator_share" for s in report.summary if s.share_note
     ]

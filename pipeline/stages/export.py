@@ -20,6 +20,7 @@ from pipeline.errors import StageError, first_line
 from pipeline.feeds import feeds_digest
 from pipeline.intake import ModelSubject, adopt_onnx_source, check_model_file
 from pipeline.job import ConversionJob, InputSpec
+from pipeline.llm.job import is_causal_lm
 from pipeline.model_source import input_hashes
 from pipeline.onnx_io import load_graph_only, model_artifact, save_model
 from pipeline.outputs import named_outputs, torch_inputs
@@ -70,6 +71,12 @@ class ExportStage(NoPreconditions):
         """Export, save (external data for big models), check, and describe the artifact."""
         job = ctx.job
         target = ctx.workdir / FP32_MODEL
+        if is_causal_lm(job):
+            from pipeline.llm.export_stage import export_causal_lm
+
+            module = pytorch_model(ctx)
+            assert module is not None  # preflight: a causal LM comes from a factory
+            return export_causal_lm(job, module, target, lambda path: self._check_file(path, ctx))
         scratch = ctx.workdir / ".export-scratch"
         seconds: dict[str, float] = {}
         clock = time.perf_counter()

@@ -18,16 +18,19 @@ from pipeline.artifacts import Artifact, sha256_file
 from pipeline.errors import BackendError, JobError, first_line
 from pipeline.feeds import describe_source
 from pipeline.job import POLICY_SECTIONS, ConversionJob, Precision, TaskPolicy
+from pipeline.llm.job import is_causal_lm, without_padding
+from pipeline.llm.validate_generation import chain_reference, generation_parity
 from pipeline.model_source import input_hashes
 from pipeline.outputs import run_torch
 from pipeline.parity.chain import Link, ParityChain, RunKey, Runs
+from pipeline.parity.generation import GenerationParity
 from pipeline.parity.localize import Localisation, localize
 from pipeline.parity.report import Comparison, ParityReport
 from pipeline.parity.summary import KeptFloat, ModelFile, Probe, QuantizationSummary, RunFacts, StageTiming
 from pipeline.parity.target import PlacementLimits, ThreeWay
 from pipeline.parity.writers import write_reports
 from pipeline.quantization.performance import PerformanceCheck, performance_check
-from pipeline.records import DistillRecord, PruneRecord, QuantizeRecord, StageName, ValidateRecord
+from pipeline.records import DistillRecord, ModelRecord, PruneRecord, QuantizeRecord, StageName, ValidateRecord
 from pipeline.stages.base import NoPreconditions, StageContext, Target, resize_feeds
 from pipeline.stages.distill import pytorch_model, teacher_model
 from pipeline.stages.hls import hls_summaries
@@ -87,7 +90,10 @@ class ValidateStage(NoPreconditions):
             comparisons = chain.judge(ctx.job.parity) + self._shape_checks(ctx, sessions, stream)
             placements = [self._placement(ctx, target, chains[target.name][-1]) for target in ctx.targets]
             performance = self._performance(ctx, sessions, placements)
+            generation = self._generation(ctx, sessions)
         facts = run_facts(ctx, time.perf_counter() - start)
+        if generation is not None:
+            facts = facts.model_copy(update={"generation": generation})
         report = self._report(ctx, stream, comparisons, placements, performance, facts)
         report_path = write_reports(report, ctx.workdir)
         logger.info("parity %s: %s", ctx.job.name, report.verdict)
@@ -138,12 +144,22 @@ class ValidateStage(NoPreconditions):
         runs: Runs = {}
         for role, model in ((TEACHER, teacher_model(ctx)), (PYTORCH, pytorch_model(ctx))):
             if model is not None:
-                torch_outputs = run_torch(model, feeds)
+                torch_outputs = run_torch(chain_reference(model) if is_causal_lm(ctx.job) else model, feeds)
                 runs.update({(target.name, role): torch_outputs for target in ctx.targets})
         for key, session in sessions.items():
             produced = session.run(feeds)
             runs[key] = [produced[name] for name in names]
+        if is_causal_lm(ctx.job):
+            runs = {key: without_padding(feeds, names, values) for key, values in runs.items()}
         return runs
+
+    def _generation(self, ctx: StageContext, sessions: Sessions) -> GenerationParity | None:
+        """A causal LM's generation parity on every (target, model), against PyTorch (None otherwise)."""
+        model = pytorch_model(ctx)
+        if not is_causal_lm(ctx.job) or model is None:
+            return None
+        records = {artifact.path: artifact.record_as(ModelRecord) for artifact in ctx.all_models()}
+        return generation_parity(ctx.job, model, ctx.evaluation, sessions, records)
 
     def _shape_checks(self, ctx: StageContext, sessions: Sessions, stream: _Stream) -> list[Comparison]:
         """The whole chain again at each extra shape the job lists (inputs cut or tiled from the example).
