@@ -77,13 +77,14 @@ class Emulator:
         saturated: Accumulations that overflowed the accumulator and were saturated, per node.
     """
 
-    def __init__(self, profile: FpgaProfile, constants: Mapping[str, np.ndarray]) -> None:
+    def __init__(self, profile: FpgaProfile, constants: Mapping[str, np.ndarray], threads: int = 0) -> None:
         self.profile = profile
         self._constants = constants
         self.saturated: dict[str, int] = {}
         self._wide_constants: dict[str, np.ndarray] = {}
         self._kernels: dict[str, Callable[[onnx.NodeProto, list[Wide | None]], Wide]] = {
-            **MacKernels(profile, shift_round, self._accumulate).kernels(),  # Conv, Gemm, MatMul, Relu, MaxPool
+            # Conv, Gemm, MatMul, Relu, MaxPool; products with weights on `threads` (0: the job's budget)
+            **MacKernels(profile, shift_round, self._accumulate, constants, threads).kernels(),
             "Clip": self._clip,
             "Add": self._add,
             "AveragePool": self._average_pool,

@@ -2,10 +2,11 @@
 kernels (Relu, MaxPool), fast and bit-exact.
 
 They read the stored integers as they are (int8 activations, int8 weights, int32 biases: no int64
-copy per run) and sum products on float BLAS, exact by the bound in `backends.fpga.exact`: per node,
-once, the weights' ``max|x| * sum|w| + |bias|`` picks float32 (the usual case: any int8 layer of up
-to 1024 inputs per output), float64, or numpy's exact int64 matmul. The weight matrices, in that
-type and in the layout the product wants, are prepared on the first run and kept.
+copy per run) and sum products in floating point, exact by the bound in `backends.fpga.exact`: per
+node, once, the weights' ``max|x| * sum|w| + |bias|`` picks float32 (the usual case: any int8
+layer of up to 1024 inputs per output), float64, or numpy's exact int64 matmul. The weight
+matrices, in that type and in the layout the product wants, are prepared on the first run and
+kept, with an ONNX Runtime session that multiplies by them (`backends.fpga.gemm`).
 
 A convolution works channels-last: the input is padded into a channels-last buffer of the chosen
 type, its windows read as one strided view copied once into an im2col matrix, and one product
@@ -16,7 +17,7 @@ copy.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -25,6 +26,7 @@ import onnx
 from numpy.lib.stride_tricks import sliding_window_view
 
 from backends.fpga.exact import ExactType, exact_type, magnitude, sum_bound
+from backends.fpga.gemm import MatrixProduct
 from backends.fpga.profile import FpgaProfile, Rounding
 
 Wide = tuple[np.ndarray, int]
@@ -52,6 +54,7 @@ class _Weights:
         bias_source: The integer bias array it was built from, or None.
         activation: The activation's integer type the bound assumed.
         matrix: The weights in the exact type, [K, outputs] (or [groups, K, outputs per group]).
+        product: x @ matrix (on ONNX Runtime for a constant: `backends.fpga.gemm`).
         bias: The bias aligned to the products' fraction bits, in the exact type, or None.
         may_saturate: Whether the bound exceeds the accumulator (then sums are checked and clipped).
     """
@@ -60,6 +63,7 @@ class _Weights:
     bias_source: np.ndarray | None
     activation: np.dtype
     matrix: np.ndarray
+    product: MatrixProduct
     bias: np.ndarray | None
     may_saturate: bool
 
@@ -74,9 +78,21 @@ class MacKernels:
         profile: The device profile (rounding of the bias alignment, accumulator width).
         shift_round: The accelerator's shifter (aligns biases).
         accumulate: Saturates sums to the accumulator, counting overflows.
+        constants: The model's constants: a MatMul operand among them is prepared as a weight
+            (an operand that is not, an activation, is multiplied on numpy each run).
+        threads: Threads of the products with constant weights (0: the job's budget).
     """
 
-    def __init__(self, profile: FpgaProfile, shift_round: ShiftRound, accumulate: Accumulate) -> None:
+    def __init__(
+        self,
+        profile: FpgaProfile,
+        shift_round: ShiftRound,
+        accumulate: Accumulate,
+        constants: Mapping[str, np.ndarray] | None = None,
+        threads: int = 0,
+    ) -> None:
+        self._constant_ids = {id(value) for value in (constants or {}).values()}
+        self._threads = threads
         self._rounding = profile.arithmetic.rounding
         self._limit = (1 << (profile.arithmetic.accumulator_bits - 1)) - 1
         self._shift_round = shift_round
@@ -101,14 +117,14 @@ class MacKernels:
         attrs = self._attributes(node)
         group = int(attrs.get("group", 1))
         frac_bits = x_frac + w_frac
-        prepared = self._prepare(node, x.dtype, w, _optional(inputs, 2), frac_bits, lambda: _conv_matrix(w, group))
+        prepared = self._prepare(node, x.dtype, (w, _optional(inputs, 2)), frac_bits, lambda: _conv_matrix(w, group))
         kernel = tuple(int(k) for k in w.shape[2:])
         cols, (ho, wo) = _im2col(x, kernel, attrs, prepared.matrix.dtype)
         if group == 1:
-            total = cols @ prepared.matrix
+            total = prepared.product(cols)
         else:  # columns are (kernel row, kernel column, channel): split the channels into groups
             grouped = cols.reshape(len(cols), -1, group, x.shape[1] // group).transpose(2, 0, 1, 3)
-            products = grouped.reshape(group, len(cols), -1) @ prepared.matrix  # [G, M, Cout / G]
+            products = prepared.product(np.ascontiguousarray(grouped).reshape(group, len(cols), -1))  # [G, M, Cout/G]
             total = products.transpose(1, 0, 2).reshape(len(cols), -1)
         total = self._finish(node, total, prepared)
         return total.reshape(x.shape[0], ho, wo, -1).transpose(0, 3, 1, 2), frac_bits
@@ -119,15 +135,15 @@ class MacKernels:
         (x, x_frac), (w, w_frac) = _present(inputs[0]), _present(inputs[1])
         transposed = bool(self._attributes(node).get("transB", 0))
         frac_bits = x_frac + w_frac
-        prepared = self._prepare(node, x.dtype, w, _optional(inputs, 2), frac_bits, lambda: w.T if transposed else w)
-        return self._finish(node, x.astype(prepared.matrix.dtype) @ prepared.matrix, prepared), frac_bits
+        prepared = self._prepare(node, x.dtype, (w, _optional(inputs, 2)), frac_bits, lambda: w.T if transposed else w)
+        return self._finish(node, prepared.product(x.astype(prepared.matrix.dtype)), prepared), frac_bits
 
     @narrow_inputs
     def matmul(self, node: onnx.NodeProto, inputs: list[Wide | None]) -> Wide:
-        """a @ b; b prepared once where it is a constant (a new b each run is prepared each run)."""
+        """a @ b; b prepared once where it is a constant (an activation b is prepared each run)."""
         (a, a_frac), (b, b_frac) = _present(inputs[0]), _present(inputs[1])
-        prepared = self._prepare(node, a.dtype, b, None, a_frac + b_frac, lambda: b)
-        return self._finish(node, a.astype(prepared.matrix.dtype) @ prepared.matrix, prepared), a_frac + b_frac
+        prepared = self._prepare(node, a.dtype, (b, None), a_frac + b_frac, lambda: b, id(b) in self._constant_ids)
+        return self._finish(node, prepared.product(a.astype(prepared.matrix.dtype)), prepared), a_frac + b_frac
 
     @narrow_inputs
     def relu(self, node: onnx.NodeProto, inputs: list[Wide | None]) -> Wide:
@@ -160,12 +176,23 @@ class MacKernels:
         self,
         node: onnx.NodeProto,
         activation: np.dtype,
-        weights: np.ndarray,
-        bias: Wide | None,
+        operands: tuple[np.ndarray, Wide | None],
         frac_bits: int,
         matrix: Callable[[], np.ndarray],
+        constant: bool = True,
     ) -> _Weights:
-        """The node's prepared weights: kept from an earlier run while the same arrays come in."""
+        """The node's prepared weights (and bias): kept from an earlier run while the same arrays come in.
+
+        Args:
+            node: The node (its first output names the entry).
+            activation: The other operand's integer type (its largest magnitude enters the bound).
+            operands: The integer weights and the bias with its fraction bits (or None).
+            frac_bits: Fraction bits of the products (the bias is aligned to them).
+            matrix: The weights as the product's matrix, [K, outputs] or [groups, K, outputs].
+            constant: Whether the weights are a constant of the model (then their product runs on
+                ONNX Runtime, prepared once), not an activation.
+        """
+        weights, bias = operands
         key = node.output[0]
         bias_values = None if bias is None else bias[0]
         found = self._prepared.get(key)
@@ -177,11 +204,13 @@ class MacKernels:
             aligned = self._shift_round(bias[0], bias[1] - frac_bits, self._rounding).reshape(-1)
         bound = sum_bound(integer_matrix, magnitude(activation), aligned)
         exact: ExactType = exact_type(bound)
+        exact_matrix = np.ascontiguousarray(integer_matrix, dtype=exact)
         prepared = _Weights(
             source=weights,
             bias_source=bias_values,
             activation=activation,
-            matrix=np.ascontiguousarray(integer_matrix, dtype=exact),
+            matrix=exact_matrix,
+            product=MatrixProduct(exact_matrix, self._threads, constant),
             bias=None if aligned is None else aligned.astype(exact),
             may_saturate=bound > self._limit,
         )

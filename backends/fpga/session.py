@@ -36,7 +36,7 @@ class FpgaSession(SessionBase):
         self._model = model
         self._plan = plan
         self._threads = threads
-        self._emulator = Emulator(profile, plan.constants)
+        self._emulator = Emulator(profile, plan.constants, threads)
         self._backend = "fpga"
         self._input_specs = [
             SessionInput.from_value_info(value) for value in model.graph.input if value.name not in plan.constants

@@ -143,6 +143,23 @@ def test_gemm_past_the_float32_bound_is_exact_in_float64() -> None:
     assert saturated == {}  # the bound is below the 32-bit accumulator: no check needed, none made
 
 
+def test_gemm_past_the_float64_bound_is_exact_in_int64() -> None:
+    """Weights near 2**47 whose products cancel: each product needs 54 bits (float64 rounds it), the
+    sums are small; the bound is past 2**53, so the kernel sums on int64, exactly."""
+    x = np.array([[127, 127, 1], [-128, -128, -1]], dtype=np.int8)
+    w = np.array([[(1 << 47) + 1, -(1 << 47), 1], [-(1 << 47) - 3, 1 << 47, 5]], dtype=np.int64)
+    exact = x.astype(np.int64) @ w.T  # [[128, -376], [-129, 379]]
+    assert np.any(np.rint(x.astype(np.float64) @ w.T.astype(np.float64)).astype(np.int64) != exact)
+    assert np.abs(exact).max() < 1 << 47
+    mac, saturated = kernels(profile_with(accumulator_bits=48))
+
+    values, _ = mac.gemm(gemm_node(), [(x, 0), (w, 0), None])
+
+    assert values.dtype == np.int64
+    np.testing.assert_array_equal(values, exact)
+    assert saturated == {"fc": 0}  # checked (the bound passes the accumulator), nothing over it
+
+
 def test_gemm_sums_beyond_the_accumulator_saturate_and_are_counted() -> None:
     x = np.full((2, 8), 127, dtype=np.int8)
     w = np.array([[127] * 8, [-127] * 8, [1] * 8], dtype=np.int8)  # sums 129032, -129032, 1016
