@@ -98,7 +98,10 @@ def build(family: str) -> PreTrainedModel:
     return model
 
 
-@pytest.fixture(scope="module", params=["llama", pytest.param("gpt2"), pytest.param("qwen2", marks=pytest.mark.slow)])
+@pytest.fixture(
+    scope="module",
+    params=["llama", pytest.param("gpt2", marks=pytest.mark.slow), pytest.param("qwen2", marks=pytest.mark.slow)],
+)
 def exported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Exported:
     family = request.param
     model = build(family)
