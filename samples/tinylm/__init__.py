@@ -1,0 +1,1 @@
+"""A tiny Llama-architecture decoder trained here on the Python standard library's source (the causal LM case)."""
