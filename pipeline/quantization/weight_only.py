@@ -33,10 +33,15 @@ import numpy as np
 import onnx_ir as ir
 
 from pipeline.errors import JobError
-from pipeline.onnx_io import external_data_name, initializer_bytes, save_model
+from pipeline.onnx_io import PROTOBUF_LIMIT_BYTES, external_data_name, initializer_bytes, save_model
 from pipeline.quantization import weight_only_graph as graph
 from pipeline.quantization.weight_only_blocks import BLOCK_SIZES, BlockCodes, hqq_codes, rtn_codes
-from pipeline.quantization.weight_only_calibration import ActivationMoments, ActivationReader, hessian_groups
+from pipeline.quantization.weight_only_calibration import (
+    ActivationMoments,
+    ActivationReader,
+    hessian_budget,
+    hessian_groups,
+)
 from pipeline.quantization.weight_only_gptq import gptq_codes, hessian_factor
 
 logger = logging.getLogger(__name__)
@@ -250,9 +255,12 @@ class WeightOnlyQuantizer:
             activations.setdefault(target.activation, []).append(target)
         reader = self._reader(activations)
         widths = {name: targets[0].rows for name, targets in activations.items()}
-        for group in hessian_groups(widths):
+        groups = hessian_groups(widths, hessian_budget(initializer_bytes(self._model)))
+        logger.info("gptq: %d activations in %d calibration pass(es)", len(widths), len(groups))
+        for index, group in enumerate(groups):
             hessians, self.tokens = reader.hessians(group, self.feeds)
-            _warn_few_tokens(self.tokens, max(widths.values()))
+            if index == 0:
+                _warn_few_tokens(self.tokens, max(widths.values()))
             for name in group:
                 factor = hessian_factor(hessians.pop(name))
                 for target in activations[name]:
@@ -308,6 +316,10 @@ class WeightOnlyQuantizer:
         if self.settings.format == "qdq":
             graph.declare_qdq_opset(model)
         after = initializer_bytes(model)
+        if after <= min(external_data_threshold_bytes, PROTOBUF_LIMIT_BYTES - 1):
+            # saved inline: onnx-ir would keep a memory-mapped weight as a reference to the
+            # source's data file, relative, so broken anywhere but the source's folder
+            model = ir.external_data.load_to_model(model)
         save_model(model, out_path, external_data_threshold_bytes)
         kept = {
             t.node: self.kept.get(t.node, "kept at higher precision")

@@ -30,9 +30,12 @@ from pipeline.threads import session_options
 
 logger = logging.getLogger(__name__)
 
-# float64 Hessians gathered in one pass over the calibration feeds, at most (1 GiB: a 1 B
-# Llama's four activations of one layer are 3 x 2048^2 + 8192^2 doubles, 0.6 GiB).
-HESSIAN_BUDGET_BYTES = 2**30
+# float64 Hessians gathered in one pass over the calibration feeds: at most half the model's
+# float weights (with ONNX Runtime's copy of the weights, the pass then holds 1.5 times them),
+# within these bounds. A 1 B Llama's four activations of one layer are 3 x 2048^2 + 8192^2
+# doubles, 0.6 GiB: three layers a pass.
+HESSIAN_BUDGET_SHARE = 0.5
+HESSIAN_BUDGET_BOUNDS = (2**24, 2**32)
 
 
 @dataclass(frozen=True)
@@ -116,7 +119,13 @@ class ActivationReader:
         return sums, tokens
 
 
-def hessian_groups(widths: Mapping[str, int], budget_bytes: int = HESSIAN_BUDGET_BYTES) -> list[list[str]]:
+def hessian_budget(weight_bytes: int) -> int:
+    """Bytes of Hessians one calibration pass may gather for a model of `weight_bytes`."""
+    low, high = HESSIAN_BUDGET_BOUNDS
+    return int(min(max(HESSIAN_BUDGET_SHARE * weight_bytes, low), high))
+
+
+def hessian_groups(widths: Mapping[str, int], budget_bytes: int) -> list[list[str]]:
     """Activations in groups whose float64 Hessians fit the budget together (one pass per group)."""
     groups: list[list[str]] = []
     current: list[str] = []

@@ -17,12 +17,22 @@ import onnxruntime as ort
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
-from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+from onnxruntime.quantization.matmul_nbits_quantizer import (
+    DefaultWeightOnlyQuantConfig,
+    DefaultWeightOnlyQuantizer,
+    MatMulNBitsQuantizer,
+)
 
 from pipeline.errors import JobError
 from pipeline.llm.signature import DecoderSignature
 from pipeline.quantization.weight_only import WeightOnlyQuantizer, WeightOnlySettings, load_model, quantize_weight_only
-from pipeline.quantization.weight_only_blocks import from_matmul_nbits, hqq_codes, rtn_codes, to_matmul_nbits
+from pipeline.quantization.weight_only_blocks import (
+    from_matmul_nbits,
+    gather_tensors,
+    hqq_codes,
+    rtn_codes,
+    to_matmul_nbits,
+)
 from pipeline.quantization.weight_only_calibration import ActivationReader, hessian_groups
 from pipeline.quantization.weight_only_gptq import gptq_codes, hessian_factor
 from pipeline.quantization.weight_only_mixed import (
@@ -265,6 +275,17 @@ def test_round_to_nearest_is_onnx_runtimes_quantizer_byte_for_byte(bits: int, sy
         np.testing.assert_array_equal(mine.reshape(reference.shape), reference)
 
 
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_int4_embeddings_are_onnx_runtimes_gather_numbers(symmetric: bool) -> None:
+    """A table quantized as its transpose through MLAS gives what ORT's own Gather path writes."""
+    table = np.random.default_rng(6).standard_normal((50, 64)).astype(np.float32)
+    packed, scales, _ = DefaultWeightOnlyQuantizer.quantize_ndarray(table, 1, 32, symmetric)
+    theirs = np.stack([packed & 0x0F, packed >> 4], axis=1).reshape(-1)
+    data, our_scales, _ = gather_tensors(rtn_codes(np.ascontiguousarray(table.T), 4, 32, symmetric))
+    np.testing.assert_array_equal(np.asarray(data).astype(np.int16).reshape(-1) & 0x0F, theirs)
+    np.testing.assert_array_equal(our_scales, scales)
+
+
 def test_packing_round_trips_and_dequantizes_as_matmulnbits_runs() -> None:
     weight = np.random.default_rng(4).standard_normal((80, 33)).astype(np.float32)  # K not a multiple of 32
     for codes in (rtn_codes(weight, 4, 32, False), rtn_codes(weight, 8, 16, True), hqq_codes(weight, 4, 32)):
@@ -444,6 +465,12 @@ def test_external_data_is_read_in_place_and_written_beside(tmp_path) -> None:
         model.stat().st_size + (tmp_path / "ext.onnx.data").stat().st_size
     )
     assert cosine(logits(model, feeds(1, seed=2)), logits(out, feeds(1, seed=2))) > 0.98
+    inline = tmp_path / "elsewhere" / "inline.onnx"  # under the threshold, in another folder
+    inline.parent.mkdir()
+    quantize_weight_only(model, inline, WeightOnlySettings(), None, external_data_threshold_bytes=2**30)
+    assert [f.name for f in inline.parent.iterdir()] == ["inline.onnx"]
+    assert not any(t.data_location == TensorProto.EXTERNAL for t in onnx.load(str(inline)).graph.initializer)
+    assert cosine(logits(model, feeds(1, seed=2)), logits(inline, feeds(1, seed=2))) > 0.98
 
 
 def test_hessians_skip_padding_and_groups_fit_the_budget(decoders) -> None:
