@@ -6,7 +6,9 @@ copy per run) and sum products in floating point, exact by the bound in `backend
 node, once, the weights' ``max|x| * sum|w| + |bias|`` picks float32 (the usual case: any int8
 layer of up to 1024 inputs per output), float64, or numpy's exact int64 matmul. The weight
 matrices, in that type and in the layout the product wants, are prepared on the first run and
-kept, with an ONNX Runtime session that multiplies by them (`backends.fpga.gemm`).
+kept, with an ONNX Runtime session that multiplies by them (`backends.fpga.gemm`); int8 weights
+whose sums stay within 2**24 also get the integer GEMM, which takes the activations of a run
+that has no negative value (after a ReLU) as uint8.
 
 A convolution works channels-last: the input is padded into a channels-last buffer of the chosen
 type, its windows read as one strided view copied once into an im2col matrix, and one product
@@ -119,7 +121,11 @@ class MacKernels:
         frac_bits = x_frac + w_frac
         prepared = self._prepare(node, x.dtype, (w, _optional(inputs, 2)), frac_bits, lambda: _conv_matrix(w, group))
         kernel = tuple(int(k) for k in w.shape[2:])
-        cols, (ho, wo) = _im2col(x, kernel, attrs, prepared.matrix.dtype)
+        unsigned = _unsigned(x, prepared.product)  # the integer GEMM: uint8 columns, a quarter of the bytes
+        if unsigned is not None:
+            cols, (ho, wo) = _im2col(unsigned, kernel, attrs, np.dtype(np.uint8))
+        else:
+            cols, (ho, wo) = _im2col(x, kernel, attrs, prepared.matrix.dtype)
         if group == 1:
             total = prepared.product(cols)
         else:  # columns are (kernel row, kernel column, channel): split the channels into groups
@@ -136,14 +142,14 @@ class MacKernels:
         transposed = bool(self._attributes(node).get("transB", 0))
         frac_bits = x_frac + w_frac
         prepared = self._prepare(node, x.dtype, (w, _optional(inputs, 2)), frac_bits, lambda: w.T if transposed else w)
-        return self._finish(node, prepared.product(x.astype(prepared.matrix.dtype)), prepared), frac_bits
+        return self._finish(node, prepared.product(_operand(x, prepared)), prepared), frac_bits
 
     @narrow_inputs
     def matmul(self, node: onnx.NodeProto, inputs: list[Wide | None]) -> Wide:
         """a @ b; b prepared once where it is a constant (an activation b is prepared each run)."""
         (a, a_frac), (b, b_frac) = _present(inputs[0]), _present(inputs[1])
         prepared = self._prepare(node, a.dtype, (b, None), a_frac + b_frac, lambda: b, id(b) in self._constant_ids)
-        return self._finish(node, prepared.product(a.astype(prepared.matrix.dtype)), prepared), a_frac + b_frac
+        return self._finish(node, prepared.product(_operand(a, prepared)), prepared), a_frac + b_frac
 
     @narrow_inputs
     def relu(self, node: onnx.NodeProto, inputs: list[Wide | None]) -> Wide:
@@ -205,12 +211,15 @@ class MacKernels:
         bound = sum_bound(integer_matrix, magnitude(activation), aligned)
         exact: ExactType = exact_type(bound)
         exact_matrix = np.ascontiguousarray(integer_matrix, dtype=exact)
+        int8 = None  # the integer GEMM's weights, where they are int8 and every sum is float32-exact
+        if exact is np.float32 and activation == np.int8 and _fits_int8(integer_matrix):
+            int8 = np.ascontiguousarray(integer_matrix, dtype=np.int8)
         prepared = _Weights(
             source=weights,
             bias_source=bias_values,
             activation=activation,
             matrix=exact_matrix,
-            product=MatrixProduct(exact_matrix, self._threads, constant),
+            product=MatrixProduct(exact_matrix, self._threads, constant, int8),
             bias=None if aligned is None else aligned.astype(exact),
             may_saturate=bound > self._limit,
         )
@@ -222,6 +231,25 @@ class MacKernels:
         if prepared.bias is not None:
             total += prepared.bias
         return self._accumulate(node, total) if prepared.may_saturate else total
+
+
+def _fits_int8(values: np.ndarray) -> bool:
+    return values.size > 0 and int(values.min()) >= -128 and int(values.max()) <= 127
+
+
+def _unsigned(x: np.ndarray, product: MatrixProduct) -> np.ndarray | None:
+    """`x` as uint8 when the product takes the integer GEMM and every value is in 0..127 (else None)."""
+    if not product.unsigned or x.size == 0 or int(x.min()) < 0:
+        return None
+    if x.dtype == np.int8:
+        return x.view(np.uint8)  # the same bits: non-negative int8 is its uint8
+    return x.astype(np.uint8) if x.dtype.kind in "iu" and int(x.max()) <= 127 else None
+
+
+def _operand(x: np.ndarray, prepared: _Weights) -> np.ndarray:
+    """The activation as the product takes it: uint8 for the integer GEMM, else in the matrix's type."""
+    unsigned = _unsigned(x, prepared.product)
+    return unsigned if unsigned is not None else x.astype(prepared.matrix.dtype)
 
 
 def _conv_matrix(w: np.ndarray, group: int) -> np.ndarray:

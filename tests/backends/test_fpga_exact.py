@@ -9,6 +9,7 @@ import onnx
 import pytest
 from onnx import helper
 
+from backends.fpga import gemm
 from backends.fpga.emulator import Emulator, requantize, shift_round
 from backends.fpga.exact import FLOAT32_EXACT, FLOAT64_EXACT, exact_type, requantize_exact, sum_bound
 from backends.fpga.mac_kernels import MacKernels, narrow_inputs
@@ -194,6 +195,43 @@ def test_conv_equals_a_direct_int64_convolution(group: int, stride: int, dilatio
 
     np.testing.assert_array_equal(values, direct_conv(x, w, group, stride, dilation, pads) + b.reshape(-1, 1, 1))
     assert frac_bits == 11
+
+
+def test_non_negative_activations_take_the_integer_gemm_exactly() -> None:
+    """After a ReLU the activations are 0..127: uint8 x int8 sums on ONNX Runtime's integer GEMM,
+    at the extremes that would saturate a narrower sum; a signed input to the same node goes
+    through float32, and both equal the direct convolution."""
+    rng = np.random.default_rng(21)
+    w = rng.integers(-128, 128, size=(16, 32, 3, 3), dtype=np.int8)
+    w[0], w[1] = -128, 127  # every product of a window at its extreme
+    b = rng.integers(-5000, 5000, size=(16,), dtype=np.int32)
+    node = helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv", pads=[1, 1, 1, 1])
+    mac, _ = kernels(profile_with())
+    relu_out = np.maximum(rng.integers(-128, 128, size=(4, 32, 6, 6)), 0).astype(np.int8)
+    relu_out[0] = 127
+    signed = rng.integers(-128, 128, size=(4, 32, 6, 6), dtype=np.int8)
+
+    for x in (relu_out, signed, relu_out):
+        values, _ = mac.conv(node, [(x, 5), (w, 7), (b, 12)])
+        np.testing.assert_array_equal(values, direct_conv(x, w, 1, 1, 1, [1, 1, 1, 1]) + b.reshape(-1, 1, 1))
+
+    assert mac._prepared["y"].product.unsigned == gemm.unsigned_products_exact()
+
+
+def test_the_integer_gemm_is_refused_where_it_is_not_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kernel that sums four u8 x s8 products in saturating int16 (as none should) fails the check."""
+
+    class QuadSaturating:
+        def __init__(self, weights: np.ndarray) -> None:
+            self.weights = weights.astype(np.int64)
+
+        def run(self, outputs: None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+            products = feeds["x"].astype(np.int64)[:, :, None] * self.weights[None]  # [M, K, N]
+            quads = products.reshape(len(products), -1, 4, products.shape[-1]).sum(axis=2)
+            return [np.clip(quads, -(1 << 15), (1 << 15) - 1).sum(axis=1).astype(np.int32)]
+
+    monkeypatch.setattr(gemm, "_session", lambda matrix, threads: QuadSaturating(matrix))
+    assert gemm.unsigned_products_exact.__wrapped__() is False
 
 
 def test_conv_past_the_float32_bound_is_exact() -> None:
