@@ -30,6 +30,7 @@ import numpy as np
 import onnxruntime as ort
 
 from pipeline.errors import JobError, StageError
+from pipeline.onnx_io import external_data_name
 from pipeline.quantization.judge import JUDGE_MARGIN, is_held_out
 from pipeline.quantization.mixed_precision import Candidate, Probe, SearchResult, rank_by_damage, search
 from pipeline.quantization.weight_only import WeightOnlyQuantizer, WeightOnlyResult, WeightOnlySettings
@@ -213,9 +214,10 @@ def rank_layers(
         raise StageError("quantize", "", "the damage ranking needs a judge and a scratch folder")
 
     def damage(node: str) -> float:
-        path = scratch / f"alone_{len(list(scratch.iterdir()))}.onnx"
-        quantizer.write(path, {node: width}, external_data_threshold_bytes)
-        return 1.0 - judge.figures(path, batches=1).cosine
+        path = quantizer.write(scratch / "alone.onnx", {node: width}, external_data_threshold_bytes).path
+        cosine = judge.figures(path, batches=1).cosine
+        discard(path)
+        return 1.0 - cosine
 
     return rank_by_damage(candidates, damage)
 
@@ -331,15 +333,21 @@ def _search(
     aim = mixed.policy.tightened()
 
     def evaluate(nodes: list[str]) -> tuple[bool, str]:
-        path = scratch / f"probe_{len(list(scratch.iterdir()))}.onnx"
-        quantizer.write(path, _plan(quantizer, nodes, mixed.fallback_bits), threshold)
+        path = quantizer.write(scratch / "probe.onnx", _plan(quantizer, nodes, mixed.fallback_bits), threshold).path
         figures = judge.figures(path)
+        discard(path)
         return figures.meets(aim), figures.summary()
 
     def rank() -> list[Candidate]:
         return rank_layers(quantizer, mixed.ranking, judge, scratch=scratch, external_data_threshold_bytes=threshold)
 
     return search(rank, evaluate, mixed.max_share)
+
+
+def discard(path: Path) -> None:
+    """Remove a scratch model and its external data (the search writes one model per probe)."""
+    for file in (path, path.parent / external_data_name(path)):
+        file.unlink(missing_ok=True)
 
 
 def _plan(quantizer: WeightOnlyQuantizer, wider: Iterable[str], fallback_bits: int) -> dict[str, int]:
