@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipeline.errors import StorageError
-from pipeline.records import RECORD_TYPES, AnyRecord, StageRecord
+from pipeline.records import AnyRecord, StageRecord, read_record
 
 _CHUNK = 1 << 20
 # mkstemp/mkdtemp create private (0600/0700) entries; published artifacts get the usual modes.
@@ -169,9 +169,9 @@ class Artifact(BaseModel):
     def _typed_record(cls, data: Any) -> Any:
         """A record read back from JSON (manifest, stage cache) becomes its stage's record type."""
         if isinstance(data, dict) and isinstance(data.get("metadata"), dict):
-            record_type = RECORD_TYPES.get(str(data.get("stage")))
-            if record_type is not None:
-                data = {**data, "metadata": record_type.model_validate(data["metadata"])}
+            record = read_record(str(data.get("stage")), data["metadata"])
+            if record is not None:
+                data = {**data, "metadata": record}
             elif not data["metadata"]:
                 data = {**data, "metadata": None}
         return data

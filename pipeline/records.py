@@ -10,7 +10,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipeline.distillation.summary import DistillationSummary
 from pipeline.job import Precision
@@ -141,6 +141,48 @@ class CalibrationRecord(StageRecord):
     dropped_samples: int = 0
 
 
+class WeightOnlyRecord(ModelRecord):
+    """How a language model's weights were quantized (weight-only: activations stay float).
+
+    Attributes:
+        format: ``MatMulNBits`` (ONNX Runtime's contrib op) or ``QDQ blocked`` (DequantizeLinear
+            with a block size, opset 21).
+        weight_bits: 4 or 8.
+        block_size: Input channels per scale.
+        symmetric: No zero points.
+        method: ``rtn``, ``gptq`` or ``hqq``.
+        quantized: Each quantized MatMul / Gather and its bits.
+        kept_float: Nodes left float, with why (the LM head unless asked, the job's exclusions, the
+            mixed-precision search's float fallbacks).
+        wider: Nodes the mixed-precision search moved to a wider precision, with why.
+        lm_head: The LM head's node (None: not found).
+        embeddings_quantized: The embedding tables quantized (Gather nodes).
+        policy_met: Whether the logit policy held on held-out calibration batches (None: no search).
+        judged: The held-out logit figures of the written model (None: no search).
+        bytes_before: Weight bytes of the float model.
+        bytes_after: Weight bytes of the quantized model.
+        seconds: Time the quantization took.
+    """
+
+    precision: ClassVar[Precision | None] = "int8"  # the quantized model's link is judged by parity.int8
+
+    format: Literal["MatMulNBits", "QDQ blocked"]
+    weight_bits: int
+    block_size: int
+    symmetric: bool
+    method: str
+    quantized: dict[str, int]
+    kept_float: dict[str, str] = Field(default_factory=dict)
+    wider: dict[str, str] = Field(default_factory=dict)
+    lm_head: str | None = None
+    embeddings_quantized: list[str] = Field(default_factory=list)
+    policy_met: bool | None = None
+    judged: str | None = None
+    bytes_before: int
+    bytes_after: int
+    seconds: float
+
+
 class ProbeRecord(StageRecord):
     """One candidate model of the mixed-precision search: how many ranked nodes were float (and
     activations int16, on targets that run them), the verdict."""
@@ -235,6 +277,7 @@ AnyRecord = (
     | SimplifyRecord
     | PruneRecord
     | QuantizeRecord
+    | WeightOnlyRecord
     | DistillRecord
     | HlsRecord
     | ValidateRecord
@@ -242,12 +285,27 @@ AnyRecord = (
 )
 
 # The record type of each stage's artifact, to read a manifest or a stage-cache entry back typed.
-RECORD_TYPES: dict[str, type[StageRecord]] = {
-    StageName.DISTILL: DistillRecord,
-    StageName.EXPORT: ExportRecord,
-    StageName.SIMPLIFY: SimplifyRecord,
-    StageName.PRUNE: PruneRecord,
-    StageName.QUANTIZE: QuantizeRecord,
-    StageName.HLS: HlsRecord,
-    StageName.VALIDATE: ValidateRecord,
+RECORD_TYPES: dict[str, tuple[type[StageRecord], ...]] = {
+    StageName.DISTILL: (DistillRecord,),
+    StageName.EXPORT: (ExportRecord,),
+    StageName.SIMPLIFY: (SimplifyRecord,),
+    StageName.PRUNE: (PruneRecord,),
+    # Static int8 (format "QDQ") or weight-only (format "MatMulNBits" / "QDQ blocked").
+    StageName.QUANTIZE: (QuantizeRecord, WeightOnlyRecord),
+    StageName.HLS: (HlsRecord,),
+    StageName.VALIDATE: (ValidateRecord,),
 }
+
+
+def read_record(stage: str, metadata: dict[str, object]) -> StageRecord | None:
+    """A record read back from JSON as its stage's record type (the first of them that takes it;
+    None: the stage has no record type)."""
+    types = RECORD_TYPES.get(stage.split(".")[0])
+    if not types:
+        return None
+    for record_type in types[:-1]:
+        try:
+            return record_type.model_validate(metadata)
+        except ValidationError:
+            continue
+    return types[-1].model_validate(metadata)

@@ -25,6 +25,7 @@ from pipeline.job.options import (
     SparsityOptions,
     StructuredPruning,
     TargetSpec,
+    WeightOnlyOptions,
 )
 from pipeline.job.policies import (
     POLICY_SECTIONS,
@@ -66,6 +67,7 @@ __all__ = [
     "PruneOptions",
     "PrunePolicy",
     "QuantizeOptions",
+    "WeightOnlyOptions",
     "Ratio",
     "SectionName",
     "SimplifyOptions",

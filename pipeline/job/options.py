@@ -46,6 +46,42 @@ class SimplifyOptions(Section):
     enabled: bool = True
 
 
+class WeightOnlyOptions(Section):
+    """Weight-only quantization of a language model's MatMul weights (activations stay float).
+
+    Attributes:
+        bits: 4 or 8.
+        block_size: Input channels sharing one scale (16, 32, 64, 128 or 256).
+        symmetric: No zero points (else one per block).
+        method: ``rtn`` (round to nearest), ``gptq`` (fits each layer to the calibration text's
+            activations) or ``hqq`` (half-quadratic, no data).
+        embeddings: Also quantize the embedding table (GatherBlockQuantized).
+        lm_head: Also quantize the LM head (the MatMul producing the logits).
+        format: ``matmulnbits`` (ONNX Runtime's MatMulNBits) or ``qdq`` (blocked DequantizeLinear,
+            for runtimes without the contrib op).
+        accuracy_level: MatMulNBits' compute type: 0 float, 4 int8 activations (about 2x the
+            decode speed of 0 on CPU, logit cosine 0.0002 lower; unset: 4 when every target is
+            the cpu, else 0).
+        fallback_bits: What mixed precision moves the most damaging MatMuls to when the int8
+            policy (``parity.int8``, on the logits) is missed: 8, or 0 for float.
+        max_kl: Mixed precision's second aim: the mean KL divergence (nats) of the next-token
+            distributions from the float model's on held-out calibration batches. Greedy
+            generation flips on small logit changes that cosine does not see (tinylm in int4:
+            logit cosine 0.9999, KL 4e-4, 83% of greedy tokens agree; int8: KL 5e-6, 98%).
+    """
+
+    bits: Literal[4, 8] = 4
+    block_size: Literal[16, 32, 64, 128, 256] = 32
+    symmetric: bool = False
+    method: Literal["rtn", "gptq", "hqq"] = "rtn"
+    embeddings: bool = False
+    lm_head: bool = False
+    format: Literal["matmulnbits", "qdq"] = "matmulnbits"
+    accuracy_level: int | None = Field(default=None, ge=0, le=4)
+    fallback_bits: Literal[0, 8] = 8
+    max_kl: float | None = Field(default=None, gt=0)
+
+
 class QuantizeOptions(Section):
     """Options of the static int8 quantization stage (QDQ format).
 
@@ -80,6 +116,8 @@ class QuantizeOptions(Section):
             unset: every recipe the target's kernels run.
         require_speedup: Fail the job when a target's shipped int8 model is not faster than
             its float model (by the speed guard's interval); unset: the report says so.
+        weight_only: Quantize the weights only (a language model: ``model.task = "causal-lm"``),
+            block-wise to 4 or 8 bits, instead of static int8.
     """
 
     enabled: bool = True
@@ -100,6 +138,7 @@ class QuantizeOptions(Section):
     search_budget_s: float = Field(default=DEFAULT_SEARCH_BUDGET_S, gt=0)
     recipes: list[Literal["static", "float_to_dynamic", "dynamic", "static_int8_activations"]] | None = None
     require_speedup: bool = False
+    weight_only: WeightOnlyOptions | None = None
 
 
 Ratio = Annotated[float, Field(ge=0, lt=1)]

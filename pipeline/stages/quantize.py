@@ -34,10 +34,11 @@ from pipeline.quantization.targets import (
     shared_precisions,
     target_groups,
 )
+from pipeline.quantization.weight_only_stage import quantize_weights, weight_only_file
 from pipeline.quantization.wide import describe_int16, int16_candidates
 from pipeline.records import QuantizeRecord, StageName
 from pipeline.stage_cache import content_key
-from pipeline.stages.base import Branch, PreparedInputs, StageContext
+from pipeline.stages.base import TRUNK, Branch, PreparedInputs, StageContext
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +65,10 @@ class QuantizeStage:
             resolve_activation_type(job, [target])
 
     def branches(self, ctx: StageContext) -> list[Branch]:
-        """One int8 model per group of targets whose constraints agree (one for all when they do)."""
+        """One int8 model per group of targets whose constraints agree (one for all when they do);
+        weight-only quantization writes one model for every target."""
+        if ctx.job.quantize.weight_only is not None:
+            return [TRUNK]
         return target_groups(ctx.job, ctx.targets)
 
     def key(self, ctx: StageContext) -> str | None:
@@ -93,10 +97,14 @@ class QuantizeStage:
         """Calibrate on most of the calibration data, search the branch's candidates (judged on the
         rest, timed on its targets), write the one shipped (``model.int8.onnx``, or
         ``model.int8.<targets>.onnx`` when targets need different ones)."""
-        assert ctx.calibration is not None
         job = ctx.job
         parent = ctx.current_model()
         source = ctx.workdir / parent.path
+        if job.quantize.weight_only is not None:
+            target = ctx.workdir / weight_only_file(job.quantize.weight_only)
+            weights = quantize_weights(job, source, target, ctx.calibration)
+            return model_artifact(self.name, target, parent, weights)
+        assert ctx.calibration is not None
         targets = branch_targets(ctx.targets, ctx.branch)
         settings, reduce_range_reason = quantization_settings(job, targets)
         calibrated = self._calibrate(ctx, source, parent.sha256)
