@@ -14,16 +14,13 @@ zero is implied, ``2**(bits - 1)`` (8 for int4, 128 for int8), as ``MatMulNBits`
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
 
 import ml_dtypes
 import numpy as np
-from onnxruntime.quantization.matmul_nbits_quantizer import (
-    DefaultWeightOnlyQuantConfig,
-    DefaultWeightOnlyQuantizer,
-    HQQWeightOnlyQuantConfig,
-    HQQWeightOnlyQuantizer,
-)
 
 # MLAS's block quantizer takes powers of two from 16 (measured on ORT 1.32: 24 raises in
 # MlasQuantizeBlockwise); MatMulNBits' kernels are built for these.
@@ -87,8 +84,23 @@ class BlockCodes:
         return int(code_bytes + self.scales.nbytes + zero_bytes)
 
 
-def _config(bits: int, block_size: int, symmetric: bool) -> DefaultWeightOnlyQuantConfig:
-    return DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=symmetric, bits=bits)
+def _ort_quantizers() -> ModuleType:
+    """ONNX Runtime's ``matmul_nbits_quantizer``, imported without its side effect: importing it
+    calls ``logging.basicConfig(level=INFO)``, which would print every INFO record of the process
+    (onnxforge's API prints nothing unless asked)."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        from onnxruntime.quantization import matmul_nbits_quantizer
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    return matmul_nbits_quantizer
+
+
+def _config(bits: int, block_size: int, symmetric: bool) -> Any:
+    module = _ort_quantizers()
+    return module.DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=symmetric, bits=bits)
 
 
 def rtn_codes(weight: np.ndarray, bits: int, block_size: int, symmetric: bool) -> BlockCodes:
@@ -98,7 +110,7 @@ def rtn_codes(weight: np.ndarray, bits: int, block_size: int, symmetric: bool) -
     writes: it is the same call (`DefaultWeightOnlyQuantizer.qbits_block_quant`), one weight at
     a time.
     """
-    quantizer = DefaultWeightOnlyQuantizer(_config(bits, block_size, symmetric))
+    quantizer = _ort_quantizers().DefaultWeightOnlyQuantizer(_config(bits, block_size, symmetric))
     packed, scales, zero_points = quantizer.qbits_block_quant(np.ascontiguousarray(weight))
     rows = weight.shape[0]
     return from_matmul_nbits(packed, scales, None if symmetric else zero_points, bits, block_size, rows)
@@ -111,7 +123,8 @@ def hqq_codes(weight: np.ndarray, bits: int, block_size: int) -> BlockCodes:
     """
     import torch
 
-    quantizer = HQQWeightOnlyQuantizer(HQQWeightOnlyQuantConfig(block_size=block_size, bits=bits))
+    module = _ort_quantizers()
+    quantizer = module.HQQWeightOnlyQuantizer(module.HQQWeightOnlyQuantConfig(block_size=block_size, bits=bits))
     tensor = torch.from_numpy(np.array(weight, dtype=np.float32).T.copy())
     codes, scales, zeros = quantizer.quantize_internal(tensor, bits=bits, group_size=block_size)
     rows = weight.shape[0]
