@@ -243,6 +243,7 @@ def test_differences_are_explained_by_saturated_accumulators_or_called_a_bug() -
     assert "3 values differ (by up to 2 steps)" in unexplained and "bug" in unexplained
 
 
+@pytest.mark.slow
 @needs_toolchain
 def test_a_small_cnns_c_simulation_matches_the_emulator_bit_for_bit(tmp_path: Path) -> None:
     path = tmp_path / "tiny.onnx"

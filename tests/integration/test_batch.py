@@ -50,6 +50,7 @@ def batch_manifest(tmp_path: Path, digits_job: dict[str, Any]) -> Path:
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "executor",
     [
@@ -88,6 +89,7 @@ def test_bad_jobs_are_isolated_and_reported(batch_manifest: Path, tmp_path: Path
     assert "summary.json" in result.stdout
 
 
+@pytest.mark.slow
 def test_convert_many_never_raises_for_a_bad_job(tmp_path: Path) -> None:
     good = pipeline.load_job(DIGITS_DIR / "job.toml", output_dir=str(tmp_path / "good"))
     bad = good.model_copy(

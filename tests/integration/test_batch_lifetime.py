@@ -142,6 +142,7 @@ def env(tmp_path: Path) -> dict[str, str]:
     return {**os.environ, "ONNXFORGE_CACHE_DIR": str(tmp_path / "cache"), "TMPDIR": str(tmp_path / "tmp")}
 
 
+@pytest.mark.slow
 def test_a_killed_batch_leaves_no_process_and_its_scratch_goes_on_the_next_run(
     tmp_path: Path, digits_job: dict[str, Any], env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

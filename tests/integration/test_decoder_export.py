@@ -100,7 +100,8 @@ def build(family: str) -> PreTrainedModel:
 
 @pytest.fixture(
     scope="module",
-    params=["llama", pytest.param("gpt2", marks=pytest.mark.slow), pytest.param("qwen2", marks=pytest.mark.slow)],
+    # Each export traces for 15-35 s: the default run keeps the refusals, --run-slow the exports.
+    params=[pytest.param(family, marks=pytest.mark.slow) for family in ("llama", "gpt2", "qwen2")],
 )
 def exported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Exported:
     family = request.param

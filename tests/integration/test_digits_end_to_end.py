@@ -93,6 +93,7 @@ def test_export_parity_is_tight(digits_result: pipeline.ConversionResult) -> Non
     assert logits.metrics.samples == 360
 
 
+@pytest.mark.slow
 def test_rerun_replaces_output_atomically(tmp_path: Path) -> None:
     out = tmp_path / "out"
     # The static recipe only: which recipe ships may follow timing; each recipe's model is deterministic.
@@ -103,6 +104,7 @@ def test_rerun_replaces_output_atomically(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+@pytest.mark.slow
 def test_job_built_in_python(tmp_path: Path) -> None:
     job = pipeline.ConversionJob(
         name="digits_py",

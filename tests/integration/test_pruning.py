@@ -113,6 +113,7 @@ def test_an_onnx_file_is_pruned_too(pruned: pipeline.ConversionResult, digits_jo
     assert result.report.pruning.parameters[1] < result.report.pruning.parameters[0]
 
 
+@pytest.mark.slow
 def test_cli_prune_flag(digits_job: Raw, write_job, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     digits_job["quantize"] = {"enabled": False}
     job_file = write_job(digits_job)

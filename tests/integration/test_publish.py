@@ -157,7 +157,8 @@ def _rerun_succeeds(job_file: Path) -> str:
     return err
 
 
-@pytest.mark.parametrize("mode", ["two-step", pytest.param("default", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["two-step", "default"])
 def test_a_kill_between_the_renames_is_restored_by_the_next_run(job_file: Path, mode: str) -> None:
     """Defect 4a: killed after the old output was moved aside, before the new one moved in."""
     out = job_file.parent / "out"
@@ -174,6 +175,7 @@ def test_a_kill_between_the_renames_is_restored_by_the_next_run(job_file: Path, 
         assert "took over the lock" in err and "restored" in err, err[-3000:]
 
 
+@pytest.mark.slow
 def test_a_second_run_on_the_same_folder_is_refused_while_the_first_publishes(job_file: Path) -> None:
     """Defect 4b: a second run mid-publish of the first is refused (exit 2, naming it); the first succeeds."""
     out = job_file.parent / "out"

@@ -44,6 +44,7 @@ def assert_published(folder: Path) -> None:
     assert json.loads((folder / "report.json").read_text())["verdict"] == "pass"
 
 
+@pytest.mark.slow
 def test_readme_converts_own_model(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import onnxruntime
+import pytest
 from typer.testing import CliRunner, Result
 
 from pipeline.cli import _QUIET_LOGGERS, app
@@ -170,6 +171,7 @@ def test_successful_conversion_exits_0_and_leaves_a_clean_folder(
     assert manifest["verdict"] == "pass"
 
 
+@pytest.mark.slow
 def test_convert_distils_and_prints_teacher_vs_student(write_job: WriteJob, tmp_path: Path) -> None:
     raw = sample_job(DIGITS_DIR, "job_distilled.toml")
     raw["targets"] = [{"backend": "cpu"}]

@@ -101,7 +101,7 @@ def _placeholder_model(tmp_path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("cell", ["gru", "lstm"])
+@pytest.mark.parametrize("cell", ["gru", pytest.param("lstm", marks=pytest.mark.slow)])
 def test_a_torch_rnn_export_keeps_no_node_on_constants_and_still_matches(tmp_path: Path, cell: str) -> None:
     torch.manual_seed(0)
     net = _RowRnn(cell).eval()
