@@ -32,6 +32,9 @@ _MAX_FLOAT_SHIFT = 64
 _SMALL_INTEGER_BYTES = 2
 """Integer tensors this narrow (int8, int16) are exact in float32 whatever their values."""
 
+_SLICE_ELEMENTS = 1 << 16
+"""Elements requantized at a time: a float32 slice and its temporaries stay in a core's L2 cache."""
+
 _NARROW_SHIFT_MAX = 14
 """Right shifts of int8 / int16 up to this run in int16 / int32: the rounding offset 2**(shift - 1)
 added to the value stays within the wider type."""
@@ -77,37 +80,55 @@ def requantize_exact(values: np.ndarray, shift: int, rounding: Rounding) -> np.n
     be exact (a shift beyond `_MAX_FLOAT_SHIFT`, or wide integers: the caller shifts integers then).
 
     The memory order of `values` is kept (a transposed view stays one), so a channels-last result
-    seen as channels-first stays cheap to read channels-last.
+    seen as channels-first stays cheap to read channels-last. Large tensors go in slices along
+    the first axis: each pass then runs in cache, and the temporaries stay small (ones as large as
+    the tensor were fresh memory each run: page faults, 15 MiB a run on the digits CNN).
     """
     if abs(shift) > _MAX_FLOAT_SHIFT:
         return None
     if values.dtype.kind in "iu":
         if values.dtype.itemsize > _SMALL_INTEGER_BYTES:
             return None
-        if 0 < shift <= _NARROW_SHIFT_MAX:
-            return _shift_narrow(values, shift, rounding)
-        values = values.astype(np.float32)
-    elif values.dtype.kind != "f":
+        narrow = 0 < shift <= _NARROW_SHIFT_MAX
+    elif values.dtype.kind == "f":
+        narrow = False
+    else:
         return None
+    shape = values.shape
+    values = values.reshape(1) if values.ndim == 0 else values
+    result = np.empty_like(values, dtype=np.int8)  # the same memory order
+    step = max(1, _SLICE_ELEMENTS // max(1, values[0].size))
+    for start in range(0, len(values), step):
+        part, out = values[start : start + step], result[start : start + step]
+        if narrow:
+            _shift_narrow(part, shift, rounding, out)
+        else:
+            _round_float(part if part.dtype.kind == "f" else part.astype(np.float32), shift, rounding, out)
+    return result.reshape(shape)
+
+
+def _round_float(values: np.ndarray, shift: int, rounding: Rounding, out: np.ndarray) -> None:
+    """Exact float integers times 2**-shift, rounded and saturated into `out` (int8, the same shape)."""
     # A power-of-two factor only moves the exponent: exact (within the shift limit, no underflow).
     scaled = np.multiply(values, values.dtype.type(2.0**-shift))
     if rounding == "floor":
         np.floor(scaled, out=scaled)
     elif rounding == "half_even":
         np.rint(scaled, out=scaled)  # rint rounds half to even
-    else:
-        rounded = np.rint(scaled)
-        # A tie rounded down (to the even neighbour below) goes up. rounded - scaled is exact
-        # (Sterbenz: the two are within a factor 2 of each other, or rounded is 0).
-        rounded += (rounded - scaled) == -0.5
-        scaled = rounded
+    else:  # floor(v) + (v - floor(v) >= 1/2)
+        floored = np.floor(scaled)
+        # v - floor(v) is exact for |v| >= 1 (Sterbenz) and for 0 <= v < 1 (v itself); for
+        # -1 <= v < 0 it is 1 + v, exact below 1/2 and rounded only above it: the comparison holds.
+        np.subtract(scaled, floored, out=scaled)
+        np.greater_equal(scaled, 0.5, out=scaled)
+        scaled += floored
     np.clip(scaled, -128, 127, out=scaled)
-    return scaled.astype(np.int8)
+    np.copyto(out, scaled, casting="unsafe")
 
 
-def _shift_narrow(values: np.ndarray, shift: int, rounding: Rounding) -> np.ndarray:
+def _shift_narrow(values: np.ndarray, shift: int, rounding: Rounding, out: np.ndarray) -> None:
     """int8 / int16 `values` shifted right by 0 < `shift` <= 14 in the next wider integer type,
-    rounded as `rounding` says, saturated to int8 (fewer bytes than float32 or int64 moved)."""
+    rounded as `rounding` says, saturated into `out` (int8; fewer bytes moved than float32 or int64)."""
     wide: np.ndarray = values.astype(np.int16 if values.dtype.itemsize == 1 else np.int32)
     if rounding == "half_up":
         np.add(wide, 1 << (shift - 1), out=wide)
@@ -119,4 +140,4 @@ def _shift_narrow(values: np.ndarray, shift: int, rounding: Rounding) -> np.ndar
         np.add(wide, odd, out=wide)
     np.right_shift(wide, shift, out=wide)
     np.clip(wide, -128, 127, out=wide)
-    return wide.astype(np.int8)
+    np.copyto(out, wide, casting="unsafe")
