@@ -61,6 +61,7 @@ def test_exported_program_file(digits_job: dict[str, Any], write_job, digits_pt2
     assert "model_exported_program" in json.loads(result.manifest_path.read_text())["input_hashes"]
 
 
+@pytest.mark.slow
 def test_onnx_file_skips_export_and_runs_the_rest(digits_job: dict[str, Any], write_job, tmp_path: Path) -> None:
     first = pipeline.convert(write_job(digits_job, name="first.toml"))
     digits_job["model"] = {"onnx": str(first.path("export")), "task": "classification"}

@@ -16,6 +16,7 @@ def _counting(events: list[pipeline.StageEvent]) -> Counter[tuple[str, str]]:
     return Counter((event.stage, event.status) for event in events)
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_with_byte_identical_artifacts(
     digits_job: dict[str, Any], write_job, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
