@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from backends.fpga.mac_kernels import narrow_inputs
 from backends.fpga.profile import FpgaProfile, Rounding
 
 Wide = tuple[np.ndarray, int]  # an exact int64 result and its fraction bits
@@ -63,11 +64,13 @@ class TransformerUnits:
         (a, fa), (b, fb) = _present(inputs[0]), _present(inputs[1])
         return a * b, fa + fb
 
+    @narrow_inputs  # layouts move values, no arithmetic: the stored int8 / int16 serve
     def _transpose(self, node: onnx.NodeProto, inputs: list[Wide | None]) -> Wide:
         x, frac = _present(inputs[0])
         perm = _attributes(node).get("perm")
         return np.transpose(x, perm if perm else None), frac
 
+    @narrow_inputs
     def _reshape(self, node: onnx.NodeProto, inputs: list[Wide | None]) -> Wide:
         x, frac = _present(inputs[0])
         shape_input = inputs[1] if len(inputs) > 1 else None
