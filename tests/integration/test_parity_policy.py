@@ -46,6 +46,7 @@ def test_p99_is_a_tight_upper_bound() -> None:
     assert metrics.error_histogram is not None and sum(metrics.error_histogram.counts) == error.size
 
 
+@pytest.mark.slow
 def test_every_listed_shape_is_checked_along_the_whole_chain(digits_job: Raw, write_job) -> None:  # type: ignore[no-untyped-def]
     digits_job["export"] = {"check_shapes": [{"batch": 1}, {"batch": 7}]}
     result = pipeline.convert(write_job(digits_job))

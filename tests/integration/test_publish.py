@@ -226,6 +226,7 @@ def test_a_run_killed_at_a_step_leaves_a_complete_output(job_file: Path, mode: s
     assert "took over the lock" in err, err[-3000:]
 
 
+@pytest.mark.slow
 def test_leftovers_of_a_killed_run_are_removed_without_a_rerun(job_file: Path) -> None:
     """What a batch does after killing a job: the old output is back in place at once."""
     out = job_file.parent / "out"
