@@ -95,5 +95,5 @@ def without_padding(feeds: dict[str, np.ndarray], names: list[str], values: list
             value = np.where(mask[:, -value.shape[1] :, None], value, 0)
         elif name.startswith("present.") and value.ndim == 4:
             value = np.where(mask[:, None, -value.shape[2] :, None], value, 0)
-        cleaned.append(value.astype(values[0].dtype, copy=False) if value.dtype != values[0].dtype else value)
+        cleaned.append(value)
     return cleaned

@@ -169,8 +169,8 @@ def fallback_failures(placement: PlacementReport, limits: PlacementLimits) -> li
 def share_note(placement: PlacementReport, limits: PlacementLimits) -> str:
     """What to say beside the verdict when little of the model runs on the target's accelerator
     ("" when the share is at or above the target's `min_accelerator_share`, or it has none)."""
-    found = placement.accelerator_share()
-    if found is None or found[0] >= limits.min_accelerator_share:
+    found = _low_share(placement, limits)
+    if found is None:
         return ""
     share, basis = found
     ran = f"nothing of {placement.model} runs" if share == 0 else f"{share:.0%} of the {basis} of {placement.model} run"
@@ -180,11 +180,17 @@ def share_note(placement: PlacementReport, limits: PlacementLimits) -> str:
 def short_share_note(placement: PlacementReport, limits: PlacementLimits) -> str:
     """The verdict's aside: "all on CPU fallback", or "12% of MACs on the accelerator" ("" when
     the share meets the target's `min_accelerator_share` or the target has no accelerator)."""
-    found = placement.accelerator_share()
-    if found is None or found[0] >= limits.min_accelerator_share:
+    found = _low_share(placement, limits)
+    if found is None:
         return ""
     share, basis = found
     return "all on CPU fallback" if share == 0 else f"{share:.0%} of {basis} on the accelerator"
+
+
+def _low_share(placement: PlacementReport, limits: PlacementLimits) -> tuple[float, str] | None:
+    """The target's accelerator share and its basis when below `min_accelerator_share` (else None)."""
+    found = placement.accelerator_share()
+    return found if found is not None and found[0] < limits.min_accelerator_share else None
 
 
 def render_placement(placement: PlacementReport, rows: int = 20) -> list[str]:

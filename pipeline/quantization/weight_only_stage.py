@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Literal
 
 from pipeline.errors import JobError
 from pipeline.feeds import FeedSource
@@ -22,7 +23,7 @@ from pipeline.records import WeightOnlyRecord
 
 logger = logging.getLogger(__name__)
 
-_FORMATS = {"matmulnbits": "MatMulNBits", "qdq": "QDQ blocked"}
+_FORMATS: dict[str, Literal["MatMulNBits", "QDQ blocked"]] = {"matmulnbits": "MatMulNBits", "qdq": "QDQ blocked"}
 
 
 def weight_only_file(options: WeightOnlyOptions) -> str:
@@ -64,7 +65,7 @@ def quantize_weights(
     keep = set(job.quantize.exclude_nodes)
     threshold = job.export.external_data_threshold_bytes
     policy = job.parity.int8
-    aims = has_checks(policy) and policy.min_cosine is not None or options.max_kl is not None
+    aims = (has_checks(policy) and policy.min_cosine is not None) or options.max_kl is not None
     if job.quantize.mixed_precision and aims:
         if not feeds:
             raise JobError(
@@ -88,7 +89,7 @@ def _record(
     if mixed is not None and mixed.fallback_bits == 0:
         kept.update(mixed.wider)
     return WeightOnlyRecord(
-        format=_FORMATS[options.format],  # type: ignore[arg-type]
+        format=_FORMATS[options.format],
         weight_bits=options.bits,
         block_size=options.block_size,
         symmetric=options.symmetric,
