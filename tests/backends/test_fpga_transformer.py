@@ -48,9 +48,15 @@ def attention_block(path: Path) -> Path:
     context = build.quantize(build.op("MatMul", [probs, value], "context"), 4)
     build.nodes.append(helper.make_node("Gelu", [context], ["gelu"], name="gelu_node", domain="com.microsoft"))
     output = build.quantize("gelu", 4)
+    return save_with_contrib_ops(build, path, output)
+
+
+def save_with_contrib_ops(build: QdqBuilder, path: Path, output: str) -> Path:
+    """The graph with input x [batch, sequence, HIDDEN], ONNX Runtime's com.microsoft ops allowed
+    (Gelu, 16-bit Q / DQ): QdqBuilder.save imports the default domain only."""
     graph = helper.make_graph(
         build.nodes,
-        "attention",
+        path.stem,
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "sequence", HIDDEN])],
         [helper.make_tensor_value_info(output, TensorProto.FLOAT, None)],
         initializer=build.initializers,
@@ -169,16 +175,7 @@ def test_int16_activations_and_per_channel_weights_match_cpu_qdq(tmp_path: Path)
     product = _int16_qdq(build, build.op("MatMul", [wide, "w_d"], "mm"), 9)
     build.nodes.append(helper.make_node("Gelu", [product], ["gelu"], name="gelu_node", domain="com.microsoft"))
     output = build.quantize("gelu", 3)
-    graph = helper.make_graph(
-        build.nodes,
-        "a16w8",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "sequence", HIDDEN])],
-        [helper.make_tensor_value_info(output, TensorProto.FLOAT, None)],
-        initializer=build.initializers,
-    )
-    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
-    model = tmp_path / "a16w8.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=opsets, ir_version=9), model)
+    model = save_with_contrib_ops(build, tmp_path / "a16w8.onnx", output)
     data = feeds()
 
     placement = FpgaBackend().placement(model, NPU)
