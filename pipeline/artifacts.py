@@ -197,12 +197,22 @@ class Artifact(BaseModel):
 
 
 class StageRun(BaseModel):
-    """What the manifest records of one stage run."""
+    """What the manifest records of one stage run.
+
+    Attributes:
+        name: The stage (with its branch, for a branching stage).
+        seconds: Wall-clock seconds (0 when skipped or restored).
+        artifact: What it wrote; None when skipped.
+        restored: Whether the artifact came from the stage cache.
+        peak_rss_bytes: The process's peak resident memory during the stage (None when the host
+            cannot tell, or the stage did not run).
+    """
 
     name: str
     seconds: float
     artifact: Artifact | None = None
     restored: bool = False
+    peak_rss_bytes: int | None = None
 
 
 class Manifest(BaseModel):

@@ -52,11 +52,14 @@ class SourceModel:
     onnx_intake: IntakeResult | None = None
 
 
-def load_model(job: ConversionJob) -> SourceModel:
+def load_model(job: ConversionJob, check_inputs: bool = True) -> SourceModel:
     """Load the job's model source.
 
     Args:
         job: The conversion job.
+        check_inputs: Check that a module's forward takes the job's inputs (off when building a
+            model again after preflight checked it: a causal LM's job then lists its decoder's
+            inputs, cache included, not the forward's).
 
     Returns:
         The loaded model, in eval mode where it is a module.
@@ -74,7 +77,8 @@ def load_model(job: ConversionJob) -> SourceModel:
     module = _build_from_factory(job)
     if source.weights is not None:
         _apply_weights(job, module, source.weights)
-    check_forward_arity(module, job)
+    if check_inputs:
+        check_forward_arity(module, job)
     return SourceModel(module=module.eval())
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import gc
 import os
 import sys
 from pathlib import Path
@@ -51,3 +52,38 @@ def linux_libc_function(name: str, argtypes: list[Any], restype: Any) -> Any | N
     function.argtypes = argtypes
     function.restype = restype
     return function
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's peak resident set size (``VmHWM``) to its current one, so the next
+    `peak_rss_bytes` is the peak since now; False where the kernel does not offer it (Linux < 4.0,
+    no /proc, or writes refused)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def peak_rss_bytes() -> int | None:
+    """This process's peak resident set size in bytes (``VmHWM``: anonymous and file-backed pages,
+    memory-mapped weights included, since the start or the last `reset_peak_rss`); None without
+    /proc."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
+def release_freed_memory() -> None:
+    """Collect unreachable Python objects and hand the C heap's free pages back to the system
+    (glibc's ``malloc_trim``): between stages, so that what one stage freed (a model's weights,
+    a session's buffers) is not counted in the next one's resident memory, nor kept from it."""
+    gc.collect()
+    trim = linux_libc_function("malloc_trim", [ctypes.c_size_t], ctypes.c_int)
+    if trim is not None:
+        trim(0)

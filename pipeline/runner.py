@@ -28,6 +28,7 @@ from pipeline.job import ConversionJob, DataSource
 from pipeline.llm.job import decoder_job, decoder_signature, is_causal_lm, prepare_decoder_data
 from pipeline.model_source import load_model
 from pipeline.parity.report import ParityReport
+from pipeline.processes import peak_rss_bytes, release_freed_memory, reset_peak_rss
 from pipeline.publish import MANIFEST, Publication
 from pipeline.records import ExportRecord, ValidateRecord
 from pipeline.result import ConversionResult
@@ -99,6 +100,7 @@ def run_job(
     staging = publication.staging
     try:
         ctx = StageContext.prepared(job, staging, checked)
+        del checked  # the context holds the model now, and may release it (`release_source_module`)
         _run_stages(ctx, notify, cache)
         runs = ctx.stage_runs
         report_artifact = _report_artifact(ctx)
@@ -216,6 +218,8 @@ def _run_stage(stage: Stage, ctx: StageContext, notify: ProgressCallback, cache:
     ctx.progress = lambda done, total, detail: notify(
         StageEvent(ctx.job.name, name, "progress", done=done, total=total, detail=detail)
     )
+    release_freed_memory()  # what earlier stages freed is not this stage's
+    measuring_memory = reset_peak_rss()  # the peak from here on is this stage's
     start = time.perf_counter()
     try:
         artifact = stage.run(ctx)
@@ -224,12 +228,13 @@ def _run_stage(stage: Stage, ctx: StageContext, notify: ProgressCallback, cache:
     except Exception as e:  # anything unexpected becomes a StageError naming the stage
         raise StageError(stage.name, ctx.job.name, f"{type(e).__name__}: {e}") from e
     seconds = time.perf_counter() - start
+    peak = peak_rss_bytes() if measuring_memory else None
     ctx.artifacts[name] = artifact
     if cache is not None and key is not None:
         cache.store(key, artifact, ctx.workdir)
     notify(StageEvent(ctx.job.name, name, "finished", seconds))
     logger.info("job %s: %s done in %.2fs", ctx.job.name, name, seconds)
-    return StageRun(name=name, seconds=round(seconds, 4), artifact=artifact)
+    return StageRun(name=name, seconds=round(seconds, 4), artifact=artifact, peak_rss_bytes=peak)
 
 
 def _report_artifact(ctx: StageContext) -> Artifact:

@@ -10,6 +10,7 @@ export; padded positions hold values no real token reads and are not compared.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,24 +32,41 @@ DEFAULT_PARITY_SIZES: tuple[tuple[int, int, int], ...] = ((1, 1, 0), (2, 7, 0), 
 _STAGE = "export"
 
 
+@dataclass(frozen=True)
+class ReferenceStep:
+    """One parity size as PyTorch ran it: the step's feeds (after a random prefix), the whole
+    attention mask and PyTorch's outputs by name."""
+
+    size: tuple[int, int, int]
+    feeds: dict[str, np.ndarray]
+    mask: np.ndarray
+    outputs: dict[str, np.ndarray]
+
+
+def decoder_references(
+    model: torch.nn.Module, signature: DecoderSignature, sizes: list[tuple[int, int, int]], seed: int = 0
+) -> list[ReferenceStep]:
+    """PyTorch's outputs at each (batch, sequence, past) size, on random tokens: all of PyTorch's
+    part of the check, so that its model can be released before ONNX Runtime loads the export."""
+    wrapper = DecoderWithCache(model, signature).eval()
+    rng = np.random.default_rng(seed)
+    steps = []
+    for size in sizes:
+        feeds, mask = step_feeds(wrapper, size, rng)
+        steps.append(ReferenceStep(size=size, feeds=feeds, mask=mask, outputs=wrapper.run(feeds)))
+    return steps
+
+
 def check_decoder_parity(
-    model: torch.nn.Module,
-    onnx_path: Path,
-    signature: DecoderSignature,
-    sizes: list[tuple[int, int, int]],
-    *,
-    job: str,
-    seed: int = 0,
+    references: list[ReferenceStep], onnx_path: Path, signature: DecoderSignature, *, job: str
 ) -> list[SizeParity]:
-    """Run the exported decoder and PyTorch on the same steps and compare every output.
+    """Run the exported decoder on PyTorch's steps (`decoder_references`) and compare every output.
 
     Args:
-        model: The causal LM the file was exported from.
+        references: PyTorch's steps.
         onnx_path: The exported .onnx file.
         signature: Its signature.
-        sizes: (batch, sequence, past) of each step to check.
         job: The job's name, for errors.
-        seed: Seed of the random tokens.
 
     Returns:
         One record per size, in order (judge them with `SizeParity.passed`).
@@ -56,15 +74,14 @@ def check_decoder_parity(
     Raises:
         StageError: ONNX Runtime cannot load or run the file at a size.
     """
-    wrapper = DecoderWithCache(model, signature).eval()
     try:
         session = ort.InferenceSession(str(onnx_path), session_options(), providers=["CPUExecutionProvider"])
     except Exception as e:  # ONNX Runtime's errors have no common type
         raise StageError(_STAGE, job, f"ONNX Runtime cannot load the decoder: {first_line(e)}") from e
-    rng = np.random.default_rng(seed)
     results = []
-    for batch, sequence, past in sizes:
-        result = _size_parity(wrapper, session, (batch, sequence, past), rng, job)
+    for step in references:
+        result = _size_parity(step, session, signature, job)
+        batch, sequence, past = step.size
         logger.info(
             "decoder parity at batch %d, sequence %d, past %d: max |error| %.3g, min cosine %.6f",
             batch,
@@ -102,18 +119,12 @@ def step_feeds(
 
 
 def _size_parity(
-    wrapper: DecoderWithCache,
-    session: ort.InferenceSession,
-    size: tuple[int, int, int],
-    rng: np.random.Generator,
-    job: str,
+    step: ReferenceStep, session: ort.InferenceSession, signature: DecoderSignature, job: str
 ) -> SizeParity:
-    batch, sequence, past = size
-    signature = wrapper.signature
-    feeds, mask = step_feeds(wrapper, size, rng)
-    reference = wrapper.run(feeds)
+    batch, sequence, past = step.size
+    reference, mask = step.outputs, step.mask
     try:
-        produced = dict(zip(signature.output_names(), session.run(None, feeds), strict=True))
+        produced = dict(zip(signature.output_names(), session.run(None, step.feeds), strict=True))
     except Exception as e:  # ONNX Runtime's errors have no common type
         raise StageError(
             _STAGE,

@@ -4,6 +4,7 @@ signature as the ONNX graph, and generation parity of every model on every targe
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 
@@ -13,8 +14,16 @@ from pipeline.feeds import FeedSource
 from pipeline.job import ConversionJob
 from pipeline.llm.generate import GenerationError, OnnxDecoder, TorchDecoder
 from pipeline.llm.signature import DecoderSignature
-from pipeline.parity.generation import GenerationParity
-from pipeline.parity.generation_run import GenerationCandidate, cut_prompts, run_generation_parity, token_rows
+from pipeline.parity.generation import GenerationParity, ModelGeneration
+from pipeline.parity.generation_run import (
+    GenerationCandidate,
+    ReferenceGeneration,
+    candidate_parity,
+    cut_prompts,
+    generation_parity_of,
+    reference_generation,
+    token_rows,
+)
 from pipeline.records import ModelRecord, StageName
 
 
@@ -47,22 +56,59 @@ def generation_parity(
         StageError: A model's outputs do not fit the decoder signature, or decoding failed.
         JobError: The evaluation data has no row long enough for a prompt.
     """
-    signature = DecoderSignature.from_config(model.config)
+    reference = pytorch_generation(job, model, evaluation)
+    found = [candidate_generation_of(job, reference, key, session, precisions) for key, session in sessions.items()]
+    return generation_parity_of(reference.generation, found)
+
+
+@dataclass(frozen=True)
+class DecoderReference:
+    """PyTorch's generation figures, and the decoder signature the ONNX models are driven by."""
+
+    generation: ReferenceGeneration
+    signature: DecoderSignature
+
+
+def pytorch_generation(job: ConversionJob, model: torch.nn.Module, evaluation: FeedSource) -> DecoderReference:
+    """PyTorch's part of generation parity (run it before any ONNX model, alone if need be).
+
+    Raises:
+        JobError: The evaluation data has no row long enough for a prompt.
+        StageError: Decoding failed.
+    """
     policy = job.parity.generation
     rows = token_rows(batch.feeds for batch in evaluation)
     prompts = cut_prompts(rows, policy)
-    candidates = [
-        GenerationCandidate(target, path, _precision(precisions.get(path)), OnnxDecoder(session, signature))
-        for (target, path), session in sessions.items()
-    ]
     if not prompts:
         raise JobError(
             job.origin, "evaluation", "generation parity needs rows of input_ids; the evaluation data has none"
         )
     try:
-        return run_generation_parity(TorchDecoder(model), candidates, prompts, rows, policy)
+        generation = reference_generation(TorchDecoder(model), prompts, rows, policy)
+    except GenerationError as e:
+        raise StageError(StageName.VALIDATE, job.name, f"generation parity (PyTorch): {e}") from e
+    return DecoderReference(generation, DecoderSignature.from_config(model.config))
+
+
+def candidate_generation_of(
+    job: ConversionJob,
+    reference: DecoderReference,
+    key: tuple[str, str],
+    session: Session,
+    precisions: Mapping[str, ModelRecord | None],
+) -> ModelGeneration:
+    """One (target, model file) session against PyTorch's run.
+
+    Raises:
+        StageError: The model's outputs do not fit the decoder signature, or decoding failed.
+    """
+    target, path = key
+    signature = reference.signature
+    candidate = GenerationCandidate(target, path, _precision(precisions.get(path)), OnnxDecoder(session, signature))
+    try:
+        return candidate_parity(reference.generation, candidate, job.parity.generation)
     except GenerationError as e:  # the models are onnxforge's own export of the job's decoder
-        raise StageError(StageName.VALIDATE, job.name, f"generation parity: {e}") from e
+        raise StageError(StageName.VALIDATE, job.name, f"generation parity of {path} on {target}: {e}") from e
 
 
 def _precision(record: ModelRecord | None) -> str:

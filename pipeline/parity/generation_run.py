@@ -1,9 +1,11 @@
 """Running generation parity: PyTorch and every (model, target) decoder on the same held-out prompts
 and text, into one `GenerationParity`.
 
-Per prompt, PyTorch decodes first; each candidate then decodes greedily and once more
-teacher-forced on PyTorch's tokens, and only that prompt's figures are kept (memory stays one
-prompt's logits per model, whatever the vocabulary). Perplexity and speed follow per model.
+PyTorch runs first and alone (`reference_generation`: its greedy tokens and their logits on every
+prompt, its perplexity and speed); each candidate then runs on its own (`candidate_parity`):
+greedy on each prompt and once more teacher-forced on PyTorch's tokens, only the figures kept, then
+perplexity and speed. So a large model's sessions can be opened one at a time, with PyTorch's
+weights released before them.
 
 The data: `token_rows` turns evaluation batches (``input_ids`` with an optional
 ``attention_mask``, padding left out) into rows of token ids; `cut_prompts` takes the first
@@ -23,6 +25,7 @@ from pipeline.job.policies import GenerationPolicy
 from pipeline.llm.generate import (
     Decoder,
     DecodeSpeed,
+    Generation,
     GenerationError,
     decode_speed,
     forced_logits,
@@ -33,7 +36,6 @@ from pipeline.parity.generation import (
     PYTORCH,
     GenerationParity,
     ModelGeneration,
-    PromptAgreement,
     candidate_generation,
     prompt_agreement,
 )
@@ -83,24 +85,98 @@ def cut_prompts(rows: Sequence[np.ndarray], policy: GenerationPolicy) -> list[np
     return [np.asarray(row[: policy.prompt_tokens], dtype=np.int64) for row in rows[: policy.prompts]]
 
 
-def _agreements(
-    reference: Decoder, candidates: Sequence[GenerationCandidate], prompts: Sequence[np.ndarray], new_tokens: int
-) -> list[list[PromptAgreement]]:
-    """Per candidate, each prompt's agreement with the reference."""
-    found: list[list[PromptAgreement]] = [[] for _ in candidates]
-    for index, prompt in enumerate(prompts):
-        expected = greedy(reference, prompt, new_tokens)
-        for candidate, kept in zip(candidates, found, strict=True):
-            generated = greedy(candidate.decoder, prompt, new_tokens)
-            forced = forced_logits(candidate.decoder, prompt, expected.tokens)
-            kept.append(prompt_agreement(index, expected, generated, forced))
-    return found
+@dataclass(frozen=True)
+class ReferenceGeneration:
+    """PyTorch's side of generation parity, measured once before any candidate runs (so that a
+    candidate needs no PyTorch model beside it).
+
+    Attributes:
+        prompts: The prompts.
+        heldout: The held-out rows perplexity is measured on.
+        generations: PyTorch's greedy continuation of each prompt, with each step's logits
+            (prompts x new tokens x vocabulary floats in memory).
+        model: PyTorch's record (perplexity, speed).
+    """
+
+    prompts: Sequence[np.ndarray]
+    heldout: Sequence[np.ndarray]
+    generations: list[Generation]
+    model: ModelGeneration
 
 
 def _speed(
     decoder: Decoder, prompt: np.ndarray, policy: GenerationPolicy, timing: TimingSettings
 ) -> DecodeSpeed | None:
     return decode_speed(decoder, prompt, policy.new_tokens, timing) if policy.measure_speed else None
+
+
+def reference_generation(
+    reference: Decoder,
+    prompts: Sequence[np.ndarray],
+    heldout: Sequence[np.ndarray],
+    policy: GenerationPolicy,
+    timing: TimingSettings = DEFAULT_TIMING,
+) -> ReferenceGeneration:
+    """PyTorch's greedy tokens, perplexity and speed on the held-out prompts and text.
+
+    Raises:
+        GenerationError: No prompt, or a held-out row is too short.
+    """
+    if not prompts:
+        raise GenerationError("generation parity needs at least one held-out prompt")
+    generations = [greedy(reference, prompt, policy.new_tokens) for prompt in prompts]
+    model = ModelGeneration(
+        target=PYTORCH,
+        model=PYTORCH,
+        precision=PYTORCH,
+        perplexity=perplexity(reference, heldout) if heldout else None,
+        speed=_speed(reference, prompts[0], policy, timing),
+    )
+    return ReferenceGeneration(prompts=prompts, heldout=heldout, generations=generations, model=model)
+
+
+def candidate_parity(
+    reference: ReferenceGeneration,
+    candidate: GenerationCandidate,
+    policy: GenerationPolicy,
+    timing: TimingSettings = DEFAULT_TIMING,
+) -> ModelGeneration:
+    """One candidate against PyTorch's run: per prompt its greedy tokens and its logits along
+    PyTorch's tokens, then its perplexity and speed.
+
+    Raises:
+        GenerationError: The decoder's outputs do not fit its signature.
+    """
+    agreements = []
+    for index, (prompt, expected) in enumerate(zip(reference.prompts, reference.generations, strict=True)):
+        generated = greedy(candidate.decoder, prompt, policy.new_tokens)
+        forced = forced_logits(candidate.decoder, prompt, expected.tokens)
+        agreements.append(prompt_agreement(index, expected, generated, forced))
+    found = candidate_generation(
+        candidate.target,
+        candidate.model,
+        candidate.precision,
+        agreements,
+        perplexity(candidate.decoder, reference.heldout) if reference.heldout else None,
+        reference.model.perplexity,
+        _speed(candidate.decoder, reference.prompts[0], policy, timing),
+        policy,
+    )
+    logger.info("%s", found.summary_line())
+    return found
+
+
+def generation_parity_of(reference: ReferenceGeneration, models: Sequence[ModelGeneration]) -> GenerationParity:
+    """The section's record: PyTorch's figures, then each candidate's (`candidate_parity`)."""
+    heldout = reference.heldout
+    return GenerationParity(
+        prompts=len(reference.prompts),
+        new_tokens=len(reference.generations[0].tokens),
+        heldout_rows=len(heldout),
+        heldout_tokens=sum(max(len(row) - 1, 0) for row in heldout),
+        models=[reference.model, *models],
+        notes=[] if heldout else ["No held-out text: perplexity not measured."],
+    )
 
 
 def run_generation_parity(
@@ -125,39 +201,5 @@ def run_generation_parity(
         GenerationError: No prompt, a decoder's outputs do not fit its signature, or a held-out row
             is too short.
     """
-    if not prompts:
-        raise GenerationError("generation parity needs at least one held-out prompt")
-    agreements = _agreements(reference, candidates, prompts, policy.new_tokens)
-    reference_ppl = perplexity(reference, heldout) if heldout else None
-    models = [
-        ModelGeneration(
-            target=PYTORCH,
-            model=PYTORCH,
-            precision=PYTORCH,
-            perplexity=reference_ppl,
-            speed=_speed(reference, prompts[0], policy, timing),
-        )
-    ]
-    for candidate, prompt_figures in zip(candidates, agreements, strict=True):
-        models.append(
-            candidate_generation(
-                candidate.target,
-                candidate.model,
-                candidate.precision,
-                prompt_figures,
-                perplexity(candidate.decoder, heldout) if heldout else None,
-                reference_ppl,
-                _speed(candidate.decoder, prompts[0], policy, timing),
-                policy,
-            )
-        )
-        logger.info("%s", models[-1].summary_line())
-    notes = [] if heldout else ["No held-out text: perplexity not measured."]
-    return GenerationParity(
-        prompts=len(prompts),
-        new_tokens=policy.new_tokens,
-        heldout_rows=len(heldout),
-        heldout_tokens=sum(max(len(row) - 1, 0) for row in heldout),
-        models=models,
-        notes=notes,
-    )
+    found = reference_generation(reference, prompts, heldout, policy, timing)
+    return generation_parity_of(found, [candidate_parity(found, candidate, policy, timing) for candidate in candidates])

@@ -44,7 +44,8 @@ from pipeline.quantization.performance import PerformanceCheck
 # 7: the hls4ml projects of fpga targets (C simulation against the emulator and CPU QDQ).
 # 8: generation parity of a causal LM (greedy and teacher-forced agreement, logit cosine, KL,
 #    perplexity, decode speed per model and target).
-REPORT_SCHEMA_VERSION = 8
+# 9: each stage's peak resident memory in the stage timings.
+REPORT_SCHEMA_VERSION = 9
 
 
 class _Record(BaseModel):

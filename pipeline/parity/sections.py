@@ -314,14 +314,20 @@ def render_quantization(quantization: QuantizationSummary) -> list[str]:
     return lines
 
 
+def _gib(size: int | None) -> str:
+    """Bytes in GiB for a table cell; "-" when not measured."""
+    return "-" if size is None else f"{size / 2**30:.2f}"
+
+
 def render_provenance(
     timings: list[StageTiming], models: list[ModelFile], versions: dict[str, str], hashes: dict[str, str]
 ) -> list[str]:
     """Stage timings, model files, tool versions and input hashes (empty when none was recorded)."""
     lines: list[str] = []
     if timings:
-        rows = [[t.stage, t.status, f"{t.seconds:.2f}"] for t in timings]
-        lines += ["", "## Stage timings", "", *markdown_table(["stage", "status", "seconds"], rows)]
+        rows = [[t.stage, t.status, f"{t.seconds:.2f}", _gib(t.peak_rss_bytes)] for t in timings]
+        header = ["stage", "status", "seconds", "peak memory (GiB)"]
+        lines += ["", "## Stage timings", "", *markdown_table(header, rows)]
     if models:
         rows = [[m.stage, m.file, f"{m.bytes:,}"] for m in models]
         lines += ["", "## Model files", "", *markdown_table(["stage", "file", "bytes"], rows)]

@@ -49,11 +49,13 @@ class StageTiming(_Fact):
         stage: The stage.
         seconds: Wall-clock seconds (0 when skipped or restored).
         status: "ran", "restored" (from the stage cache) or "skipped" (the job does not ask for it).
+        peak_rss_bytes: The process's peak resident memory during the stage (None: not measured).
     """
 
     stage: str
     seconds: float
     status: Literal["ran", "restored", "skipped"]
+    peak_rss_bytes: int | None = None
 
 
 class KeptFloat(_Fact):

@@ -97,6 +97,9 @@ class StageContext:
         stage_runs: The stages run so far, with their times (filled in by the runner).
         branch: The branch the running stage serves (set by the runner; the trunk unless the
             stage is a `BranchingStage`).
+        source_released: Whether the source's PyTorch model was dropped to save memory
+            (`pipeline.stages.source_weights`: rebuilt when validation needs it).
+        input_hashes: Hashes of the conversion's inputs once computed (`job_input_hashes`).
     """
 
     job: ConversionJob
@@ -110,6 +113,8 @@ class StageContext:
     student: torch.nn.Module | None = field(default=None, repr=False)
     stage_runs: list[StageRun] = field(default_factory=list, repr=False)
     branch: Branch = TRUNK
+    source_released: bool = False
+    input_hashes: dict[str, str] | None = field(default=None, repr=False)
     _example: Batch | None = field(default=None, init=False, repr=False)
 
     @classmethod

@@ -29,6 +29,7 @@ from pipeline.outputs import classifier_index, flatten_outputs, torch_inputs
 from pipeline.records import DistillRecord, StageName
 from pipeline.stage_cache import content_key
 from pipeline.stages.base import PreparedInputs, StageContext
+from pipeline.stages.source_weights import source_module
 
 logger = logging.getLogger(__name__)
 
@@ -186,7 +187,7 @@ def pytorch_model(ctx: StageContext) -> torch.nn.Module | None:
     else the job's model (None for an ONNX-file source)."""
     artifact = ctx.artifact_with(DistillRecord)
     if artifact is None:
-        return ctx.source.module
+        return source_module(ctx)
     if ctx.student is None:
         ctx.student = load_student(ctx.job, ctx.workdir / artifact.path)
     return ctx.student

@@ -21,13 +21,13 @@ from pipeline.feeds import feeds_digest
 from pipeline.intake import ModelSubject, adopt_onnx_source, check_model_file
 from pipeline.job import ConversionJob, InputSpec
 from pipeline.llm.job import is_causal_lm
-from pipeline.model_source import input_hashes
 from pipeline.onnx_io import load_graph_only, model_artifact, save_model
 from pipeline.outputs import named_outputs, torch_inputs
 from pipeline.records import DistillRecord, ExportRecord, StageName
 from pipeline.stage_cache import content_key
 from pipeline.stages.base import NoPreconditions, StageContext
 from pipeline.stages.distill import pytorch_model, pytorch_program
+from pipeline.stages.source_weights import job_input_hashes, release_source_module
 from pipeline.threads import session_options
 
 logger = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ class ExportStage(NoPreconditions):
         return content_key(
             self.name,
             {
-                "source": input_hashes(job, ctx.source),
+                "source": job_input_hashes(ctx),
                 "model": job.model.model_dump(mode="json"),
                 "inputs": [spec.model_dump(mode="json") for spec in job.inputs],
                 "export": job.export.model_dump(mode="json"),
@@ -72,11 +72,7 @@ class ExportStage(NoPreconditions):
         job = ctx.job
         target = ctx.workdir / FP32_MODEL
         if is_causal_lm(job):
-            from pipeline.llm.export_stage import export_causal_lm
-
-            module = pytorch_model(ctx)
-            assert module is not None  # preflight: a causal LM comes from a factory
-            return export_causal_lm(job, module, target, lambda path: self._check_file(path, ctx))
+            return self._export_causal_lm(ctx, target)
         scratch = ctx.workdir / ".export-scratch"
         seconds: dict[str, float] = {}
         clock = time.perf_counter()
@@ -119,6 +115,18 @@ class ExportStage(NoPreconditions):
                 seconds={phase: round(value, 4) for phase, value in seconds.items()},
             ),
         )
+
+    def _export_causal_lm(self, ctx: StageContext, target: Path) -> Artifact:
+        """The decoder with its KV cache; a large PyTorch model is released before ONNX Runtime
+        loads the export for its check (validation builds it again)."""
+        from pipeline.llm.export_stage import check_exported_decoder, export_causal_lm
+
+        module = pytorch_model(ctx)
+        assert module is not None  # preflight: a causal LM comes from a factory
+        exported = export_causal_lm(ctx.job, module, target, lambda path: self._check_file(path, ctx))
+        del module  # the last reference here: the release below can free it
+        release_source_module(ctx)
+        return check_exported_decoder(ctx.job, exported)
 
     def _reference_outputs(
         self, ctx: StageContext, example: tuple[torch.Tensor, ...]

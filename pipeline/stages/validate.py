@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass, field
 from itertools import islice
 
@@ -17,24 +18,42 @@ from backends.registry import get_backend
 from pipeline.artifacts import Artifact, sha256_file
 from pipeline.errors import BackendError, JobError, first_line
 from pipeline.feeds import describe_source
-from pipeline.job import POLICY_SECTIONS, ConversionJob, Precision, TaskPolicy
+from pipeline.job import ConversionJob
 from pipeline.llm.job import is_causal_lm, without_padding
-from pipeline.llm.validate_generation import chain_reference, generation_parity
-from pipeline.model_source import input_hashes
+from pipeline.llm.validate_generation import (
+    DecoderReference,
+    candidate_generation_of,
+    chain_reference,
+    generation_parity,
+    pytorch_generation,
+)
+from pipeline.onnx_io import load_graph_only
 from pipeline.outputs import run_torch
 from pipeline.parity.chain import Link, ParityChain, RunKey, Runs
-from pipeline.parity.generation import GenerationParity
+from pipeline.parity.generation import GenerationParity, ModelGeneration
+from pipeline.parity.generation_run import generation_parity_of
 from pipeline.parity.localize import Localisation, localize
 from pipeline.parity.report import Comparison, ParityReport
-from pipeline.parity.summary import KeptFloat, ModelFile, Probe, QuantizationSummary, RunFacts, StageTiming
+from pipeline.parity.summary import RunFacts
 from pipeline.parity.target import PlacementLimits, ThreeWay
 from pipeline.parity.writers import write_reports
 from pipeline.quantization.performance import PerformanceCheck, performance_check
 from pipeline.records import DistillRecord, ModelRecord, PruneRecord, QuantizeRecord, StageName, ValidateRecord
 from pipeline.stages.base import NoPreconditions, StageContext, Target, resize_feeds
 from pipeline.stages.distill import pytorch_model, teacher_model
-from pipeline.stages.hls import hls_summaries
-from pipeline.versions import tool_versions
+from pipeline.stages.source_weights import job_input_hashes, release_source_module
+from pipeline.stages.validate_facts import report_notes, run_facts
+from pipeline.stages.validate_runs import (
+    HOLD_ONE_ABOVE_BYTES,
+    BatchRuns,
+    LiveRuns,
+    OneAtATime,
+    RecordedRuns,
+    RunRequest,
+    RunStore,
+    model_bytes,
+    record_one_at_a_time,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +62,19 @@ TEACHER = "teacher"  # the job's model, when a distilled student takes its place
 CPU = "cpu"  # the reference backend of on-target parity
 
 Sessions = dict[RunKey, Session]
+OpenKey = Callable[[RunKey], AbstractContextManager[Session]]
+EVALUATION, SHAPE = "evaluation", "shape"  # the kinds of `RunRequest`
+
+
+@dataclass
+class _Models:
+    """How the stage reaches its models: their outputs per request, a session per key for the
+    speed guard, and generation parity (measured while the sessions were open, or on them now)."""
+
+    output_names: list[str]
+    runs: BatchRuns
+    open_key: OpenKey
+    generation: Callable[[], GenerationParity | None]
 
 
 @dataclass
@@ -68,29 +100,28 @@ class ValidateStage(NoPreconditions):
         return None
 
     def run(self, ctx: StageContext) -> Artifact:
-        """Stream the evaluation data through PyTorch and every model on every target."""
+        """Run the evaluation data through PyTorch and every model on every target, and judge."""
         start = time.perf_counter()
         chains = {
             target.name: [artifact.path for artifact in _distinct_models(ctx.model_chain(target.name))]
             for target in ctx.targets
         }
         links = chain_links(ctx)
+        keys = [(target.name, path) for target in ctx.targets for path in chains[target.name]]
+        keys += [key for key in self._reference_keys(ctx) if key not in keys]
         with ExitStack() as stack:
-            sessions: Sessions = {
-                (target.name, path): stack.enter_context(self._open(ctx, target, path))
-                for target in ctx.targets
-                for path in chains[target.name]
-            }
-            output_names = next(iter(sessions.values())).output_names
-            # Before the data streams through: a misnamed override is bad input, found at once.
-            _check_output_overrides(ctx.job, output_names)
+            if model_bytes(ctx.workdir, [path for _, path in keys]) > HOLD_ONE_ABOVE_BYTES:
+                models = self._one_at_a_time(ctx, keys, stack)
+            else:
+                models = self._all_open(ctx, keys, stack)
+            output_names = models.output_names
             chain = ParityChain(links, output_names, rtol=ctx.job.parity.fp32.rtol, is_classifier=ctx.job.is_classifier)
-            stream = _Stream(chain, output_names, self._on_target(ctx, sessions, stack, output_names))
-            self._stream(ctx, sessions, stream)
-            comparisons = chain.judge(ctx.job.parity) + self._shape_checks(ctx, sessions, stream)
+            stream = _Stream(chain, output_names, self._on_target(ctx, output_names))
+            self._stream(ctx, models.runs, stream)
+            comparisons = chain.judge(ctx.job.parity) + self._shape_checks(ctx, models.runs, stream)
             placements = [self._placement(ctx, target, chains[target.name][-1]) for target in ctx.targets]
-            performance = self._performance(ctx, sessions, placements)
-            generation = self._generation(ctx, sessions)
+            performance = self._performance(ctx, models.open_key, placements)
+            generation = models.generation()
         facts = run_facts(ctx, time.perf_counter() - start)
         if generation is not None:
             facts = facts.model_copy(update={"generation": generation})
@@ -102,6 +133,61 @@ class ValidateStage(NoPreconditions):
             path=report_path.name,
             sha256=sha256_file(report_path),
             record=ValidateRecord(verdict=report.verdict),
+        )
+
+    def _all_open(self, ctx: StageContext, keys: list[RunKey], stack: ExitStack) -> _Models:
+        """Every session open for the whole stage; each batch streams through all of them."""
+        sessions: Sessions = {key: stack.enter_context(self._open_key(ctx, key)) for key in keys}
+        output_names = next(iter(sessions.values())).output_names
+        # Before the data streams through: a misnamed override is bad input, found at once.
+        _check_output_overrides(ctx.job, output_names)
+        return _Models(
+            output_names=output_names,
+            runs=LiveRuns(lambda feeds: self._run_all(ctx, sessions, feeds, output_names)),
+            open_key=lambda key: nullcontext(sessions[key]),
+            generation=lambda: self._generation(ctx, sessions),
+        )
+
+    def _one_at_a_time(self, ctx: StageContext, keys: list[RunKey], stack: ExitStack) -> _Models:
+        """PyTorch first (then released), then each session alone, every output kept on disk
+        (`pipeline.stages.validate_runs`)."""
+        output_names = [output.name for output in load_graph_only(ctx.workdir / keys[0][1]).graph.output]
+        _check_output_overrides(ctx.job, output_names)
+        job_input_hashes(ctx)  # the manifest's weight hash, before PyTorch's weights go
+        store = RunStore(ctx.workdir)
+        stack.callback(store.close)
+        causal = is_causal_lm(ctx.job)
+        records = {artifact.path: artifact.record_as(ModelRecord) for artifact in ctx.all_models()}
+        reference: list[DecoderReference] = []
+        found: list[ModelGeneration] = []
+
+        def after_torch() -> None:
+            model = pytorch_model(ctx)
+            if causal and model is not None:
+                reference.append(pytorch_generation(ctx.job, model, ctx.evaluation))
+            del model
+            release_source_module(ctx)
+
+        def on_session(key: RunKey, session: Session) -> None:
+            if reference:
+                found.append(candidate_generation_of(ctx.job, reference[0], key, session, records))
+
+        plan = OneAtATime(
+            requests=lambda: _requests(ctx),
+            torch_runs=lambda feeds: self._torch_runs(ctx, feeds),
+            after_torch=after_torch,
+            keys=keys,
+            open_session=lambda key: self._open_key(ctx, key),
+            clean=lambda feeds, values: without_padding(feeds, output_names, values) if causal else values,
+            output_names=output_names,
+            on_session=on_session,
+        )
+        record_one_at_a_time(plan, store)
+        return _Models(
+            output_names=output_names,
+            runs=RecordedRuns(store),
+            open_key=lambda key: self._open_key(ctx, key),
+            generation=lambda: generation_parity_of(reference[0].generation, found) if reference else None,
         )
 
     def _report(
@@ -118,7 +204,7 @@ class ValidateStage(NoPreconditions):
             job=ctx.job.name,
             data=describe_source(ctx.job.parity_data, "evaluation" if ctx.job.evaluation else "calibration"),
             samples=stream.chain.samples,
-            notes=_notes(ctx, stream.chain),
+            notes=report_notes(ctx, stream.chain),
             comparisons=comparisons,
             performance=performance,
             pruning=pruning.summary if pruning is not None else None,
@@ -130,10 +216,10 @@ class ValidateStage(NoPreconditions):
             facts=facts,
         )
 
-    def _stream(self, ctx: StageContext, sessions: Sessions, stream: _Stream) -> None:
-        """One pass over the data: every model on every target sees each batch once."""
-        for batch in ctx.evaluation:
-            runs = self._run_all(ctx, sessions, batch.feeds, stream.output_names)
+    def _stream(self, ctx: StageContext, models: BatchRuns, stream: _Stream) -> None:
+        """One pass over the data: every model on every target, each batch once."""
+        for index, batch in enumerate(ctx.evaluation):
+            runs = models.runs(RunRequest(EVALUATION, index, batch.feeds))
             stream.chain.update(runs, batch.size, batch.labels)
             for target, three_way in stream.on_target.items():
                 float_model, int8 = three_way.float_model, three_way.int8_model
@@ -142,16 +228,25 @@ class ValidateStage(NoPreconditions):
     def _run_all(self, ctx: StageContext, sessions: Sessions, feeds: dict[str, np.ndarray], names: list[str]) -> Runs:
         """Outputs of PyTorch (when there is a module) and of every session, on one batch."""
         runs: Runs = {}
-        for role, model in ((TEACHER, teacher_model(ctx)), (PYTORCH, pytorch_model(ctx))):
-            if model is not None:
-                torch_outputs = run_torch(chain_reference(model) if is_causal_lm(ctx.job) else model, feeds)
-                runs.update({(target.name, role): torch_outputs for target in ctx.targets})
+        for keys, outputs in self._torch_runs(ctx, feeds).items():
+            runs.update(dict.fromkeys(keys, outputs))
         for key, session in sessions.items():
             produced = session.run(feeds)
             runs[key] = [produced[name] for name in names]
         if is_causal_lm(ctx.job):
             runs = {key: without_padding(feeds, names, values) for key, values in runs.items()}
         return runs
+
+    def _torch_runs(
+        self, ctx: StageContext, feeds: dict[str, np.ndarray]
+    ) -> dict[tuple[RunKey, ...], list[np.ndarray]]:
+        """PyTorch's outputs (the teacher's too when the job distils), each under its key on every target."""
+        found = {}
+        for role, model in ((TEACHER, teacher_model(ctx)), (PYTORCH, pytorch_model(ctx))):
+            if model is not None:
+                outputs = run_torch(chain_reference(model) if is_causal_lm(ctx.job) else model, feeds)
+                found[tuple((target.name, role) for target in ctx.targets)] = outputs
+        return found
 
     def _generation(self, ctx: StageContext, sessions: Sessions) -> GenerationParity | None:
         """A causal LM's generation parity on every (target, model), against PyTorch (None otherwise)."""
@@ -161,18 +256,17 @@ class ValidateStage(NoPreconditions):
         records = {artifact.path: artifact.record_as(ModelRecord) for artifact in ctx.all_models()}
         return generation_parity(ctx.job, model, ctx.evaluation, sessions, records)
 
-    def _shape_checks(self, ctx: StageContext, sessions: Sessions, stream: _Stream) -> list[Comparison]:
+    def _shape_checks(self, ctx: StageContext, models: BatchRuns, stream: _Stream) -> list[Comparison]:
         """The whole chain again at each extra shape the job lists (inputs cut or tiled from the example).
 
         Float links (export, simplify) must hold at any shape and are gated. Pruned and int8 links
         are measured but not gated here: cut or tiled copies of one batch are not the data their
         task-level policy is about. Accuracy is measured on the evaluation data only.
         """
-        example = ctx.example_batch().feeds
         job = ctx.job
         comparisons = []
-        for sizes in job.export.check_shapes:
-            runs = self._run_all(ctx, sessions, resize_feeds(example, job.inputs, sizes), stream.output_names)
+        for request, sizes in zip(_shape_requests(ctx), job.export.check_shapes, strict=True):
+            runs = models.runs(request)
             at_shape = ParityChain(
                 stream.chain.links, stream.output_names, rtol=job.parity.fp32.rtol, is_classifier=job.is_classifier
             )
@@ -213,23 +307,23 @@ class ValidateStage(NoPreconditions):
                 logger.warning("localisation of %s vs %s failed: %s", candidate, reference, first_line(e))
         return results
 
-    def _on_target(
-        self, ctx: StageContext, sessions: Sessions, stack: ExitStack, output_names: list[str]
-    ) -> dict[str, ThreeWay]:
-        """Three-way accumulators for every non-CPU target, opening the CPU references when no target is CPU."""
-        three_ways = {}
-        cpu = get_backend(CPU)
+    def _reference_keys(self, ctx: StageContext) -> list[RunKey]:
+        """The CPU runs on-target parity compares with: each non-CPU target's int8 model and the
+        model it was quantized from, on the CPU reference."""
+        keys = []
         for target in ctx.targets:
             pair = _quantized_pair(ctx, target.name)
-            if pair is None or target.name == CPU:
-                continue
-            for path in pair:  # the target's own int8 model on the CPU reference too
-                if (CPU, path) not in sessions:
-                    try:
-                        sessions[(CPU, path)] = stack.enter_context(cpu.open(ctx.workdir / path))
-                    except BackendError as e:
-                        raise _model_error(ctx, e, "open", path, CPU) from e
-            three_ways[target.name] = ThreeWay(target.name, *pair, output_names)
+            if pair is not None and target.name != CPU:
+                keys += [(CPU, path) for path in pair]
+        return keys
+
+    def _on_target(self, ctx: StageContext, output_names: list[str]) -> dict[str, ThreeWay]:
+        """Three-way accumulators for every non-CPU target with an int8 model."""
+        three_ways = {}
+        for target in ctx.targets:
+            pair = _quantized_pair(ctx, target.name)
+            if pair is not None and target.name != CPU:
+                three_ways[target.name] = ThreeWay(target.name, *pair, output_names)
         return three_ways
 
     def _placement(self, ctx: StageContext, target: Target, model: str) -> PlacementReport:
@@ -240,7 +334,7 @@ class ValidateStage(NoPreconditions):
             raise _model_error(ctx, e, "place", model, target.name) from e
 
     def _performance(
-        self, ctx: StageContext, sessions: Sessions, placements: list[PlacementReport]
+        self, ctx: StageContext, open_key: OpenKey, placements: list[PlacementReport]
     ) -> list[PerformanceCheck]:
         """int8 vs the model it was quantized from, timed on each target whose sessions time the device.
 
@@ -256,17 +350,18 @@ class ValidateStage(NoPreconditions):
             if pair is None or not target.capabilities.measured_latency:
                 continue
             before, int8 = pair
-            checks.append(
-                performance_check(
-                    target.name,
-                    sessions[(target.name, before)],
-                    sessions[(target.name, int8)],
-                    ctx.workdir / int8,
-                    feeds,
-                    unfused_qdq=unfused[target.name] if target.name == CPU else None,
-                    required=ctx.job.quantize.require_speedup,
+            with open_key((target.name, before)) as before_session, open_key((target.name, int8)) as int8_session:
+                checks.append(
+                    performance_check(
+                        target.name,
+                        before_session,
+                        int8_session,
+                        ctx.workdir / int8,
+                        feeds,
+                        unfused_qdq=unfused[target.name] if target.name == CPU else None,
+                        required=ctx.job.quantize.require_speedup,
+                    )
                 )
-            )
         return checks
 
     def _open(self, ctx: StageContext, target: Target, path: str) -> Session:
@@ -275,61 +370,32 @@ class ValidateStage(NoPreconditions):
         except BackendError as e:
             raise _model_error(ctx, e, "open", path, target.name) from e
 
-
-def run_facts(ctx: StageContext, validate_seconds: float) -> RunFacts:
-    """What the report shows of the run besides parity: model files, quantize's choices, stage times
-    (validate's own up to now), tool versions and input hashes."""
-    timings = [
-        StageTiming(
-            stage=run.name,
-            seconds=run.seconds,
-            status="restored" if run.restored else "skipped" if run.artifact is None else "ran",
-        )
-        for run in ctx.stage_runs
-    ]
-    timings.append(StageTiming(stage=StageName.VALIDATE, seconds=round(validate_seconds, 4), status="ran"))
-    models = [
-        ModelFile(
-            stage=a.stage,
-            file=a.path,
-            bytes=sum((ctx.workdir / name).stat().st_size for name in [a.path, *a.external_data]),
-        )
-        for a in ctx.all_models()
-    ]
-    return RunFacts(
-        models=models,
-        quantization=_quantization(ctx),
-        stage_timings=timings,
-        hls=hls_summaries(ctx),
-        tool_versions=tool_versions(),
-        input_hashes=input_hashes(ctx.job, ctx.source),
-    )
+    def _open_key(self, ctx: StageContext, key: RunKey) -> Session:
+        """The session of a run key: the target's backend, or the CPU reference of on-target parity."""
+        name, path = key
+        target = next((target for target in ctx.targets if target.name == name), None)
+        if target is not None:
+            return self._open(ctx, target, path)
+        try:
+            return get_backend(CPU).open(ctx.workdir / path)
+        except BackendError as e:
+            raise _model_error(ctx, e, "open", path, CPU) from e
 
 
-def _quantization(ctx: StageContext) -> list[QuantizationSummary]:
-    """Per int8 model: the mixed-precision probes and the nodes kept float (empty: the job does not quantize)."""
+def _requests(ctx: StageContext) -> Iterator[RunRequest]:
+    """Everything every model runs on: each evaluation batch, then each export.check_shapes size."""
+    for index, batch in enumerate(ctx.evaluation):
+        yield RunRequest(EVALUATION, index, batch.feeds)
+    yield from _shape_requests(ctx)
+
+
+def _shape_requests(ctx: StageContext) -> list[RunRequest]:
+    """The example batch cut or tiled to each export.check_shapes size."""
+    example = ctx.example_batch().feeds
     return [
-        _quantization_summary(artifact) for artifact in ctx.all_models() if isinstance(artifact.record, QuantizeRecord)
+        RunRequest(SHAPE, index, resize_feeds(example, ctx.job.inputs, sizes))
+        for index, sizes in enumerate(ctx.job.export.check_shapes)
     ]
-
-
-def _quantization_summary(artifact: Artifact) -> QuantizationSummary:
-    record = artifact.record_as(QuantizeRecord)
-    return QuantizationSummary(
-        model=artifact.path,
-        targets=artifact.targets,
-        recipe=record.recipe,
-        probes=[
-            Probe(kept_float=p.kept_float, passed=p.passed, summary=p.summary) for p in record.mixed_precision_probes
-        ],
-        kept_float=[
-            KeptFloat(node=node, reason=why, damage=record.kept_float_damage.get(node))
-            for node, why in record.kept_float.items()
-        ],
-        dynamic_nodes=record.dynamic_nodes,
-        decision=record.decision,
-        shipped_precision=record.shipped_precision,
-    )
 
 
 def _model_error(ctx: StageContext, error: BackendError, action: str, path: str, target: str) -> BackendError:
@@ -359,7 +425,7 @@ def chain_links(ctx: StageContext) -> list[Link]:
         judged: list[Artifact] = [*([distilled] if distilled is not None else []), *models]
         if distilled is not None:
             roots = [TEACHER, PYTORCH]
-        elif ctx.source.module is not None:
+        elif ctx.source.onnx_file is None:  # a module (perhaps released until validation rebuilds it)
             roots = [PYTORCH]
         else:
             roots, judged = [], judged[1:]
@@ -393,52 +459,6 @@ def _check_output_overrides(job: ConversionJob, output_names: list[str]) -> None
             raise JobError(
                 job.origin, f"parity.outputs.{name}", f"the model has no output {name!r}; its outputs: {output_names}"
             )
-
-
-def _notes(ctx: StageContext, chain: ParityChain) -> list[str]:
-    job = ctx.job
-    notes = []
-    if job.evaluation is None:
-        notes.append("The job has no [evaluation] data: parity was measured on the calibration data.")
-    if ctx.source.module is None:
-        notes.append("The model came as an ONNX file: the chain starts at it; there is no PyTorch reference.")
-    task_level = {link.precision for link in chain.links} - {"fp32"}
-    if job.export.check_shapes and task_level - {"distilled"}:
-        notes.append(
-            "At the export.check_shapes sizes, pruned and int8 models are measured but not gated: their inputs are "
-            "cut or tiled copies of one evaluation batch, not the data the task-level policy is about."
-        )
-    if ctx.artifact_with(QuantizeRecord) is not None:
-        for target in ctx.targets:
-            if not target.capabilities.measured_latency:
-                notes.append(
-                    f"{target.name} runs on an emulator: its int8 latency is the cost model's estimate in the "
-                    "Placement section, not a timing."
-                )
-    return notes + _dropped_notes(ctx) + _unchecked_accuracy_notes(job, chain, task_level)
-
-
-def _dropped_notes(ctx: StageContext) -> list[str]:
-    """Samples the parity data lost to NaN or infinity (``nonfinite = "drop"``)."""
-    dropped = ctx.evaluation.dropped_samples
-    if not dropped:
-        return []
-    section = "evaluation" if ctx.job.evaluation is not None else "calibration"
-    return [f"{dropped} samples holding NaN or infinity were left out of the parity data ({section}.nonfinite = drop)."]
-
-
-def _unchecked_accuracy_notes(job: ConversionJob, chain: ParityChain, precisions: set[Precision]) -> list[str]:
-    """Which accuracy-drop limits could not be checked, and why."""
-    if chain.accuracy_measured:
-        return []
-    classifier = chain.roles.classifier if chain.roles is not None else None
-    reason = "no [samples, classes] classifier output" if classifier is None else "no labels in the data"
-    notes = []
-    for precision in ("distilled", "pruned", "int8"):
-        rule = job.parity.section(precision)
-        if precision in precisions and isinstance(rule, TaskPolicy) and rule.max_accuracy_drop is not None:
-            notes.append(f"parity.{POLICY_SECTIONS[precision]}.max_accuracy_drop was not checked: {reason}.")
-    return notes
 
 
 def _placement_limits(target: Target) -> PlacementLimits:

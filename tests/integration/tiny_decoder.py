@@ -11,14 +11,16 @@ from transformers import LlamaConfig, LlamaForCausalLM
 VOCAB = 128
 
 
-def build() -> LlamaForCausalLM:
-    """2 layers, hidden 64, 4 heads over 2 key / value heads; seed 0; eval mode."""
-    torch.manual_seed(0)
+def build(seeded: bool = True, layers: int = 2) -> LlamaForCausalLM:
+    """`layers` layers, hidden 64, 4 heads over 2 key / value heads; seed 0 (`seeded`, else new
+    weights on every call); eval mode."""
+    if seeded:
+        torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=VOCAB,
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=128,

@@ -22,7 +22,7 @@ def test_report_schema_names_the_decision_data() -> None:
     schema = json.loads(SCHEMA.read_text())
     fields = set(schema["properties"])
     assert {"summary", "models", "quantization", "stage_timings", "tool_versions", "input_hashes"} <= fields
-    assert schema["properties"]["schema_version"]["default"] == REPORT_SCHEMA_VERSION == 8
+    assert schema["properties"]["schema_version"]["default"] == REPORT_SCHEMA_VERSION == 9
     # Schema 8: generation parity of a causal LM, per model and target.
     assert {"agreement", "perplexity", "perplexity_ratio", "speed", "checks"} <= set(
         schema["$defs"]["ModelGeneration"]["properties"]
