@@ -75,8 +75,7 @@ class Capabilities:
         measured_latency: Wall-clock time of its sessions is the device's latency (False for an
             emulator, whose latency comes from a cost model instead).
         contrib_ops: It runs ONNX Runtime's ``com.microsoft`` fused operators (such as
-            BiasGelu), so an int8 model for it may contain them, and so may a causal LM's float
-            decoder (SimplifiedLayerNormalization, `pipeline.llm.fusions`).
+            BiasGelu), so an int8 model for it may contain them.
     """
 
     dtypes: tuple[str, ...]

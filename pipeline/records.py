@@ -97,8 +97,6 @@ class SimplifyRecord(ModelRecord):
             ran); then only dead nodes and unused initializers were removed.
         constant_nodes_kept: Nodes left whose inputs are all constants, by op type: folding them
             would grow the model past the size rule, or nothing could evaluate them.
-        fused_ops: ONNX Runtime ``com.microsoft`` operators the decoder fusions put in, by op type
-            (`pipeline.llm.fusions`; empty when they did not run).
     """
 
     precision: ClassVar[Precision | None] = "fp32"
@@ -108,7 +106,6 @@ class SimplifyRecord(ModelRecord):
     removed_ops: dict[str, int]
     optimizer_error: str = ""
     constant_nodes_kept: dict[str, int] = Field(default_factory=dict)
-    fused_ops: dict[str, int] = Field(default_factory=dict)
 
 
 class PruneRecord(ModelRecord):

@@ -1,7 +1,6 @@
 """Simplify stage: the onnxscript optimizer (constant and shape-op folding, BatchNorm folded into
 Conv / Gemm, Identity elimination), then the constant subgraphs it left folded by a size rule
-(`pipeline.constant_folding`), and onnx-ir's dead-node and unused-initializer removal. A causal LM
-whose targets all run ONNX Runtime's contrib operators gets its RMSNorms fused (`pipeline.llm.fusions`)."""
+(`pipeline.constant_folding`), and onnx-ir's dead-node and unused-initializer removal."""
 
 from __future__ import annotations
 
@@ -21,8 +20,6 @@ from pipeline.constant_folding import (
 )
 from pipeline.errors import OnnxforgeError, StageError, first_line
 from pipeline.job import ConversionJob
-from pipeline.llm.fusions import FUSIONS_VERSION, check_fused_model, fuse_decoder, fusions_apply
-from pipeline.llm.job import is_causal_lm
 from pipeline.onnx_io import check_model, model_artifact, parameter_count, save_model
 from pipeline.records import GraphCounts, SimplifyRecord, StageName
 from pipeline.stage_cache import content_key
@@ -43,15 +40,15 @@ class SimplifyStage(NoPreconditions):
         return job.simplify.enabled
 
     def key(self, ctx: StageContext) -> str | None:
-        """The parent model, the saving threshold, the folding size rule and the decoder fusions."""
-        fields: dict[str, object] = {
-            "parent": ctx.current_model().sha256,
-            "threshold_mb": ctx.job.export.external_data_threshold_mb,
-            "fold_growth_cap_bytes": FOLD_GROWTH_CAP_BYTES,
-        }
-        if _fuses(ctx):
-            fields["decoder_fusions"] = FUSIONS_VERSION
-        return content_key(self.name, fields)
+        """The parent model, the saving threshold and the folding size rule."""
+        return content_key(
+            self.name,
+            {
+                "parent": ctx.current_model().sha256,
+                "threshold_mb": ctx.job.export.external_data_threshold_mb,
+                "fold_growth_cap_bytes": FOLD_GROWTH_CAP_BYTES,
+            },
+        )
 
     def run(self, ctx: StageContext) -> Artifact:
         """Optimize the newest model and write it as model.simplified.onnx."""
@@ -72,14 +69,12 @@ class SimplifyStage(NoPreconditions):
             optimizer_error = f"{type(e).__name__}: {first_line(e)}"
             logger.warning("simplify %s: the optimizer failed (%s); only dead nodes are removed", ctx.job.name, e)
             model = ir.load(source)  # it may have changed the graph half-way
-        fused_ops = fuse_decoder(model, ctx.job.name, self.name) if _fuses(ctx) and not optimizer_error else {}
         try:
             RemoveUnusedNodesPass()(model)
             after = graph_counts(model)
             removed = ops_before - Counter(node.op_type for node in model.graph)
             # Checked by path (works past the 2 GiB protobuf limit) before it is moved into place.
-            verify = check_fused_model if fused_ops else check_model
-            save_model(model, target, ctx.job.export.external_data_threshold_bytes, verify=verify)
+            save_model(model, target, ctx.job.export.external_data_threshold_bytes, verify=check_model)
         except OnnxforgeError:
             raise  # e.g. a StorageError from a full disk: already says what is wrong
         except Exception as e:  # onnx-ir and the checker raise many types
@@ -92,14 +87,8 @@ class SimplifyStage(NoPreconditions):
             removed_ops=dict(sorted(removed.items())),
             optimizer_error=optimizer_error,
             constant_nodes_kept=constant_nodes_left(model.graph),
-            fused_ops=fused_ops,
         )
         return model_artifact(self.name, target, parent, record)
-
-
-def _fuses(ctx: StageContext) -> bool:
-    """Whether this job's decoder gets ONNX Runtime's fused operators (every target runs them)."""
-    return fusions_apply(is_causal_lm(ctx.job), [target.capabilities.contrib_ops for target in ctx.targets])
 
 
 def graph_counts(model: ir.Model) -> GraphCounts:
