@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import onnx
@@ -107,3 +107,37 @@ def model_artifact(
         targets=list(targets),
         record=record,
     )
+
+
+def release_weights(model: ir.Model, names: Iterable[str] | None = None) -> None:
+    """Close the memory maps of a model's external weights (all, or the initializers `names`).
+
+    The pages of a memory-mapped weight stay in this process's resident memory for as long as
+    the map is open, whoever still holds the tensor (onnxscript's optimizer keeps some); a closed
+    tensor maps its file again if it is read later. A map a NumPy view still points into stays
+    open.
+    """
+    initializers = model.graph.initializers
+    for name in initializers if names is None else names:
+        value = initializers.get(name)
+        tensor = value.const_value if value is not None else None
+        if isinstance(tensor, ir.ExternalTensor):
+            try:
+                tensor.release()
+            except BufferError:  # a view of the map is alive: it must stay open
+                logger.debug("%s: its memory map is still in use", name)
+
+
+def discard_weights(model: ir.Model) -> None:
+    """Drop a model's weights once it is saved and done with: its memory maps closed and every
+    initializer's tensor let go, so that nothing that still holds the graph keeps them resident
+    (onnxscript's rewrite rules keep the last graph they matched, and the optimizer's folded
+    weights are views into the source's maps)."""
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        value.const_value = None
+        if isinstance(tensor, ir.ExternalTensor):
+            try:
+                tensor.release()
+            except BufferError:  # a view of the map is alive elsewhere: it closes with the view
+                logger.debug("%s: its memory map is still in use", value.name)

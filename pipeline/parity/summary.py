@@ -139,8 +139,8 @@ class TargetSummary(_Fact):
     Attributes:
         target: The backend.
         verdict: "pass" when every check on this target passed (chain, on-target, placement).
-        precision: What ships: "int8", or "fp32" when the job does not quantize or the search
-            shipped the float model.
+        precision: What ships: "int8"; a decoder quantized weight-only "int4" or "int8"; "fp32"
+            when the job does not quantize or the search shipped the float model.
         fp32_model: The exported float model.
         fp32_bytes: Its size (external data included; None: not measured).
         shipped_model: The last model of the chain.
@@ -163,7 +163,7 @@ class TargetSummary(_Fact):
 
     target: str
     verdict: Literal["pass", "fail"]
-    precision: Literal["int8", "fp32"]
+    precision: Literal["int8", "int4", "fp32"]
     fp32_model: str
     fp32_bytes: int | None
     shipped_model: str
@@ -195,9 +195,20 @@ def summarise(
     sizes = {model.file: model.bytes for model in facts.models}
     return [
         _summary(target, [c for c in comparisons if c.target == target], performance, placements, on_target,
-                 limits.get(target, PlacementLimits()), sizes, _shipped_precision(target, facts))
+                 limits.get(target, PlacementLimits()), sizes, _shipped_precision(target, facts), _weight_only(facts))
         for target in targets
     ]  # fmt: skip
+
+
+def _weight_only(facts: RunFacts) -> dict[str, Literal["int4", "int8"]]:
+    """The weight-only models by file, with their bits (from the generation figures)."""
+    found: dict[str, Literal["int4", "int8"]] = {}
+    for model in facts.generation.models if facts.generation is not None else []:
+        if model.precision == "int4":
+            found[model.model] = "int4"
+        elif model.precision == "int8":
+            found[model.model] = "int8"
+    return found
 
 
 def _summary(
@@ -209,6 +220,7 @@ def _summary(
     limits: PlacementLimits,
     sizes: dict[str, int],
     precision: Literal["int8", "fp32"],
+    weight_only: dict[str, Literal["int4", "int8"]],
 ) -> TargetSummary:
     chain = [c for c in comparisons if c.shape is None]
     placement = next((p for p in placements if p.backend == target), None)
@@ -224,7 +236,7 @@ def _summary(
     return TargetSummary(
         target=target,
         verdict="pass" if passed else "fail",
-        precision=precision,
+        precision=weight_only.get(shipped, precision),
         fp32_model=fp32_model,
         fp32_bytes=sizes.get(fp32_model),
         shipped_model=shipped,

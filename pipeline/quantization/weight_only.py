@@ -33,7 +33,14 @@ import numpy as np
 import onnx_ir as ir
 
 from pipeline.errors import JobError
-from pipeline.onnx_io import PROTOBUF_LIMIT_BYTES, external_data_name, initializer_bytes, save_model
+from pipeline.onnx_io import (
+    PROTOBUF_LIMIT_BYTES,
+    discard_weights,
+    external_data_name,
+    initializer_bytes,
+    release_weights,
+    save_model,
+)
 from pipeline.quantization import weight_only_graph as graph
 from pipeline.quantization.weight_only_blocks import BLOCK_SIZES, BlockCodes, hqq_codes, rtn_codes
 from pipeline.quantization.weight_only_calibration import (
@@ -174,7 +181,8 @@ class WeightOnlyQuantizer:
         logits: The output the LM head produces.
 
     Raises:
-        JobError: gptq without calibration feeds, or the QDQ format on a model below opset 18.
+        JobError: gptq without calibration feeds, the QDQ format on a model below opset 18, or a
+            model without a MatMul weight to quantize.
     """
 
     def __init__(
@@ -196,6 +204,14 @@ class WeightOnlyQuantizer:
         if problem is not None:
             raise JobError(model_path, "quantize.weight_only.format", problem)
         self.targets = graph.find_targets(self._model, logits)
+        if not self.targets.matmuls:
+            raise JobError(
+                model_path,
+                "quantize.weight_only",
+                f"{model_path.name} has no MatMul with a constant 2-D float weight to quantize: torch's export "
+                "feeds each Linear weight through a Transpose, which the simplify stage folds (keep "
+                "simplify.enabled = true), or the model has no MatMul (drop [quantize.weight_only])",
+            )
         self.kept = self._kept(keep)
         self._codes: dict[tuple[str, int], BlockCodes] = {}
         self._moments: ActivationMoments | None = None
@@ -247,6 +263,10 @@ class WeightOnlyQuantizer:
                 self._codes[key] = hqq_codes(weight, bits, self.settings.block_size)
             else:
                 self._codes[key] = rtn_codes(weight, bits, self.settings.block_size, self.settings.symmetric)
+            del weight
+            # Its pages leave resident memory (read again from the file if another width wants it):
+            # otherwise quantizing reads the whole float model into memory beside the codes.
+            release_weights(self._model, [self.targets.matmul(node).weight])
         return self._codes[key]
 
     def _prepare_gptq(self, bits: list[int]) -> None:
@@ -268,6 +288,8 @@ class WeightOnlyQuantizer:
                     for width in bits:
                         codes = gptq_codes(weight, factor, width, self.settings.block_size, self.settings.symmetric)
                         self._codes[(target.node, width)] = codes
+                    del weight
+                    release_weights(self._model, [target.weight])
                 logger.debug("gptq: %s (%d MatMuls)", name, len(activations[name]))
 
     def _reader(self, activations: Mapping[str, list[graph.MatMulTarget]]) -> ActivationReader:
@@ -321,6 +343,7 @@ class WeightOnlyQuantizer:
             # source's data file, relative, so broken anywhere but the source's folder
             model = ir.external_data.load_to_model(model)
         save_model(model, out_path, external_data_threshold_bytes)
+        discard_weights(model)  # written: its maps of the float model's weights close now
         kept = {
             t.node: self.kept.get(t.node, "kept at higher precision")
             for t in self.targets.matmuls

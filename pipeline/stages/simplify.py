@@ -20,7 +20,7 @@ from pipeline.constant_folding import (
 )
 from pipeline.errors import OnnxforgeError, StageError, first_line
 from pipeline.job import ConversionJob
-from pipeline.onnx_io import check_model, model_artifact, parameter_count, save_model
+from pipeline.onnx_io import check_model, discard_weights, model_artifact, parameter_count, save_model
 from pipeline.records import GraphCounts, SimplifyRecord, StageName
 from pipeline.stage_cache import content_key
 from pipeline.stages.base import NoPreconditions, StageContext
@@ -68,6 +68,7 @@ class SimplifyStage(NoPreconditions):
         except Exception as e:  # noqa: BLE001 - the optimizer fails on some valid graphs: simplify less, say why
             optimizer_error = f"{type(e).__name__}: {first_line(e)}"
             logger.warning("simplify %s: the optimizer failed (%s); only dead nodes are removed", ctx.job.name, e)
+            discard_weights(model)
             model = ir.load(source)  # it may have changed the graph half-way
         try:
             RemoveUnusedNodesPass()(model)
@@ -88,6 +89,9 @@ class SimplifyStage(NoPreconditions):
             optimizer_error=optimizer_error,
             constant_nodes_kept=constant_nodes_left(model.graph),
         )
+        # onnxscript's rewrite rules keep the last graph they matched: its weights (views into the
+        # parent's memory maps) must not stay resident through the later stages.
+        discard_weights(model)
         return model_artifact(self.name, target, parent, record)
 
 

@@ -88,6 +88,8 @@ def test_a_decoder_quantized_weight_only_to_int4(write_job: Callable[[dict[str, 
     generation = result.report.generation
     assert generation is not None
     assert [m.precision for m in generation.models if m.model == "model.int4.onnx"] == ["int4"]
+    (summary,) = result.report.summary  # the decision table says what ships: int4, not fp32
+    assert summary.shipped_model == "model.int4.onnx" and summary.precision == "int4"
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="read fr
 
 @linux
 def test_the_peak_follows_an_allocation_and_resets_below_it() -> None:
+    assert reset_peak_rss()  # from here, not from whatever peak earlier tests reached
     before = peak_rss_bytes()
     block = np.ones(64 * 2**20 // 8)  # 64 MiB, touched
     during = peak_rss_bytes()

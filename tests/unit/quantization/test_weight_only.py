@@ -7,6 +7,7 @@ carry outlier channels, as trained LLMs' do, which is where data-aware methods p
 
 from __future__ import annotations
 
+import sys
 import warnings
 from pathlib import Path
 
@@ -516,6 +517,33 @@ def test_gptq_without_feeds_and_qdq_below_opset_18_are_refused(decoders, tmp_pat
     onnx.save(old, tmp_path / "old.onnx")
     with pytest.raises(JobError, match="opset 17"):
         quantize_weight_only(tmp_path / "old.onnx", tmp_path / "y.onnx", WeightOnlySettings(format="qdq"))
+
+
+def test_a_model_whose_matmul_weights_are_not_constants_is_refused(decoders, tmp_path) -> None:
+    """torch's export feeds each Linear weight through a Transpose (simplify folds it): quantizing
+    that graph would write an "int4" model that is the float one."""
+    model = onnx.load(str(decoders["plain"]))
+    for node in model.graph.node:
+        if node.op_type == "MatMul":
+            weight = node.input[1]
+            node.input[1] = f"{weight}_t"
+            model.graph.node.append(onnx.helper.make_node("Identity", [weight], [f"{weight}_t"]))
+    onnx.save(model, tmp_path / "transposed.onnx")
+
+    with pytest.raises(JobError, match="no MatMul with a constant 2-D float weight.*simplify"):
+        quantize_weight_only(tmp_path / "transposed.onnx", tmp_path / "q.onnx", WeightOnlySettings())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="memory maps are read from /proc")
+def test_quantizing_leaves_no_float_weight_resident(tmp_path) -> None:
+    """Each weight's memory map closes once its codes exist, and the written model's when saved:
+    a 1 B model's float weights do not all sit in memory beside its codes."""
+    model = build_decoder(tmp_path / "ext.onnx", external=True)
+
+    quantize_weight_only(model, tmp_path / "q.onnx", WeightOnlySettings(), None, external_data_threshold_bytes=1024)
+
+    mapped = [line for line in Path("/proc/self/maps").read_text().splitlines() if line.endswith("ext.onnx.data")]
+    assert mapped == []
 
 
 class _CacheAsTensors(torch.nn.Module):

@@ -7,6 +7,7 @@ runner would after the export stage.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -242,3 +243,30 @@ def test_an_optimizer_failure_on_a_valid_model_keeps_it_and_says_why(
     assert record.removed_ops == {"Relu": 1}
     assert (record.before.nodes, record.after.nodes) == (3, 2)
     onnx.checker.check_model(str(ctx.workdir / SIMPLIFIED_MODEL), full_check=True)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="memory maps are read from /proc")
+def test_no_map_of_the_parents_weights_outlives_the_stage(tmp_path: Path) -> None:
+    """onnxscript's rewrite rules keep the last graph they matched, and the folded weights are views
+    into the parent's memory maps: after the stage those maps must be closed, or a 1 B model's
+    weights stay resident through every later stage."""
+    ctx = make_context(tmp_path)
+    source = ctx.path_of("export")
+    weight = np.random.default_rng(1).normal(size=(3, 4)).astype(np.float32)
+    graph = helper.make_graph(
+        [  # y = x @ W.T, as torch exports a Linear: simplify folds the Transpose into a new weight
+            helper.make_node("Transpose", ["W"], ["Wt"], perm=[1, 0], name="transpose"),
+            helper.make_node("MatMul", ["x", "Wt"], ["y"], name="linear"),
+        ],
+        "linear",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])],
+        initializer=[numpy_helper.from_array(weight, "W")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
+    onnx.save(model, source, save_as_external_data=True, location="model.onnx.data", size_threshold=0)
+
+    SimplifyStage().run(ctx)
+
+    mapped = [line for line in Path("/proc/self/maps").read_text().splitlines() if line.endswith("model.onnx.data")]
+    assert mapped == []
