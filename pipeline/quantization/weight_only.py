@@ -36,8 +36,8 @@ from pipeline.errors import JobError
 from pipeline.onnx_io import (
     PROTOBUF_LIMIT_BYTES,
     discard_weights,
-    external_data_name,
     initializer_bytes,
+    model_bytes,
     release_weights,
     save_model,
 )
@@ -349,8 +349,7 @@ class WeightOnlyQuantizer:
             for t in self.targets.matmuls
             if t.node not in quantized
         }
-        data = out_path.parent / external_data_name(out_path)
-        files = out_path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+        files = model_bytes(out_path.parent, [out_path.name])
         seconds = self._timing.seconds + time.perf_counter() - start
         logger.info(
             "weight-only %s int%d: %d MatMuls quantized, %d kept float; weights %.1f -> %.1f MB in %.1f s",

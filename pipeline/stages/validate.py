@@ -27,7 +27,7 @@ from pipeline.llm.validate_generation import (
     generation_parity,
     pytorch_generation,
 )
-from pipeline.onnx_io import load_graph_only
+from pipeline.onnx_io import load_graph_only, model_bytes
 from pipeline.outputs import run_torch
 from pipeline.parity.chain import Link, ParityChain, RunKey, Runs
 from pipeline.parity.generation import GenerationParity, ModelGeneration
@@ -51,7 +51,6 @@ from pipeline.stages.validate_runs import (
     RecordedRuns,
     RunRequest,
     RunStore,
-    model_bytes,
     record_one_at_a_time,
 )
 

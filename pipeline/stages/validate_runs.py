@@ -67,17 +67,6 @@ class LiveRuns:
         return self.run_all(request.feeds)
 
 
-def model_bytes(workdir: Path, files: Sequence[str]) -> int:
-    """The size of model files and of the external data files beside them."""
-    from pipeline.onnx_io import external_data_files
-
-    total = 0
-    for name in dict.fromkeys(files):
-        path = workdir / name
-        total += path.stat().st_size + sum((path.parent / data).stat().st_size for data in external_data_files(path))
-    return total
-
-
 class RunStore:
     """Outputs by (request, run key), in a scratch folder under the stage's work folder (deleted on
     `close`). Keys that share outputs (PyTorch's, the same on every target) share one file."""
