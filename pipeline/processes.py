@@ -79,11 +79,24 @@ def peak_rss_bytes() -> int | None:
     return None
 
 
-def release_freed_memory() -> None:
-    """Collect unreachable Python objects and hand the C heap's free pages back to the system
-    (glibc's ``malloc_trim``): between stages, so that what one stage freed (a model's weights,
-    a session's buffers) is not counted in the next one's resident memory, nor kept from it."""
-    gc.collect()
+def resident_bytes() -> int | None:
+    """This process's resident set size now in bytes (``VmRSS``); None without /proc."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    for line in status.splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
+def release_freed_memory(collect: bool = True) -> None:
+    """Hand the C heap's free pages back to the system (glibc's ``malloc_trim``, microseconds),
+    after collecting unreachable Python objects when `collect` (a quarter of a second with torch
+    loaded: worth it only when large objects may be waiting in reference cycles)."""
+    if collect:
+        gc.collect()
     trim = linux_libc_function("malloc_trim", [ctypes.c_size_t], ctypes.c_int)
     if trim is not None:
         trim(0)

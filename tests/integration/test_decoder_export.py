@@ -27,7 +27,7 @@ from transformers import (
 
 from pipeline.errors import JobError
 from pipeline.llm.export import ExportResult, export_decoder, input_shapes
-from pipeline.llm.export_parity import check_decoder_parity
+from pipeline.llm.export_parity import check_decoder_parity, decoder_references
 from pipeline.llm.export_records import SizeParity
 from pipeline.llm.signature import DecoderSignature
 
@@ -141,7 +141,8 @@ def test_graph_names_and_dynamic_dims(exported: Exported) -> None:
 
 
 def test_parity_at_sizes(exported: Exported) -> None:
-    parity = check_decoder_parity(exported.model, exported.result.path, exported.signature, SIZES, job=JOB)
+    references = decoder_references(exported.model, exported.signature, SIZES)
+    parity = check_decoder_parity(references, exported.result.path, exported.signature, job=JOB)
     assert [(p.batch, p.sequence, p.past) for p in parity] == SIZES
     for entry in parity:
         assert entry.passed(atol=ATOL), entry
@@ -156,7 +157,8 @@ def test_parity_sees_a_different_model(exported: Exported) -> None:
     with torch.no_grad():
         layer = other.get_output_embeddings()
         layer.weight.add_(1e-2 * torch.randn_like(layer.weight))
-    parity = check_decoder_parity(other, exported.result.path, exported.signature, [(2, 3, 4)], job=JOB)
+    references = decoder_references(other, exported.signature, [(2, 3, 4)])
+    parity = check_decoder_parity(references, exported.result.path, exported.signature, job=JOB)
     assert not parity[0].passed(atol=ATOL)
     assert parity[0].logits.max_abs_error > ATOL
 
