@@ -2,7 +2,8 @@
 sessions open together), or, for models too large to hold together, one model at a time.
 
 One model at a time: PyTorch runs first on every request (each evaluation batch and each extra
-shape) and its weights are released; then each session opens alone, runs every request and closes.
+shape), then its weights are released (above 1 GiB: `pipeline.stages.source_weights`); then each
+session opens alone, runs every request and closes (the speed guard opens its pair together).
 Every output goes to a scratch folder as it is produced, and the comparisons read a batch's
 outputs back from there, so memory holds one model and one batch's outputs, not all of them.
 The figures are the same either way: the same runs, in another order.
