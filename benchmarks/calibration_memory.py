@@ -110,10 +110,12 @@ def worker(model_path: Path, tool: str, samples: int) -> None:
 def peak_rss_kib() -> int:
     """This process's peak RSS (VmHWM). Not getrusage's ru_maxrss: Linux carries that across exec
     from the parent, which here exported MiniLM with torch (1.28 GB) before starting the workers."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # no VmHWM line: the best there is
+    from pipeline.processes import peak_rss_bytes
+
+    peak = peak_rss_bytes()
+    if peak is None:  # no VmHWM: the best there is
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak // 1024
 
 
 def prepare_model(folder: Path) -> Path:

@@ -69,24 +69,22 @@ def peak_rss_bytes() -> int | None:
     """This process's peak resident set size in bytes (``VmHWM``: anonymous and file-backed pages,
     memory-mapped weights included, since the start or the last `reset_peak_rss`); None without
     /proc."""
-    try:
-        status = Path("/proc/self/status").read_text()
-    except OSError:
-        return None
-    for line in status.splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return None
+    return _status_bytes("VmHWM")
 
 
 def resident_bytes() -> int | None:
     """This process's resident set size now in bytes (``VmRSS``); None without /proc."""
+    return _status_bytes("VmRSS")
+
+
+def _status_bytes(field: str) -> int | None:
+    """A ``kB`` field of ``/proc/self/status`` in bytes; None without /proc or the field."""
     try:
         status = Path("/proc/self/status").read_text()
     except OSError:
         return None
     for line in status.splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) * 1024
     return None
 
