@@ -47,7 +47,7 @@ from rich.table import Table
 
 import pipeline
 from pipeline.job.policies import GenerationPolicy
-from pipeline.llm.generate import Decoder, OnnxDecoder, TorchDecoder
+from pipeline.llm.generate import Decoder, OnnxDecoder, TorchDecoder, speed_runs
 from pipeline.llm.pretrained import causal_lm
 from pipeline.llm.signature import DecoderSignature
 from pipeline.parity.generation import GenerationParity
@@ -251,20 +251,6 @@ def onnx_decoder(path: Path, signature: DecoderSignature) -> OnnxDecoder:
     return OnnxDecoder(runner, dataclasses.replace(signature, position_ids=takes_positions))
 
 
-def decoder_runs(decoder: Decoder, prompt: np.ndarray, new_tokens: int) -> Runs:
-    """(prefill, decode) as `pipeline.llm.generate.decode_speed` times them: the prompt's prefill, and
-    a rewind to the prompt followed by `new_tokens` greedy steps with the cache."""
-    first = int(np.argmax(decoder.prefill(prompt)))
-
-    def decode() -> None:
-        decoder.rewind(len(prompt))
-        token = first
-        for _ in range(new_tokens):
-            token = int(np.argmax(decoder.step(token)))
-
-    return (lambda: decoder.prefill(prompt)), decode
-
-
 def genai_folder(bench: Bench, work: Path, precision: str, reuse: bool) -> Path:
     """The builder's output for `precision` (built unless `reuse` and already there)."""
     folder = work / f"genai-{precision}"
@@ -452,7 +438,7 @@ def main() -> None:
         if isinstance(row.decoder, RuntimeDecoder):
             row.runs = runtime_runs(row.decoder, prompts[0], args.new_tokens)
         else:
-            row.runs = decoder_runs(row.decoder, prompts[0], args.new_tokens)
+            row.runs = speed_runs(row.decoder, prompts[0], args.new_tokens)
     settings = TimingSettings(budget_s=args.budget_s)
     report(bench, rows, parity, speeds(rows, settings), settings, args.new_tokens)
 

@@ -187,7 +187,7 @@ def interleaved_decode(out: Path, model: Path, rounds: int) -> Table:
     import onnxruntime as ort
     from transformers import AutoConfig
 
-    from pipeline.llm.generate import OnnxDecoder
+    from pipeline.llm.generate import OnnxDecoder, speed_runs
     from pipeline.llm.signature import DecoderSignature
     from pipeline.timing import TimingSettings, compare_latency
 
@@ -201,16 +201,9 @@ def interleaved_decode(out: Path, model: Path, rounds: int) -> Table:
     prompt = np.arange(3, 3 + 16, dtype=np.int64)
     steps = 16
 
-    firsts = [int(np.argmax(decoder.prefill(prompt))) for decoder in decoders]
-
-    def decode(index: int) -> None:  # decode steps only: rewound to the prefilled prompt, as decode_speed
-        decoder, token = decoders[index], firsts[index]
-        decoder.rewind(len(prompt))
-        for _ in range(steps):
-            token = int(np.argmax(decoder.step(token)))
-
+    fp32, int4 = (speed_runs(decoder, prompt, steps)[1] for decoder in decoders)  # decode steps, as decode_speed
     settings = TimingSettings(warmup=1, min_rounds=rounds, max_rounds=rounds * 2, budget_s=600.0)
-    ratio = compare_latency(lambda: decode(0), lambda: decode(1), settings)
+    ratio = compare_latency(fp32, int4, settings)
     title = f"Decode at batch 1, fp32 and int4 interleaved ({ratio.rounds} rounds of {steps} steps, 16-token prompt)"
     table = Table(title=title)
     for column in ("fp32 tokens / s", "int4 tokens / s", "int4 speed-up", "interval"):

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -36,6 +36,9 @@ from pipeline.llm.signature import DecoderSignature
 from pipeline.timing import DEFAULT_TIMING, TimingSettings, measure_latency_ms, significant
 
 logger = logging.getLogger(__name__)
+
+#: (prefill, decode): what `decode_speed` times (`speed_runs`).
+SpeedRuns = tuple[Callable[[], object], Callable[[], None]]
 
 
 class GenerationError(OnnxforgeError):
@@ -328,6 +331,24 @@ def perplexity(decoder: Decoder, rows: Sequence[np.ndarray]) -> Perplexity:
     return Perplexity(value=significant(float(np.exp(nll)), 7), nll=significant(nll, 7), rows=len(rows), tokens=count)
 
 
+def speed_runs(
+    decoder: Decoder, prompt: np.ndarray, new_tokens: int
+) -> tuple[Callable[[], object], Callable[[], None]]:
+    """What decode speed times, as two callables: the prompt's prefill, and a rewind to the
+    prefilled prompt followed by `new_tokens` greedy steps with the cache (the prompt is prefilled
+    once here, for the first token)."""
+    ids = _prompt(prompt)
+    first = int(np.argmax(decoder.prefill(ids)))
+
+    def decode() -> None:
+        decoder.rewind(len(ids))
+        token = first
+        for _ in range(new_tokens):
+            token = int(np.argmax(decoder.step(token)))
+
+    return (lambda: decoder.prefill(ids)), decode
+
+
 def decode_speed(
     decoder: Decoder, prompt: np.ndarray, new_tokens: int, settings: TimingSettings = DEFAULT_TIMING
 ) -> DecodeSpeed:
@@ -346,15 +367,8 @@ def decode_speed(
     if new_tokens < 1:
         raise GenerationError(f"new_tokens must be at least 1, got {new_tokens}")
     ids = _prompt(prompt)
-    ttft_ms = measure_latency_ms(lambda: decoder.prefill(ids), settings)
-    first = int(np.argmax(decoder.prefill(ids)))
-
-    def decode() -> None:
-        decoder.rewind(len(ids))
-        token = first
-        for _ in range(new_tokens):
-            token = int(np.argmax(decoder.step(token)))
-
+    prefill, decode = speed_runs(decoder, ids, new_tokens)
+    ttft_ms = measure_latency_ms(prefill, settings)
     per_token = measure_latency_ms(decode, settings) / new_tokens
     speed = DecodeSpeed(
         prompt_tokens=len(ids),
