@@ -27,7 +27,7 @@ from pipeline.llm.validate_generation import (
     generation_parity,
     pytorch_generation,
 )
-from pipeline.onnx_io import load_graph_only, model_bytes
+from pipeline.onnx_io import load_graph_only
 from pipeline.outputs import run_torch
 from pipeline.parity.chain import Link, ParityChain, RunKey, Runs
 from pipeline.parity.generation import GenerationParity, ModelGeneration
@@ -42,7 +42,7 @@ from pipeline.records import DistillRecord, ModelRecord, PruneRecord, QuantizeRe
 from pipeline.stages.base import NoPreconditions, StageContext, Target, resize_feeds
 from pipeline.stages.distill import pytorch_model, teacher_model
 from pipeline.stages.source_weights import job_input_hashes, release_source_module
-from pipeline.stages.validate_facts import report_notes, run_facts
+from pipeline.stages.validate_facts import artifact_bytes, report_notes, run_facts
 from pipeline.stages.validate_runs import (
     HOLD_ONE_ABOVE_BYTES,
     BatchRuns,
@@ -109,7 +109,7 @@ class ValidateStage(NoPreconditions):
         keys = [(target.name, path) for target in ctx.targets for path in chains[target.name]]
         keys += [key for key in self._reference_keys(ctx) if key not in keys]
         with ExitStack() as stack:
-            if model_bytes(ctx.workdir, [path for _, path in keys]) > HOLD_ONE_ABOVE_BYTES:
+            if _models_bytes(ctx, {path for _, path in keys}) > HOLD_ONE_ABOVE_BYTES:
                 models = self._one_at_a_time(ctx, keys, stack)
             else:
                 models = self._all_open(ctx, keys, stack)
@@ -156,7 +156,7 @@ class ValidateStage(NoPreconditions):
         store = RunStore(ctx.workdir)
         stack.callback(store.close)
         causal = is_causal_lm(ctx.job)
-        records = {artifact.path: artifact.record_as(ModelRecord) for artifact in ctx.all_models()}
+        records = _model_records(ctx)
         reference: list[DecoderReference] = []
         found: list[ModelGeneration] = []
 
@@ -252,7 +252,7 @@ class ValidateStage(NoPreconditions):
         model = pytorch_model(ctx)
         if not is_causal_lm(ctx.job) or model is None:
             return None
-        records = {artifact.path: artifact.record_as(ModelRecord) for artifact in ctx.all_models()}
+        records = _model_records(ctx)
         return generation_parity(ctx.job, model, ctx.evaluation, sessions, records)
 
     def _shape_checks(self, ctx: StageContext, models: BatchRuns, stream: _Stream) -> list[Comparison]:
@@ -379,6 +379,17 @@ class ValidateStage(NoPreconditions):
             return get_backend(CPU).open(ctx.workdir / path)
         except BackendError as e:
             raise _model_error(ctx, e, "open", path, CPU) from e
+
+
+def _models_bytes(ctx: StageContext, paths: set[str]) -> int:
+    """The size on disk of the run's models named in `paths`, each file once."""
+    artifacts = {artifact.path: artifact for artifact in ctx.all_models() if artifact.path in paths}
+    return sum(artifact_bytes(ctx, artifact) for artifact in artifacts.values())
+
+
+def _model_records(ctx: StageContext) -> dict[str, ModelRecord]:
+    """Each model file's record (its precision names it in generation parity)."""
+    return {artifact.path: artifact.record_as(ModelRecord) for artifact in ctx.all_models()}
 
 
 def _requests(ctx: StageContext) -> Iterator[RunRequest]:

@@ -35,14 +35,7 @@ def run_facts(ctx: StageContext, validate_seconds: float) -> RunFacts:
             peak_rss_bytes=peak_rss_bytes(),  # the runner reset the peak as validate started
         )
     )
-    models = [
-        ModelFile(
-            stage=a.stage,
-            file=a.path,
-            bytes=sum((ctx.workdir / name).stat().st_size for name in [a.path, *a.external_data]),
-        )
-        for a in ctx.all_models()
-    ]
+    models = [ModelFile(stage=a.stage, file=a.path, bytes=artifact_bytes(ctx, a)) for a in ctx.all_models()]
     return RunFacts(
         models=models,
         quantization=_quantization(ctx),
@@ -51,6 +44,11 @@ def run_facts(ctx: StageContext, validate_seconds: float) -> RunFacts:
         tool_versions=tool_versions(),
         input_hashes=job_input_hashes(ctx),
     )
+
+
+def artifact_bytes(ctx: StageContext, artifact: Artifact) -> int:
+    """A model artifact's size on disk: its file and its external data files."""
+    return sum((ctx.workdir / name).stat().st_size for name in [artifact.path, *artifact.external_data])
 
 
 def _quantization(ctx: StageContext) -> list[QuantizationSummary]:
