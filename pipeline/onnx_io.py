@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import onnx
@@ -143,10 +143,6 @@ def discard_weights(model: ir.Model) -> None:
                 logger.debug("%s: its memory map is still in use", value.name)
 
 
-def model_bytes(folder: Path, files: Sequence[str]) -> int:
-    """The size of model files in `folder` and of the external data files beside them."""
-    total = 0
-    for name in dict.fromkeys(files):
-        path = folder / name
-        total += path.stat().st_size + sum((path.parent / data).stat().st_size for data in external_data_files(path))
-    return total
+def model_bytes(path: Path) -> int:
+    """Bytes of a saved model: its graph file and every external data file it names."""
+    return path.stat().st_size + sum((path.parent / name).stat().st_size for name in external_data_files(path))

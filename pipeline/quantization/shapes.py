@@ -20,18 +20,13 @@ from onnxruntime.quantization.quant_utils import add_infer_metadata
 
 from pipeline.artifacts import storage_errors
 from pipeline.errors import StorageError
-from pipeline.onnx_io import PROTOBUF_LIMIT_BYTES, external_data_files
+from pipeline.onnx_io import PROTOBUF_LIMIT_BYTES, model_bytes
 
 logger = logging.getLogger(__name__)
 
 # Models whose files (graph and external data) stay under this are inferred in memory; the
 # margin leaves room for the value_info inference adds before the proto is serialised again.
 IN_MEMORY_LIMIT_BYTES = PROTOBUF_LIMIT_BYTES - 64 * 2**20
-
-
-def model_bytes(path: Path) -> int:
-    """Bytes of a saved model: its graph file and every external data file it names."""
-    return path.stat().st_size + sum((path.parent / name).stat().st_size for name in external_data_files(path))
 
 
 def load_with_shapes(path: Path) -> onnx.ModelProto:

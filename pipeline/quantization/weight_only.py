@@ -349,7 +349,7 @@ class WeightOnlyQuantizer:
             for t in self.targets.matmuls
             if t.node not in quantized
         }
-        files = model_bytes(out_path.parent, [out_path.name])
+        files = model_bytes(out_path)
         seconds = self._timing.seconds + time.perf_counter() - start
         logger.info(
             "weight-only %s int%d: %d MatMuls quantized, %d kept float; weights %.1f -> %.1f MB in %.1f s",
