@@ -16,7 +16,6 @@ Timings are measured but never asserted.
 
 from __future__ import annotations
 
-import inspect
 import math
 import warnings
 from pathlib import Path
@@ -58,61 +57,13 @@ from pipeline.parity.html import render_html
 from pipeline.parity.report import ParityReport, render_markdown
 from pipeline.parity.summary import RunFacts
 from pipeline.timing import TimingSettings
+from tests.decoder_export import export_with_torchscript
 
 transformers = pytest.importorskip("transformers")
 
 VOCAB = 256
 NEW_TOKENS = 12
 QUICK = TimingSettings(warmup=1, min_rounds=2)
-
-
-class _FlatDecoder(torch.nn.Module):
-    """The model with the signature's flat inputs and outputs (past tensors <-> a DynamicCache)."""
-
-    def __init__(self, model: Any, signature: DecoderSignature) -> None:
-        super().__init__()
-        self.model = model
-        self.signature = signature
-        self.cache_argument = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-    def forward(self, input_ids: Any, attention_mask: Any, position_ids: Any, *past: Any) -> tuple[Any, ...]:
-        cache = transformers.DynamicCache(config=self.model.config)
-        for layer in range(self.signature.layers):
-            cache.update(past[2 * layer], past[2 * layer + 1], layer)
-        arguments = {self.cache_argument: cache}
-        output = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **arguments)
-        found = output.get("cache")
-        found = found if found is not None else output.get("past_key_values")
-        return (output.logits, *(t for layer in found.layers for t in (layer.keys, layer.values)))
-
-
-def _export(model: Any, signature: DecoderSignature, path: Path) -> None:
-    batch, sequence, past = 2, 3, 4
-    example = (
-        torch.randint(0, VOCAB, (batch, sequence)),
-        torch.ones(batch, past + sequence, dtype=torch.int64),
-        torch.arange(past, past + sequence).expand(batch, sequence),
-        *(torch.randn(batch, signature.kv_heads, past, signature.head_dim) for _ in signature.past_names()),
-    )
-    axes: dict[str, dict[int, str]] = {
-        "input_ids": {0: "batch", 1: "sequence"},
-        "attention_mask": {0: "batch", 1: "total_sequence"},
-        "position_ids": {0: "batch", 1: "sequence"},
-        "logits": {0: "batch", 1: "sequence"},
-    }
-    axes.update({name: {0: "batch", 2: "past_sequence"} for name in signature.past_names()})
-    axes.update({name: {0: "batch", 2: "total_sequence"} for name in signature.present_names()})
-    with torch.no_grad():
-        torch.onnx.export(
-            _FlatDecoder(model, signature).eval(),
-            example,
-            str(path),
-            input_names=signature.input_names(),
-            output_names=signature.output_names(),
-            dynamic_axes=axes,
-            opset_version=18,
-            dynamo=False,
-        )
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +84,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, DecoderSignatur
     path = tmp_path_factory.mktemp("tiny_llama") / "decoder.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tracer's warnings about Python values in the graph
-        _export(model, signature, path)
+        export_with_torchscript(model, signature, path)
     return model, signature, path
 
 

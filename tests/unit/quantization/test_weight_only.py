@@ -8,7 +8,6 @@ carry outlier channels, as trained LLMs' do, which is where data-aware methods p
 from __future__ import annotations
 
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +44,7 @@ from pipeline.quantization.weight_only_mixed import (
     rank_layers,
     split_feeds,
 )
+from tests.decoder_export import export_with_torchscript
 
 VOCAB, HIDDEN, FFN, LAYERS = 96, 64, 128, 2
 
@@ -546,26 +546,6 @@ def test_quantizing_leaves_no_float_weight_resident(tmp_path) -> None:
     assert mapped == []
 
 
-class _CacheAsTensors(torch.nn.Module):
-    """A transformers causal LM taking and returning its KV cache as the signature's flat tensors."""
-
-    def __init__(self, model: torch.nn.Module, signature: DecoderSignature) -> None:
-        super().__init__()
-        self.model = model
-        self.signature = signature
-
-    def forward(self, input_ids, attention_mask, position_ids, *past):  # type: ignore[no-untyped-def]
-        import transformers  # the fixture skips when it is missing
-
-        cache = transformers.DynamicCache(config=self.model.config)
-        for layer in range(self.signature.layers):
-            cache.update(past[2 * layer], past[2 * layer + 1], layer)
-        out = self.model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, past_key_values=cache
-        )
-        return (out.logits, *(t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)))
-
-
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, DecoderSignature]:
     """A random-init LlamaForCausalLM (2 layers, hidden 64, 4 heads, 2 KV heads) exported with its
@@ -583,30 +563,7 @@ def llama(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, DecoderSignat
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config).eval()
     signature = DecoderSignature.from_config(config)
-    batch, sequence, past = 2, 3, 4
-    example = (
-        torch.randint(0, 256, (batch, sequence)),
-        torch.ones(batch, past + sequence, dtype=torch.int64),
-        torch.arange(past, past + sequence).expand(batch, sequence),
-        *(torch.randn(batch, signature.kv_heads, past, signature.head_dim) for _ in signature.past_names()),
-    )
-    axes = {name: {0: "batch", 1: "sequence"} for name in ("input_ids", "position_ids", "logits")}
-    axes["attention_mask"] = {0: "batch", 1: "total"}
-    axes.update({name: {0: "batch", 2: "past"} for name in signature.past_names()})
-    axes.update({name: {0: "batch", 2: "total"} for name in signature.present_names()})
-    path = tmp_path_factory.mktemp("llama") / "llama.onnx"
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            _CacheAsTensors(model, signature),
-            example,
-            str(path),
-            input_names=signature.input_names(),
-            output_names=signature.output_names(),
-            dynamic_axes=axes,
-            opset_version=18,
-            dynamo=False,
-        )
+    path = export_with_torchscript(model, signature, tmp_path_factory.mktemp("llama") / "llama.onnx")
     return path, signature
 
 
