@@ -328,12 +328,10 @@ class WeightOnlyQuantizer:
         model = load_model(self.model_path)
         before = initializer_bytes(model)
         nodes = {node.name or "": node for node in model.graph}
-        quantized: dict[str, int] = {}
-        for target in self.candidates:
-            bits = plan.get(target.node, 0)
-            if bits:
-                self._rewrite_matmul(model, nodes[target.node], self.codes(target.node, bits))
-                quantized[target.node] = bits
+        quantized = {t.node: plan[t.node] for t in self.candidates if plan.get(t.node, 0)}
+        for group in self._rewrite_groups(quantized):
+            codes = [self.codes(name, quantized[name]) for name in group]
+            self._rewrite_matmuls(model, [nodes[name] for name in group], codes)
         embeddings = self._rewrite_embeddings(model, nodes)
         if self.settings.format == "qdq":
             graph.declare_qdq_opset(model)
@@ -375,11 +373,25 @@ class WeightOnlyQuantizer:
             self.tokens,
         )
 
-    def _rewrite_matmul(self, model: ir.Model, node: ir.Node, codes: BlockCodes) -> None:
+    def _rewrite_groups(self, quantized: Mapping[str, int]) -> list[list[str]]:
+        """The quantized MatMuls in graph order, those of one activation at one precision together
+        (``MatMulNBits`` runs them as one: `graph.to_joined_matmul_nbits`); QDQ keeps each alone."""
+        groups: dict[tuple[str, int], list[str]] = {}
+        for target in self.candidates:
+            if target.node in quantized:
+                key = (target.activation, quantized[target.node])
+                if self.settings.format == "qdq":
+                    key = (target.node, 0)
+                groups.setdefault(key, []).append(target.node)
+        return list(groups.values())
+
+    def _rewrite_matmuls(self, model: ir.Model, nodes: list[ir.Node], codes: list[BlockCodes]) -> None:
         if self.settings.format == "qdq":
-            graph.to_qdq_matmul(model, node, codes)
+            graph.to_qdq_matmul(model, nodes[0], codes[0])
+        elif len(nodes) == 1:
+            graph.to_matmul_nbits_node(model, nodes[0], codes[0], self.settings.accuracy_level)
         else:
-            graph.to_matmul_nbits_node(model, node, codes, self.settings.accuracy_level)
+            graph.to_joined_matmul_nbits(model, nodes, codes, self.settings.accuracy_level)
 
     def _rewrite_embeddings(self, model: ir.Model, nodes: Mapping[str, ir.Node]) -> dict[str, int]:
         if not self.settings.quantize_embeddings:

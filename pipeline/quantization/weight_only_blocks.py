@@ -15,6 +15,7 @@ zero is implied, ``2**(bits - 1)`` (8 for int4, 128 for int8), as ``MatMulNBits`
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -70,6 +71,32 @@ class BlockCodes:
         scales = np.repeat(self.scales.astype(np.float32), self.block_size, axis=0)[:rows]
         zeros = np.repeat(self.zeros(), self.block_size, axis=0)[:rows]
         return (self.codes.astype(np.float32) - zeros) * scales
+
+    @classmethod
+    def side_by_side(cls, parts: Sequence[BlockCodes]) -> BlockCodes:
+        """The codes of the weights `parts` stand for, concatenated along N (one [K, sum N] weight).
+
+        Blocks run along K, so each column keeps its codes, scales and zero points: the joined
+        weight dequantizes to the parts' weights side by side, exactly.
+
+        Raises:
+            ValueError: The parts differ in K, bits, block size or zero-point form.
+        """
+        first = parts[0]
+        forms = {
+            (p.shape[0], p.bits, p.block_size, None if p.zero_points is None else p.zero_points.dtype) for p in parts
+        }
+        if len(forms) != 1:
+            raise ValueError(f"codes of different forms cannot be joined: {sorted(map(str, forms))}")
+        stored = [p.zero_points for p in parts if p.zero_points is not None]
+        zeros = np.concatenate(stored, axis=1) if stored else None
+        return cls(
+            np.concatenate([p.codes for p in parts], axis=1),
+            np.concatenate([p.scales for p in parts], axis=1),
+            zeros,
+            first.bits,
+            first.block_size,
+        )
 
     def nbytes(self) -> int:
         """Bytes of the packed form (codes at `bits` each, scales, zero points)."""

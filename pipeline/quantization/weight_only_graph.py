@@ -10,6 +10,7 @@ loaded model, where onnx-ir memory-maps external data: one weight at a time is i
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -176,22 +177,57 @@ def to_matmul_nbits_node(model: ir.Model, node: ir.Node, codes: BlockCodes, accu
     """Replace a MatMul by ``MatMulNBits`` (com.microsoft) holding `codes`."""
     weight = node.inputs[1]
     assert weight is not None and weight.name is not None
+    new = _matmul_nbits(model, node.inputs[0], codes, accuracy_level, weight.name, f"{node.name}_Q{codes.bits}")
+    _swap(model, node, new)
+    _drop_if_unused(model, weight.name)
+
+
+def to_joined_matmul_nbits(
+    model: ir.Model, nodes: Sequence[ir.Node], parts: Sequence[BlockCodes], accuracy_level: int
+) -> None:
+    """Replace MatMuls of one activation (a layer's query, key and value projections; its gate and
+    up projections) by one ``MatMulNBits`` over their weights side by side and a ``Split`` of its
+    output: one kernel call instead of several at each decode step, on the same codes."""
+    first = nodes[0]
+    weights = [node.inputs[1] for node in nodes]
+    names = [str(weight.name) for weight in weights if weight is not None]
+    joined = BlockCodes.side_by_side(parts)
+    fused_name = "+".join(str(node.name) for node in nodes) + f"_Q{joined.bits}"
+    fused = _matmul_nbits(model, first.inputs[0], joined, accuracy_level, f"{names[0]}_joined", fused_name)
+    widths = ir.tensor(np.array([part.shape[1] for part in parts], dtype=np.int64))
+    sizes = ir.node("Constant", [], {"value": widths}, name=f"{fused_name}_widths")
+    split = ir.node(
+        "Split", [fused.outputs[0], sizes.outputs[0]], {"axis": -1}, num_outputs=len(parts), name=f"{fused_name}_split"
+    )
+    model.graph.insert_before(first, [fused, sizes, split])
+    for node, part in zip(nodes, split.outputs, strict=True):
+        before = node.outputs[0]
+        part.type, part.shape, name = before.type, before.shape, before.name
+        before.replace_all_uses_with(part, replace_graph_outputs=True)
+        model.graph.remove(node, safe=True)
+        part.name = name
+    for name in names:
+        _drop_if_unused(model, name)
+
+
+def _matmul_nbits(
+    model: ir.Model, activation: ir.Value | None, codes: BlockCodes, accuracy_level: int, weight: str, name: str
+) -> ir.Node:
+    """A ``MatMulNBits`` node on `activation` holding `codes` (its initializers named after `weight`)."""
     packed, scales, zeros = to_matmul_nbits(codes)
     inputs = [
-        node.inputs[0],
-        _initializer(model, _unique(model, f"{weight.name}_Q{codes.bits}"), packed),
-        _initializer(model, _unique(model, f"{weight.name}_scales"), scales),
+        activation,
+        _initializer(model, _unique(model, f"{weight}_Q{codes.bits}"), packed),
+        _initializer(model, _unique(model, f"{weight}_scales"), scales),
     ]
     if zeros is not None:
-        inputs.append(_initializer(model, _unique(model, f"{weight.name}_zero_points"), zeros))
+        inputs.append(_initializer(model, _unique(model, f"{weight}_zero_points"), zeros))
     rows, cols = codes.shape
     attributes: dict[str, int] = {"K": rows, "N": cols, "bits": codes.bits, "block_size": codes.block_size}
     if accuracy_level:
         attributes["accuracy_level"] = accuracy_level
-    new = ir.node("MatMulNBits", inputs, attributes, domain=MS_DOMAIN, name=f"{node.name}_Q{codes.bits}")
-    _swap(model, node, new)
-    _drop_if_unused(model, weight.name)
     model.opset_imports.setdefault(MS_DOMAIN, 1)
+    return ir.node("MatMulNBits", inputs, attributes, domain=MS_DOMAIN, name=name)
 
 
 def to_qdq_matmul(model: ir.Model, node: ir.Node, codes: BlockCodes) -> None:

@@ -35,6 +35,7 @@ from pipeline.quantization.weight_only_blocks import (
 )
 from pipeline.quantization.weight_only_calibration import ActivationReader, hessian_groups
 from pipeline.quantization.weight_only_gptq import gptq_codes, hessian_factor
+from pipeline.quantization.weight_only_graph import to_matmul_nbits_node
 from pipeline.quantization.weight_only_mixed import (
     EXACT_QDQ,
     LogitJudge,
@@ -234,9 +235,10 @@ def test_matmulnbits_nodes_have_the_bits_and_block_size_and_run(decoders, calibr
     out = tmp_path / "int4.onnx"
     result = quantize_weight_only(decoders["plain"], out, WeightOnlySettings(bits=4, block_size=32), calibration)
     nbits = nodes_of(out, "MatMulNBits")
-    assert len(nbits) == 14 == len(result.quantized)  # 7 per layer; the LM head stays float
+    # 7 per layer, the LM head float; q, k, v run as one MatMulNBits, gate and up as another
+    assert len(result.quantized) == 14 and len(nbits) == 8
     assert {(attribute(n, "bits"), attribute(n, "block_size")) for n in nbits} == {(4, 32)}
-    assert {(attribute(n, "K"), attribute(n, "N")) for n in nbits} == {(64, 64), (64, 128), (128, 64)}
+    assert {(attribute(n, "K"), attribute(n, "N")) for n in nbits} == {(64, 192), (64, 64), (64, 256), (128, 64)}
     assert {n.domain for n in nbits} == {"com.microsoft"}
     assert result.lm_head == "lm_head" and "lm_head" in result.kept and result.embeddings == {}
     assert [n.name for n in nodes_of(out, "MatMul") if n.name == "lm_head"] == ["lm_head"]
@@ -251,6 +253,27 @@ def test_matmulnbits_nodes_have_the_bits_and_block_size_and_run(decoders, calibr
     }
     assert result.bytes_after < 0.3 * result.bytes_before + 2 * HIDDEN * VOCAB * 4
     assert cosine(logits(decoders["plain"], held_out), logits(out, held_out)) > 0.98
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_joined_projections_compute_what_one_matmulnbits_each_does(decoders, held_out, tmp_path, symmetric) -> None:
+    """MatMuls of one activation at one precision become one MatMulNBits and a Split, on the same
+    codes: the logits are those of a MatMulNBits per MatMul; an int8 q keeps k and v joined apart."""
+    quantizer = WeightOnlyQuantizer(decoders["plain"], WeightOnlySettings(bits=4, symmetric=symmetric))
+    plan = quantizer.default_plan()
+    joined, separate = tmp_path / "joined.onnx", tmp_path / "separate.onnx"
+    quantizer.write(joined, plan, 2**30)
+    model = load_model(decoders["plain"])
+    nodes = {node.name: node for node in model.graph}
+    for name, bits in plan.items():
+        to_matmul_nbits_node(model, nodes[name], quantizer.codes(name, bits), accuracy_level=0)
+    ir.save(ir.external_data.load_to_model(model), separate)
+    assert len(nodes_of(separate, "MatMulNBits")) == 14 and len(nodes_of(joined, "MatMulNBits")) == 8
+    np.testing.assert_allclose(logits(joined, held_out), logits(separate, held_out), rtol=1e-5, atol=1e-5)
+    mixed = tmp_path / "mixed.onnx"
+    quantizer.write(mixed, {**plan, "l0_q_proj": 8}, 2**30)
+    widths = sorted((attribute(n, "bits"), attribute(n, "N")) for n in nodes_of(mixed, "MatMulNBits"))
+    assert widths.count((4, 128)) == 1 and widths.count((8, 64)) == 1 and widths.count((4, 192)) == 1
 
 
 @pytest.mark.parametrize(("bits", "symmetric"), [(4, True), (4, False), (8, True), (8, False)])
@@ -417,9 +440,10 @@ def test_mixed_precision_meets_a_policy_full_int4_misses(decoders, calibration, 
     mixed = quantize_weight_only_mixed(model, tmp_path / "mixed.onnx", settings, calibration, MixedSettings(policy))
     assert mixed.met and mixed.figures is not None and mixed.figures.meets(policy)
     assert 0 < len(mixed.wider) < 14 and [probe.kept_float for probe in mixed.probes][0] == 0
-    bits = {
-        n.name.removesuffix("_Q4").removesuffix("_Q8"): attribute(n, "bits")
+    bits = {  # a joined node is named after its MatMuls: "l0_q_proj+l0_k_proj_Q4"
+        name: attribute(n, "bits")
         for n in nodes_of(mixed.result.path, "MatMulNBits")
+        for name in n.name.removesuffix("_Q4").removesuffix("_Q8").split("+")
     }
     assert {name for name, b in bits.items() if b == 8} == set(mixed.wider)
     assert mixed.result.bytes_after < 1.2 * quantize_weight_only(model, tmp_path / "full.onnx", settings).bytes_after
