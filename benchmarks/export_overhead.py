@@ -48,7 +48,7 @@ def bare_export(ctx: StageContext, folder: Path) -> float:
             input_names=[spec.name for spec in job.inputs],
             output_names=job.model.output_names,
             dynamic_shapes=torch_dynamic_shapes(job.inputs),
-            opset_version=job.export.opset,
+            opset_version=job.export.opset_for(decoder=False),
             optimize=False,
             verbose=False,
         )

@@ -73,6 +73,8 @@ class ExportRecord(ModelRecord):
         seconds: Time per phase (export, save_and_check, pytorch_check).
         decoder_parity: A causal LM's KV-cache export checked against PyTorch at several
             (batch, sequence, past) sizes, the first step and single-token steps included.
+        decoder_kernels: How a causal LM's attention and RMS norms were exported (single
+            opset-23 ops, or the model's own code and why).
     """
 
     precision: ClassVar[Precision | None] = "fp32"
@@ -87,6 +89,7 @@ class ExportRecord(ModelRecord):
     outputs: list[str]
     seconds: dict[str, float]
     decoder_parity: list[SizeParity] = Field(default_factory=list)
+    decoder_kernels: str = ""
 
 
 class SimplifyRecord(ModelRecord):
@@ -97,6 +100,8 @@ class SimplifyRecord(ModelRecord):
             ran); then only dead nodes and unused initializers were removed.
         constant_nodes_kept: Nodes left whose inputs are all constants, by op type: folding them
             would grow the model past the size rule, or nothing could evaluate them.
+        fusions: Decoder layers' patterns folded into single ops, by fusion
+            (`pipeline.llm.decoder_fusions`: ``rotary_attention``, ``skip_rms_norm``).
     """
 
     precision: ClassVar[Precision | None] = "fp32"
@@ -106,6 +111,7 @@ class SimplifyRecord(ModelRecord):
     removed_ops: dict[str, int]
     optimizer_error: str = ""
     constant_nodes_kept: dict[str, int] = Field(default_factory=dict)
+    fusions: dict[str, int] = Field(default_factory=dict)
 
 
 class PruneRecord(ModelRecord):

@@ -17,3 +17,8 @@ DEFAULT_SEARCH_BUDGET_S: Final = 120.0
 # Below this share of a target's work on its accelerator (MACs where the backend counts them, else
 # compute nodes), the verdict says so: "pass (all on CPU fallback)".
 DEFAULT_MIN_ACCELERATOR_SHARE: Final = 0.5
+
+# The exported graph's opset: 18 for graphs, 23 for a decoder with a KV cache (opset 23's Attention,
+# RotaryEmbedding and RMSNormalization hold each layer in a few nodes: `pipeline.llm.export_kernels`).
+GRAPH_OPSET: Final = 18
+DECODER_OPSET: Final = 23

@@ -9,7 +9,12 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from pipeline.job.base import DimName, FilePath, Identifier, ImportSpec, Section, resolve_path
 from pipeline.job.data import DataSource
-from pipeline.job.defaults import DEFAULT_MIN_ACCELERATOR_SHARE, DEFAULT_SEARCH_BUDGET_S
+from pipeline.job.defaults import (
+    DECODER_OPSET,
+    DEFAULT_MIN_ACCELERATOR_SHARE,
+    DEFAULT_SEARCH_BUDGET_S,
+    GRAPH_OPSET,
+)
 
 
 class ExportOptions(Section):
@@ -18,7 +23,8 @@ class ExportOptions(Section):
     Attributes:
         exporter: "dynamo" (torch.export based), "torchscript", or "auto": dynamo first,
             TorchScript as a recorded fallback.
-        opset: ONNX opset of the exported graph.
+        opset: ONNX opset of the exported graph (unset: 18, and 23 for a causal LM, whose attention
+            and RMS norms then export as single ops).
         ir_version: ONNX IR version written into the file (the exporter's when unset), for
             runtimes that read only older files.
         external_data_threshold_mb: Weights above this size are saved beside the model as
@@ -29,7 +35,7 @@ class ExportOptions(Section):
     """
 
     exporter: Literal["auto", "dynamo", "torchscript"] = "auto"
-    opset: int = Field(default=18, ge=13, le=23)
+    opset: int | None = Field(default=None, ge=13, le=23)
     ir_version: int | None = Field(default=None, ge=7, le=12)
     external_data_threshold_mb: float = Field(default=1024.0, gt=0, lt=2048)
     check_shapes: list[dict[DimName, Annotated[int, Field(ge=1)]]] = Field(default_factory=list)
@@ -38,6 +44,12 @@ class ExportOptions(Section):
     def external_data_threshold_bytes(self) -> int:
         """The threshold in bytes."""
         return int(self.external_data_threshold_mb * 2**20)
+
+    def opset_for(self, decoder: bool) -> int:
+        """The opset to export at: the job's, else the default for a graph or a KV-cache decoder."""
+        if self.opset is not None:
+            return self.opset
+        return DECODER_OPSET if decoder else GRAPH_OPSET
 
 
 class SimplifyOptions(Section):

@@ -34,6 +34,8 @@ import onnx_ir as ir
 import torch
 
 from pipeline.errors import JobError, StageError, first_line
+from pipeline.job.defaults import DECODER_OPSET
+from pipeline.llm.export_kernels import KernelSwap, export_kernels
 from pipeline.llm.signature import DecoderSignature
 from pipeline.onnx_io import save_model
 from pipeline.records import StageName
@@ -44,7 +46,6 @@ BATCH = "batch"
 SEQUENCE = "sequence"
 PAST_SEQUENCE = "past_sequence"
 TOTAL_SEQUENCE = "total_sequence"
-DEFAULT_OPSET = 18
 # The key of a model-source problem in a job; the stage's JobError names it.
 _MODEL_KEY = "model.factory"
 
@@ -88,6 +89,7 @@ class ExportResult:
         inputs: Graph input names (the signature's, in order).
         outputs: Graph output names (the signature's, in order).
         example: The sizes the graph was traced at.
+        kernels: What ran as SDPA / F.rms_norm while it was traced (`export_kernels`).
         seconds: Time per phase (``export``, ``save``).
     """
 
@@ -97,6 +99,7 @@ class ExportResult:
     inputs: list[str]
     outputs: list[str]
     example: ExampleSizes
+    kernels: KernelSwap = field(default_factory=KernelSwap)
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -335,7 +338,7 @@ def export_decoder(
     external_data_threshold_bytes: int,
     *,
     job: str,
-    opset: int = DEFAULT_OPSET,
+    opset: int = DECODER_OPSET,
     ir_version: int | None = None,
     verify: Callable[[Path], None] | None = None,
 ) -> ExportResult:
@@ -349,7 +352,7 @@ def export_decoder(
         path: The .onnx file to write.
         external_data_threshold_bytes: Weight bytes above which they go to ``<path>.data``.
         job: The job's name, for errors.
-        opset: ONNX opset of the graph.
+        opset: ONNX opset of the graph (from 23 the attention and RMS norms export as single ops).
         ir_version: The file's IR version (None: the exporter's).
         verify: Called on the written file before it is moved into place (`pipeline.onnx_io.save_model`).
 
@@ -368,7 +371,8 @@ def export_decoder(
     example = example_inputs(signature, sizes)
     _check_geometry(wrapper, example, sizes, job)
     logger.info("exporting the decoder with a KV cache at %s", sizes)
-    onnx_model = _trace(wrapper, example, opset, job)
+    with export_kernels(model, opset, probe=lambda: wrapper(*example)) as kernels:
+        onnx_model = _trace(wrapper, example, opset, job)
     _check_graph(onnx_model, signature, job)
     _name_output_dims(onnx_model, signature)
     if ir_version is not None:
@@ -382,5 +386,6 @@ def export_decoder(
         inputs=signature.input_names(),
         outputs=signature.output_names(),
         example=sizes,
+        kernels=kernels,
         seconds={"export": round(exported, 4), "save": round(time.perf_counter() - clock, 4)},
     )

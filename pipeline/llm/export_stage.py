@@ -51,7 +51,7 @@ def export_causal_lm(
         target,
         job.export.external_data_threshold_bytes,
         job=job.name,
-        opset=job.export.opset,
+        opset=job.export.opset_for(decoder=True),
         ir_version=job.export.ir_version,
         verify=verify,
     )
@@ -91,5 +91,6 @@ def check_exported_decoder(job: ConversionJob, exported: ExportedDecoder) -> Art
         outputs=result.outputs,
         seconds={k: round(v, 4) for k, v in seconds.items()},
         decoder_parity=parity,
+        decoder_kernels=result.kernels.describe(),
     )
     return model_artifact(StageName.EXPORT, result.path, None, record)

@@ -232,7 +232,7 @@ def _export_dynamo(
             input_names=[spec.name for spec in job.inputs],
             output_names=output_names,
             dynamic_shapes=None if program is not None else torch_dynamic_shapes(job.inputs),
-            opset_version=job.export.opset,
+            opset_version=job.export.opset_for(decoder=False),
             optimize=False,
             verbose=False,
         )
@@ -258,7 +258,7 @@ def _export_torchscript(
             input_names=[spec.name for spec in job.inputs],
             output_names=output_names,
             dynamic_axes={spec.name: spec.dynamic_axes for spec in job.inputs if spec.dynamic_axes},
-            opset_version=job.export.opset,
+            opset_version=job.export.opset_for(decoder=False),
         )
     return ir.load(path)  # lazy: weights are read from scratch when saved, before scratch goes
 

@@ -20,6 +20,7 @@ from pipeline.constant_folding import (
 )
 from pipeline.errors import OnnxforgeError, StageError, first_line
 from pipeline.job import ConversionJob
+from pipeline.llm.decoder_fusions import fuse_decoder
 from pipeline.onnx_io import check_model, discard_weights, model_artifact, parameter_count, save_model
 from pipeline.records import GraphCounts, SimplifyRecord, StageName
 from pipeline.stage_cache import content_key
@@ -71,6 +72,7 @@ class SimplifyStage(NoPreconditions):
             discard_weights(model)
             model = ir.load(source)  # it may have changed the graph half-way
         try:
+            fused = fuse_decoder(model)
             RemoveUnusedNodesPass()(model)
             after = graph_counts(model)
             removed = ops_before - Counter(node.op_type for node in model.graph)
@@ -88,6 +90,7 @@ class SimplifyStage(NoPreconditions):
             removed_ops=dict(sorted(removed.items())),
             optimizer_error=optimizer_error,
             constant_nodes_kept=constant_nodes_left(model.graph),
+            fusions={name: count for name, count in fused.as_dict().items() if count},
         )
         # onnxscript's rewrite rules keep the last graph they matched: its weights (views into the
         # parent's memory maps) must not stay resident through the later stages.

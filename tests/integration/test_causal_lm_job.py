@@ -12,7 +12,7 @@ import pytest
 
 import pipeline
 from pipeline.artifacts import Manifest
-from pipeline.records import ExportRecord, WeightOnlyRecord
+from pipeline.records import ExportRecord, SimplifyRecord, WeightOnlyRecord
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -48,6 +48,13 @@ def test_a_decoder_converts_with_its_cache_and_generation_parity(
     assert export.outputs[:2] == ["logits", "present.0.key"]
     sizes = {(p.batch, p.sequence, p.past) for p in export.decoder_parity}
     assert {(1, 1, 0), (1, 1, 9)} <= sizes and all(p.passed() for p in export.decoder_parity)
+    assert export.opset == 23 and export.decoder_kernels.startswith("attention as one Attention op")
+    # simplify folds each layer's rotary, cache Concat and attention into RotaryEmbedding x 2 + Attention
+    simplify = result.artifact("simplify").record_as(SimplifyRecord)
+    graph = onnx.load(result.output_dir / "model.simplified.onnx", load_external_data=False).graph
+    ops = [node.op_type for node in graph.node]
+    assert simplify.fusions["rotary_attention"] == ops.count("Attention") >= 2 and "Softmax" not in ops
+    assert ops.count("RotaryEmbedding") == 2 * ops.count("Attention")
     generation = result.report.generation
     assert generation is not None and generation.prompts == 4
     onnx_models = [m for m in generation.models if m.model != "pytorch"]
@@ -81,7 +88,10 @@ def test_a_decoder_quantized_weight_only_to_int4(write_job: Callable[[dict[str, 
     assert record.lm_head is not None and record.lm_head in record.kept_float
     assert record.bytes_after < record.bytes_before
     graph = onnx.load(str(result.output_dir / "model.int4.onnx"), load_external_data=False).graph
-    assert sum(node.op_type == "MatMulNBits" for node in graph.node) == len(record.quantized)
+    # one MatMulNBits per activation: q / k / v and gate / up joined, named after their MatMuls
+    joined = [node.name.removesuffix("_Q4").split("+") for node in graph.node if node.op_type == "MatMulNBits"]
+    assert sorted(name for names in joined for name in names) == sorted(record.quantized)
+    assert max(len(names) for names in joined) == 3 and len(joined) < len(record.quantized)
     manifest = Manifest.model_validate_json(result.manifest_path.read_text())
     (stage,) = [run for run in manifest.stages if run.name == "quantize"]
     assert stage.artifact is not None and isinstance(stage.artifact.record, WeightOnlyRecord)

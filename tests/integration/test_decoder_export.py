@@ -6,15 +6,19 @@ loop against `generate`, and the graph's names and dynamic dims."""
 from __future__ import annotations
 
 import copy
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
+import onnxscript.optimizer
 import pytest
 import torch
+from onnx_ir.passes.common import RemoveUnusedNodesPass
 from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
@@ -26,10 +30,13 @@ from transformers import (
 )
 
 from pipeline.errors import JobError
+from pipeline.job.defaults import DECODER_OPSET
+from pipeline.llm.decoder_fusions import fuse_decoder
 from pipeline.llm.export import ExportResult, export_decoder, input_shapes
 from pipeline.llm.export_parity import check_decoder_parity, decoder_references
 from pipeline.llm.export_records import SizeParity
 from pipeline.llm.signature import DecoderSignature
+from pipeline.onnx_io import save_model
 
 SIZES = [(1, 1, 0), (2, 7, 0), (1, 1, 9), (3, 4, 5), (2, 1, 6)]
 ATOL = 1e-4
@@ -136,7 +143,7 @@ def test_graph_names_and_dynamic_dims(exported: Exported) -> None:
     for name in signature.present_names():
         assert dims[name] == ["batch", signature.kv_heads, "total_sequence", signature.head_dim]
     onnx.checker.check_model(str(result.path), full_check=True)
-    assert result.opset == 18
+    assert result.opset == DECODER_OPSET
     assert result.external_data == (result.path.parent / f"{result.path.name}.data").exists()
 
 
@@ -229,3 +236,30 @@ def test_refuses_half_precision(tmp_path: Path) -> None:
     model = build("gpt2").to(torch.bfloat16)
     with pytest.raises(JobError, match="float32"):
         export_decoder(model, DecoderSignature.from_config(model.config), 2, 3, tmp_path / "m.onnx", 2**30, job=JOB)
+
+
+def test_fused_layers_match_pytorch(exported: Exported, tmp_path: Path) -> None:
+    """The simplify stage's decoder fusions: each layer's attention (and, with rotary positions, its
+    RotaryEmbedding pair) in a few ops, residual + RMS norm as one, and the same outputs as PyTorch."""
+    signature, layers = exported.signature, exported.signature.layers
+    assert exported.result.opset == DECODER_OPSET
+    assert exported.result.kernels.attention, exported.result.kernels
+    model = ir.load(exported.result.path)
+    onnxscript.optimizer.optimize(model)
+    counts = fuse_decoder(model)
+    RemoveUnusedNodesPass()(model)
+    path = tmp_path / "model.fused.onnx"
+    save_model(model, path, 0)
+    ops = Counter(node.op_type for node in model.graph)
+    rotary = exported.model.config.model_type != "gpt2"
+    assert counts.attention == layers and ops["Attention"] == layers
+    assert ops["RotaryEmbedding"] == (2 * layers if rotary else 0)
+    heads_first = [
+        n for n in model.graph if n.op_type == "Transpose" and tuple(n.attributes.get_ints("perm")) == (0, 2, 1, 3)
+    ]
+    assert ops["Softmax"] == 0 and not heads_first, ops
+    # Llama and Qwen2: every norm after the embedding's follows a residual Add; GPT-2's are LayerNorms.
+    assert counts.skip_norm == (2 * layers if rotary else 0)
+    references = decoder_references(exported.model, signature, SIZES)
+    for entry in check_decoder_parity(references, path, signature, job=JOB):
+        assert entry.passed(atol=ATOL), entry

@@ -1,0 +1,411 @@
+"""Decoder graph fusions on onnx-ir: rotary attention with its cache, and residual + RMS norm.
+
+The decoder export (`pipeline.llm.export_kernels`) writes each layer's attention as one opset-23
+``Attention`` on heads-first tensors, with the projections reshaped and transposed to heads, the
+rotary embedding spelled out as ``x * cos + rotate_half(x) * sin`` and the cache grown by
+``Concat``: some 25 nodes a layer that run at every decode step. `fuse_rotary_attention` folds
+each layer's into three: ``RotaryEmbedding`` on the query and on the key (opset 23, taking the
+projections as they come, ``[batch, sequence, heads * head_dim]``) and an ``Attention`` that takes
+the past key and value and returns the present ones itself. `fuse_skip_rms_norm` folds a residual
+``Add`` and the ``RMSNormalization`` of its sum into ONNX Runtime's
+``SkipSimplifiedLayerNormalization``, which also returns the sum for the next residual.
+
+Both match structurally and only what they can prove: the rotary's two halves of ``cos`` and
+``sin`` must come from one ``Concat(freqs, freqs)`` (what ``RotaryEmbedding``'s half-width caches
+assume), the slices must be the two halves of the head, the transposes heads-first. Anything else
+stays as it is; the validate stage checks every model against PyTorch either way.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+logger = logging.getLogger(__name__)
+
+MS_DOMAIN = "com.microsoft"
+FUSED_ATTENTION_OPSET = 23
+_HEADS_FIRST = (0, 2, 1, 3)
+# Ops that carry the cos / sin table from its Concat(freqs, freqs) to the rotary's Mul unchanged
+# per half (transformers scales it by attention_scaling, casts it, adds the heads axis).
+_HALF_PRESERVING = frozenset({"Unsqueeze", "Cast", "Mul", "Identity"})
+
+
+@dataclass(frozen=True)
+class FusionCounts:
+    """What the decoder fusions folded.
+
+    Attributes:
+        attention: Layers whose rotary, cache Concat and attention became three nodes.
+        skip_norm: Residual Add + RMSNormalization pairs fused.
+    """
+
+    attention: int = 0
+    skip_norm: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        """The counts by the names records use."""
+        return {"rotary_attention": self.attention, "skip_rms_norm": self.skip_norm}
+
+
+@dataclass(frozen=True)
+class _Rotary:
+    """``x * cos + rotate_half(x) * sin`` on heads-first `heads`."""
+
+    heads: ir.Value
+    cos: ir.Value
+    sin: ir.Value
+
+
+@dataclass(frozen=True)
+class _AttentionMatch:
+    node: ir.Node
+    query: ir.Value  # [batch, sequence, heads * head_dim], before the rotary
+    key: ir.Value
+    value: ir.Value
+    past_key: ir.Value
+    past_value: ir.Value
+    present_key: ir.Value
+    present_value: ir.Value
+    merge: ir.Node  # the Reshape that merges the heads of the output again
+    query_heads: int
+    kv_heads: int
+    rotary: _Rotary | None  # None: no rotary embedding (learned positions, GPT-2)
+
+
+def fuse_decoder(model: ir.Model) -> FusionCounts:
+    """Both fusions, where the graph has what they match; the dead nodes are left for the caller's
+    dead-node pass."""
+    counts = FusionCounts(attention=fuse_rotary_attention(model), skip_norm=fuse_skip_rms_norm(model))
+    if counts.attention or counts.skip_norm:
+        logger.info(
+            "decoder fusions: %d rotary attention layers, %d residual + RMS norm pairs",
+            counts.attention,
+            counts.skip_norm,
+        )
+    return counts
+
+
+def fuse_rotary_attention(model: ir.Model) -> int:
+    """Fold each matched layer's rotary, cache Concat and attention; returns how many."""
+    if model.opset_imports.get("", 0) < FUSED_ATTENTION_OPSET:
+        return 0
+    halves: dict[tuple[str, int], ir.Value] = {}
+    fused = 0
+    for node in list(model.graph):
+        if node.op_type != "Attention" or node.domain not in ("", "ai.onnx"):
+            continue
+        match = _match_attention(node)
+        if match is None:
+            continue
+        _rewrite_attention(model.graph, match, halves)
+        fused += 1
+    return fused
+
+
+def fuse_skip_rms_norm(model: ir.Model) -> int:
+    """Fold ``RMSNormalization(Add(a, b))`` into ``SkipSimplifiedLayerNormalization``; returns how many."""
+    fused = 0
+    for node in list(model.graph):
+        add = _producer(node.inputs[0], "Add") if node.op_type == "RMSNormalization" else None
+        if add is None or not _skip_norm_fits(node, add):
+            continue
+        first, second = add.inputs
+        assert first is not None and second is not None
+        epsilon = node.attributes.get_float("epsilon", 1e-5)
+        skip = ir.node(
+            "SkipSimplifiedLayerNormalization",
+            [first, second, node.inputs[1]],
+            {"epsilon": epsilon},
+            domain=MS_DOMAIN,
+            num_outputs=4,
+            name=f"{node.name}_skip",
+        )
+        model.graph.insert_before(node, skip)
+        for before, after in ((node.outputs[0], skip.outputs[0]), (add.outputs[0], skip.outputs[3])):
+            after.shape, after.type = before.shape, before.type
+            ir.convenience.replace_all_uses_with(before, after, replace_graph_outputs=True)
+        fused += 1
+    if fused:
+        model.opset_imports.setdefault(MS_DOMAIN, 1)
+    return fused
+
+
+def _skip_norm_fits(norm: ir.Node, add: ir.Node) -> bool:
+    """A last-axis norm with a constant 1-D scale and no bias, on the sum of two same-shaped 3-D tensors."""
+    axis = norm.attributes.get_int("axis", -1)
+    shapes = [value.shape if value is not None else None for value in add.inputs]
+    if any(shape is None or len(shape) != 3 for shape in shapes) or len(norm.inputs) != 2:
+        return False
+    assert shapes[0] is not None and shapes[1] is not None
+    scale = norm.inputs[1]
+    return (
+        axis in (-1, 2)
+        and norm.attributes.get_int("stash_type", 1) == 1
+        and shapes[0][-1] == shapes[1][-1]
+        and isinstance(shapes[0][-1], int)
+        and scale is not None
+        and scale.const_value is not None
+        and len(scale.const_value.shape) == 1
+        and all(output.uses() == [] for output in norm.outputs[1:])
+    )
+
+
+def _match_attention(node: ir.Node) -> _AttentionMatch | None:
+    """The layer around an opset-23 Attention on heads-first tensors, or None if it is not the pattern."""
+    if len(node.inputs) > 4 or any(output.uses() for output in node.outputs[1:]):
+        return None
+    if node.attributes.get_int("is_causal", 0) or node.attributes.get_int("qk_matmul_output_mode", 0):
+        return None
+    query, key, value = node.inputs[:3]
+    key_concat, value_concat = _producer(key, "Concat"), _producer(value, "Concat")
+    if query is None or key_concat is None or value_concat is None:
+        return None
+    if not (_cache_concat(key_concat) and _cache_concat(value_concat)):
+        return None
+    key_new = key_concat.inputs[1]
+    query_rotary, key_rotary = _match_rotary(query), _match_rotary(key_new)
+    if (query_rotary is None) != (key_rotary is None):
+        return None
+    if query_rotary is not None and key_rotary is not None:
+        if (query_rotary.cos, query_rotary.sin) != (key_rotary.cos, key_rotary.sin):
+            return None
+        query, key_new = query_rotary.heads, key_rotary.heads
+    query_source, key_source = _heads_source(query), _heads_source(key_new)
+    value_source = _heads_source(value_concat.inputs[1])
+    output = _output_reshape(node.outputs[0])
+    if query_source is None or key_source is None or value_source is None or output is None:
+        return None
+    past_key, past_value = key_concat.inputs[0], value_concat.inputs[0]
+    if not all(past is not None and past.shape is not None and len(past.shape) == 4 for past in (past_key, past_value)):
+        return None
+    assert past_key is not None and past_value is not None
+    return _AttentionMatch(
+        node=node,
+        query=query_source[0],
+        key=key_source[0],
+        value=value_source[0],
+        past_key=past_key,
+        past_value=past_value,
+        present_key=key_concat.outputs[0],
+        present_value=value_concat.outputs[0],
+        merge=output,
+        query_heads=query_source[1],
+        kv_heads=key_source[1],
+        rotary=query_rotary,
+    )
+
+
+def _rewrite_attention(graph: ir.Graph, match: _AttentionMatch, halves: dict[tuple[str, int], ir.Value]) -> None:
+    """Insert (RotaryEmbedding x 2 +) Attention before the old Attention and move the layer's uses to them."""
+    node = match.node
+    query, key, added = match.query, match.key, list[ir.Node]()
+    if match.rotary is not None:
+        cos, sin = (_half_table(graph, node, table, halves) for table in (match.rotary.cos, match.rotary.sin))
+        added = [
+            ir.node(
+                "RotaryEmbedding", [query, cos, sin], {"num_heads": match.query_heads}, name=f"{node.name}_rotary_q"
+            ),
+            ir.node("RotaryEmbedding", [key, cos, sin], {"num_heads": match.kv_heads}, name=f"{node.name}_rotary_k"),
+        ]
+        query, key = added[0].outputs[0], added[1].outputs[0]
+    mask = node.inputs[3] if len(node.inputs) > 3 else None
+    attributes: dict[str, float | int] = {"q_num_heads": match.query_heads, "kv_num_heads": match.kv_heads}
+    scale = node.attributes.get("scale")
+    if scale is not None:
+        attributes["scale"] = scale.as_float()
+    softcap = node.attributes.get_float("softcap", 0.0)
+    if softcap:
+        attributes["softcap"] = softcap
+    attention = ir.node(
+        "Attention",
+        [query, key, match.value, mask, match.past_key, match.past_value],
+        attributes,
+        num_outputs=3,
+        name=f"{node.name}_cached",
+    )
+    graph.insert_before(node, [*added, attention])
+    old = [match.present_key, match.present_value]
+    new = list(attention.outputs[1:])
+    merged = match.merge.outputs[0]
+    if merged.shape is not None and len(merged.shape) == 3:  # already the fused output's shape
+        old.insert(0, merged)
+        new.insert(0, attention.outputs[0])
+    else:
+        match.merge.replace_input_with(0, attention.outputs[0])
+    for before, after in zip(old, new, strict=True):
+        after.name, after.shape, after.type = before.name, before.shape, before.type
+        before.name = None  # the graph output's name moves to the fused node's output
+    ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
+
+
+def _half_table(graph: ir.Graph, before: ir.Node, table: ir.Value, halves: dict[tuple[str, int], ir.Value]) -> ir.Value:
+    """``table[:, 0, :, :half]`` as [batch, sequence, head_dim / 2], made once per table."""
+    key = (str(table.name), id(table))
+    if key not in halves:
+        width = table.shape[-1] if table.shape is not None else None
+        assert isinstance(width, int)
+        squeeze = ir.node("Squeeze", [table, _constant(graph, before, [1])], name=f"{table.name}_heads_axis")
+        half = ir.node(
+            "Slice",
+            [
+                squeeze.outputs[0],
+                _constant(graph, before, [0]),
+                _constant(graph, before, [width // 2]),
+                _constant(graph, before, [-1]),
+            ],
+            name=f"{table.name}_half",
+        )
+        graph.insert_before(before, [squeeze, half])
+        halves[key] = half.outputs[0]
+    return halves[key]
+
+
+def _constant(graph: ir.Graph, before: ir.Node, values: Sequence[int]) -> ir.Value:
+    node = ir.node("Constant", [], {"value": ir.tensor(np.array(values, dtype=np.int64))})
+    graph.insert_before(before, node)
+    return node.outputs[0]
+
+
+def _match_rotary(value: ir.Value | None) -> _Rotary | None:
+    """``heads * cos + Concat(-heads[..., h:], heads[..., :h]) * sin`` (either operand order)."""
+    add = _producer(value, "Add")
+    if add is None:
+        return None
+    for plain, rotated in _orders(add.inputs):
+        plain_mul, rotated_mul = _producer(plain, "Mul"), _producer(rotated, "Mul")
+        if plain_mul is None or rotated_mul is None:
+            continue
+        for heads, cos in _orders(plain_mul.inputs):
+            for half_turn, sin in _orders(rotated_mul.inputs):
+                if _is_rotate_half(half_turn, heads) and _has_equal_halves(cos) and _has_equal_halves(sin):
+                    assert heads is not None and cos is not None and sin is not None
+                    return _Rotary(heads=heads, cos=cos, sin=sin)
+    return None
+
+
+def _is_rotate_half(value: ir.Value | None, heads: ir.Value | None) -> bool:
+    """`value` is ``Concat(Neg(heads[..., h:]), heads[..., :h])`` on the last axis, h half the head."""
+    concat = _producer(value, "Concat")
+    width = heads.shape[-1] if heads is not None and heads.shape is not None and len(heads.shape) == 4 else None
+    if concat is None or len(concat.inputs) != 2 or not isinstance(width, int) or width % 2:
+        return False
+    if concat.attributes.get_int("axis", 0) not in (-1, 3):
+        return False
+    negated = _producer(concat.inputs[0], "Neg")
+    upper = _producer(negated.inputs[0], "Slice") if negated is not None else None
+    lower = _producer(concat.inputs[1], "Slice")
+    return (
+        upper is not None
+        and lower is not None
+        and _slices(upper, heads, width // 2, width, to_end=True)
+        and _slices(lower, heads, 0, width // 2, to_end=False)
+    )
+
+
+def _slices(node: ir.Node, data: ir.Value | None, start: int, stop: int, *, to_end: bool) -> bool:
+    """A unit-step Slice of `data`'s last axis from `start` to `stop` (`to_end`: `stop` is the
+    axis' end, and any end past it is the same slice)."""
+    if node.inputs[0] is not data or len(node.inputs) < 4:
+        return False
+    starts, ends, axes = (_int_list(value) for value in node.inputs[1:4])
+    steps = _int_list(node.inputs[4]) if len(node.inputs) > 4 else [1]
+    if starts is None or ends is None or axes is None or steps is None:
+        return False
+    reaches = ends == [stop] or (to_end and len(ends) == 1 and ends[0] >= stop)
+    return starts == [start] and axes in ([-1], [3]) and steps == [1] and reaches
+
+
+def _has_equal_halves(table: ir.Value | None) -> bool:
+    """`table` comes from ``Concat(freqs, freqs)`` (last axis) through ops that keep each half's
+    values equal: the two halves are the same, as a half-width rotary cache assumes."""
+    node = table.producer() if table is not None else None
+    for _ in range(8):
+        if node is None:
+            return False
+        if node.op_type == "Concat":
+            inputs = node.inputs
+            return len(inputs) == 2 and inputs[0] is inputs[1] and node.attributes.get_int("axis", 0) == -1
+        if node.op_type in ("Cos", "Sin") or node.op_type in _HALF_PRESERVING:
+            if node.op_type == "Mul" and not _scalar_factor(node):
+                return False
+            node = node.inputs[0].producer() if node.inputs[0] is not None else None
+            continue
+        return False
+    return False
+
+
+def _scalar_factor(mul: ir.Node) -> bool:
+    """One of the Mul's operands is a constant scalar (the other is what the walk follows)."""
+    factor = mul.inputs[1]
+    tensor = ir.convenience.get_const_tensor(factor) if factor is not None else None
+    return tensor is not None and tensor.size == 1
+
+
+def _cache_concat(node: ir.Node) -> bool:
+    """``Concat(past, new)`` on the sequence axis of heads-first tensors."""
+    return len(node.inputs) == 2 and node.attributes.get_int("axis", 0) in (-2, 2)
+
+
+def _heads_source(value: ir.Value | None) -> tuple[ir.Value, int] | None:
+    """The [batch, sequence, heads * head_dim] tensor that `value` is ``Transpose(Reshape(.))`` of
+    (heads-first), with its number of heads."""
+    transpose = _producer(value, "Transpose")
+    if transpose is None or tuple(transpose.attributes.get_ints("perm", ())) != _HEADS_FIRST:
+        return None
+    reshape = _producer(transpose.inputs[0], "Reshape")
+    if reshape is None or reshape.inputs[0] is None:
+        return None
+    source, split = reshape.inputs[0], reshape.outputs[0].shape
+    if source.shape is None or len(source.shape) != 3 or split is None or len(split) != 4:
+        return None
+    heads, width = split[2], split[3]
+    if not (isinstance(heads, int) and isinstance(width, int) and source.shape[2] == heads * width):
+        return None
+    return source, heads
+
+
+def _output_reshape(value: ir.Value) -> ir.Node | None:
+    """The attention output's ``Reshape(Transpose(.))`` that merges the heads again: to [batch,
+    sequence, heads * head_dim], or to [batch * sequence, heads * head_dim] (GPT-2's Conv1D)."""
+    transpose = _only_user(value)
+    if transpose is None or transpose.op_type != "Transpose":
+        return None
+    if tuple(transpose.attributes.get_ints("perm", ())) != _HEADS_FIRST:
+        return None
+    reshape = _only_user(transpose.outputs[0])
+    shape = value.shape
+    merged = reshape.outputs[0].shape if reshape is not None and reshape.op_type == "Reshape" else None
+    if merged is None or shape is None or len(merged) not in (2, 3) or len(shape) != 4:
+        return None
+    heads, width = shape[1], shape[3]
+    if isinstance(heads, int) and isinstance(width, int) and merged[-1] == heads * width:
+        return reshape
+    return None
+
+
+def _only_user(value: ir.Value) -> ir.Node | None:
+    users = [use.node for use in value.uses()]
+    return users[0] if len(users) == 1 and not value.is_graph_output() else None
+
+
+def _producer(value: ir.Value | None, op_type: str) -> ir.Node | None:
+    node = value.producer() if value is not None else None
+    if node is None or node.op_type != op_type or node.domain not in ("", "ai.onnx"):
+        return None
+    return node
+
+
+def _orders(pair: Sequence[ir.Value | None]) -> Iterator[tuple[ir.Value | None, ir.Value | None]]:
+    if len(pair) == 2:
+        yield pair[0], pair[1]
+        yield pair[1], pair[0]
+
+
+def _int_list(value: ir.Value | None) -> list[int] | None:
+    tensor = ir.convenience.get_const_tensor(value) if value is not None else None
+    return None if tensor is None else [int(item) for item in tensor.numpy().reshape(-1)]
