@@ -22,7 +22,6 @@ import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import onnx_ir as ir
 
 logger = logging.getLogger(__name__)
@@ -94,7 +93,7 @@ def fuse_rotary_attention(model: ir.Model) -> int:
     """Fold each matched layer's rotary, cache Concat and attention; returns how many."""
     if model.opset_imports.get("", 0) < FUSED_ATTENTION_OPSET:
         return 0
-    halves: dict[tuple[str, int], ir.Value] = {}
+    halves: dict[int, ir.Value] = {}
     fused = 0
     for node in list(model.graph):
         if node.op_type != "Attention" or node.domain not in ("", "ai.onnx"):
@@ -200,7 +199,7 @@ def _match_attention(node: ir.Node) -> _AttentionMatch | None:
     )
 
 
-def _rewrite_attention(graph: ir.Graph, match: _AttentionMatch, halves: dict[tuple[str, int], ir.Value]) -> None:
+def _rewrite_attention(graph: ir.Graph, match: _AttentionMatch, halves: dict[int, ir.Value]) -> None:
     """Insert (RotaryEmbedding x 2 +) Attention before the old Attention and move the layer's uses to them."""
     node = match.node
     query, key, added = match.query, match.key, list[ir.Node]()
@@ -243,32 +242,23 @@ def _rewrite_attention(graph: ir.Graph, match: _AttentionMatch, halves: dict[tup
     ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
 
 
-def _half_table(graph: ir.Graph, before: ir.Node, table: ir.Value, halves: dict[tuple[str, int], ir.Value]) -> ir.Value:
-    """``table[:, 0, :, :half]`` as [batch, sequence, head_dim / 2], made once per table."""
-    key = (str(table.name), id(table))
-    if key not in halves:
-        width = table.shape[-1] if table.shape is not None else None
-        assert isinstance(width, int)
-        squeeze = ir.node("Squeeze", [table, _constant(graph, before, [1])], name=f"{table.name}_heads_axis")
-        half = ir.node(
-            "Slice",
-            [
-                squeeze.outputs[0],
-                _constant(graph, before, [0]),
-                _constant(graph, before, [width // 2]),
-                _constant(graph, before, [-1]),
-            ],
-            name=f"{table.name}_half",
-        )
-        graph.insert_before(before, [squeeze, half])
-        halves[key] = half.outputs[0]
-    return halves[key]
-
-
-def _constant(graph: ir.Graph, before: ir.Node, values: Sequence[int]) -> ir.Value:
-    node = ir.node("Constant", [], {"value": ir.tensor(np.array(values, dtype=np.int64))})
-    graph.insert_before(before, node)
-    return node.outputs[0]
+def _half_table(graph: ir.Graph, before: ir.Node, table: ir.Value, halves: dict[int, ir.Value]) -> ir.Value:
+    """The [batch, sequence, head_dim / 2] cache RotaryEmbedding takes: the table's ops replayed on
+    the `freqs` of its ``Concat(freqs, freqs)`` without the heads axis' Unsqueeze (``Cos(freqs)``
+    for ``Unsqueeze(Cos(Concat(freqs, freqs)), 1)``), made once per table."""
+    if id(table) not in halves:
+        chain = _table_chain(table)
+        assert chain is not None  # matched by _match_rotary
+        value, replayed = chain[0], []
+        for node in chain[1]:
+            if node.op_type == "Unsqueeze":
+                continue
+            copy = ir.Node(node.domain, node.op_type, [value, *node.inputs[1:]], list(node.attributes.values()))
+            replayed.append(copy)
+            value = copy.outputs[0]
+        graph.insert_before(before, replayed)
+        halves[id(table)] = value
+    return halves[id(table)]
 
 
 def _match_rotary(value: ir.Value | None) -> _Rotary | None:
@@ -282,7 +272,11 @@ def _match_rotary(value: ir.Value | None) -> _Rotary | None:
             continue
         for heads, cos in _orders(plain_mul.inputs):
             for half_turn, sin in _orders(rotated_mul.inputs):
-                if _is_rotate_half(half_turn, heads) and _has_equal_halves(cos) and _has_equal_halves(sin):
+                if (
+                    _is_rotate_half(half_turn, heads)
+                    and _table_chain(cos) is not None
+                    and _table_chain(sin) is not None
+                ):
                     assert heads is not None and cos is not None and sin is not None
                     return _Rotary(heads=heads, cos=cos, sin=sin)
     return None
@@ -320,23 +314,26 @@ def _slices(node: ir.Node, data: ir.Value | None, start: int, stop: int, *, to_e
     return starts == [start] and axes in ([-1], [3]) and steps == [1] and reaches
 
 
-def _has_equal_halves(table: ir.Value | None) -> bool:
-    """`table` comes from ``Concat(freqs, freqs)`` (last axis) through ops that keep each half's
-    values equal: the two halves are the same, as a half-width rotary cache assumes."""
+def _table_chain(table: ir.Value | None) -> tuple[ir.Value, list[ir.Node]] | None:
+    """The `freqs` of the ``Concat(freqs, freqs)`` (last axis) `table` comes from and the ops from
+    that Concat to `table` (in order), if they keep each half's values equal (so the two halves are
+    the same, as a half-width rotary cache assumes) and add the heads axis once (``Unsqueeze`` at 1)."""
+    chain: list[ir.Node] = []
     node = table.producer() if table is not None else None
-    for _ in range(8):
-        if node is None:
-            return False
+    while node is not None and len(chain) < 8:
         if node.op_type == "Concat":
-            inputs = node.inputs
-            return len(inputs) == 2 and inputs[0] is inputs[1] and node.attributes.get_int("axis", 0) == -1
-        if node.op_type in ("Cos", "Sin") or node.op_type in _HALF_PRESERVING:
-            if node.op_type == "Mul" and not _scalar_factor(node):
-                return False
-            node = node.inputs[0].producer() if node.inputs[0] is not None else None
-            continue
-        return False
-    return False
+            freqs = node.inputs[0]
+            equal = len(node.inputs) == 2 and freqs is node.inputs[1] and node.attributes.get_int("axis", 0) == -1
+            unsqueezes = [step for step in chain if step.op_type == "Unsqueeze"]
+            one_axis = len(unsqueezes) == 1 and _int_list(unsqueezes[0].inputs[1]) == [1]
+            return (freqs, chain[::-1]) if equal and one_axis and freqs is not None else None
+        if node.op_type not in _HALF_PRESERVING and node.op_type not in ("Cos", "Sin"):
+            return None
+        if node.op_type == "Mul" and not _scalar_factor(node):
+            return None
+        chain.append(node)
+        node = node.inputs[0].producer() if node.inputs[0] is not None else None
+    return None
 
 
 def _scalar_factor(mul: ir.Node) -> bool:

@@ -70,12 +70,50 @@ def _cached_sdpa(
     return output.transpose(1, 2).contiguous(), None
 
 
+def _causal_padding_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    mask_function: Callable[..., Any] | None = None,
+    attention_mask: torch.Tensor | None = None,
+    local_size: int | None = None,
+    **kwargs: Any,
+) -> torch.Tensor | None:
+    """transformers' SDPA mask (``masking_utils.sdpa_mask``: True where a query may read a key) for
+    the causal pattern with padding, as a comparison of two position ranges and a slice of the
+    padding mask: a dozen ops a step where sdpa_mask's index broadcasting traces to some thirty
+    (a GatherND of the padding mask among them). Any other pattern goes to sdpa_mask itself."""
+    from transformers.masking_utils import causal_mask_function, prepare_padding_mask, sdpa_mask
+
+    if mask_function is not causal_mask_function or local_size is not None:
+        pattern = mask_function or causal_mask_function
+        return sdpa_mask(
+            batch_size,
+            q_length,
+            kv_length,
+            q_offset,
+            kv_offset,
+            mask_function=pattern,
+            attention_mask=attention_mask,
+            local_size=local_size,
+            **kwargs,
+        )
+    queries = torch.arange(q_length) + q_offset
+    keys = torch.arange(kv_length) + kv_offset
+    mask = keys[None, :] <= queries[:, None]  # [query, key]: SDPA and Attention broadcast it
+    padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)
+    if padding is not None:
+        mask = mask & padding[:, None, None, kv_offset : kv_offset + kv_length].bool()  # [batch, 1, query, key]
+    return mask
+
+
 def _register() -> None:
     from transformers import AttentionInterface, AttentionMaskInterface
-    from transformers.masking_utils import sdpa_mask
 
     AttentionInterface.register(ATTENTION_NAME, _cached_sdpa)
-    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+    AttentionMaskInterface.register(ATTENTION_NAME, _causal_padding_mask)
 
 
 def _rms_norm_forward(self: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,8 @@ from pipeline.constant_folding import (
 )
 from pipeline.errors import OnnxforgeError, StageError, first_line
 from pipeline.job import ConversionJob
-from pipeline.llm.decoder_fusions import fuse_decoder
+from pipeline.llm.decoder_fusions import FusionCounts, fuse_decoder
+from pipeline.llm.job import is_causal_lm
 from pipeline.onnx_io import check_model, discard_weights, model_artifact, parameter_count, save_model
 from pipeline.records import GraphCounts, SimplifyRecord, StageName
 from pipeline.stage_cache import content_key
@@ -72,7 +73,8 @@ class SimplifyStage(NoPreconditions):
             discard_weights(model)
             model = ir.load(source)  # it may have changed the graph half-way
         try:
-            fused = fuse_decoder(model)
+            # Only a decoder's graph: the norm fusion writes a contrib op a plain ONNX target may lack.
+            fused = fuse_decoder(model) if is_causal_lm(ctx.job) else FusionCounts()
             RemoveUnusedNodesPass()(model)
             after = graph_counts(model)
             removed = ops_before - Counter(node.op_type for node in model.graph)

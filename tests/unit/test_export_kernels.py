@@ -1,0 +1,67 @@
+"""What the decoder export swaps in while tracing (pipeline.llm.export_kernels), checked in PyTorch:
+the causal + padding mask is transformers' own, an RMS norm is swapped only if it computes
+F.rms_norm's output, and the swap is undone after the block (the exported families' parity is in
+tests/integration/test_decoder_export.py, slow)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.masking_utils import causal_mask_function, sdpa_mask, sliding_window_causal_mask_function
+from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+from pipeline.llm.export_kernels import ATTENTION_NAME, _causal_padding_mask, _computes_rms_norm, export_kernels
+
+
+@pytest.mark.parametrize(("q_length", "kv_length", "q_offset"), [(1, 1, 0), (4, 4, 0), (1, 9, 8), (3, 8, 5)])
+def test_the_causal_padding_mask_is_transformers_sdpa_mask(q_length: int, kv_length: int, q_offset: int) -> None:
+    padding = torch.ones(3, kv_length, dtype=torch.bool)
+    padding[1, : kv_length // 2] = False  # a left-padded row
+    padding[2, 0] = False
+    expected = sdpa_mask(3, q_length, kv_length, q_offset, 0, attention_mask=padding, allow_is_causal_skip=False)
+
+    ours = _causal_padding_mask(3, q_length, kv_length, q_offset, 0, causal_mask_function, padding)
+
+    assert ours is not None and expected is not None
+    assert torch.equal(ours.expand_as(expected), expected)
+
+
+def test_another_mask_pattern_is_left_to_sdpa_mask() -> None:
+    window = sliding_window_causal_mask_function(2)
+    expected = sdpa_mask(1, 5, 5, mask_function=window, allow_is_causal_skip=False)
+
+    ours = _causal_padding_mask(1, 5, 5, mask_function=window, allow_is_causal_skip=False)
+
+    assert ours is not None and expected is not None and torch.equal(ours, expected)
+
+
+def test_only_norms_that_compute_rms_norm_are_swapped() -> None:
+    llama = LlamaRMSNorm(16, eps=1e-6)
+    with torch.no_grad():
+        llama.weight.uniform_(0.5, 1.5)
+    gemma = GemmaRMSNorm(16, eps=1e-6)  # scales by (1 + weight): not F.rms_norm's output
+
+    assert _computes_rms_norm(llama)
+    assert not _computes_rms_norm(gemma)
+
+
+def test_the_swap_is_undone_after_the_block() -> None:
+    config = LlamaConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
+    )
+    model = LlamaForCausalLM(config).eval()
+    ids = torch.tensor([[1, 2, 3]])
+    own = model.config._attn_implementation
+
+    with export_kernels(model, 23, probe=lambda: model(ids)) as swapped:
+        assert model.config._attn_implementation == ATTENTION_NAME
+        norms = [m for m in model.modules() if "forward" in vars(m)]
+
+    assert swapped.attention and swapped.norms == len(norms) == 3  # input, post-attention, final
+    assert model.config._attn_implementation == own
+    assert not [m for m in model.modules() if "forward" in vars(m)]
+    with export_kernels(model, 18, probe=lambda: model(ids)) as kept:
+        assert model.config._attn_implementation == own
+    assert not kept.attention and kept.kept_because.startswith("opset 18")
