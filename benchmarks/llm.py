@@ -2,9 +2,10 @@
 
 The model (tinylm, the trained 2 M-parameter sample, by default; or a randomly initialised Llama
 from ``--config``) is saved as a local Hugging Face folder. onnxforge converts it through its
-Python API (``pipeline.convert``, ``model.task = "causal-lm"``, ``[quantize.weight_only]``) twice:
-with the builder's ``-p int4 -e cpu`` defaults (`llm_peer.PEER_SETTINGS`) and, for tinylm, with the
-sample job's own settings (GPTQ, mixed precision on the KL); the builder converts the same folder
+Python API (``pipeline.convert``, ``model.task = "causal-lm"``, ``[quantize.weight_only]``): with
+the builder's ``-p int4 -e cpu`` defaults (`llm_peer.PEER_SETTINGS`), with the same settings exported
+at opset 18 ("unfused": attention, rotary and norms as plain ops, what the fusions gain shows) and,
+for tinylm, with the sample job's own settings (GPTQ, mixed precision on the KL); the builder converts the same folder
 (``python -m onnxruntime_genai.models.builder -p int4 -e cpu``, offline; and ``-p fp32``, so that the
 graphs' share of a speed difference shows without quantization in either).
 
@@ -180,11 +181,20 @@ def config_bench(spec: str, work: Path, rows: int, seed: int = 0) -> Bench:
         return Bench(Path(spec).stem, hf, data, token_rows([dict(held_out)]), trained=False)
 
 
+BUILDER_QUANTIZATION = "builder's: " + PEER_SETTINGS[: PEER_SETTINGS.index(", QKV")]
+VARIANT_SETTINGS = {
+    "peer": BUILDER_QUANTIZATION + "; opset 23: attention, rotary and norms fused, q/k/v and gate/up joined",
+    "unfused": BUILDER_QUANTIZATION + "; exported at opset 18: attention, rotary and norms as plain ops",
+}
+
+
 def job_raw(bench: Bench, variant: str, out: Path) -> dict[str, Any]:
-    """The conversion job as data: the builder's defaults ("peer") or tinylm's sample settings ("sample":
+    """The conversion job as data: the builder's defaults ("peer"; "unfused": the same at opset 18,
+    where the decoder's attention and norms stay plain ops) or tinylm's sample settings ("sample":
     its ``[quantize]`` and ``[parity.int8]`` tables as the sample job file has them)."""
     parity: dict[str, Any] = {"generation": dict(CONVERSION_GENERATION)}
-    if variant == "peer":
+    export: dict[str, Any] = {"opset": 18} if variant == "unfused" else {}
+    if variant in ("peer", "unfused"):
         quantize: dict[str, Any] = {"mixed_precision": False, "weight_only": dict(PEER_WEIGHT_ONLY)}
     else:
         sample = tomllib.loads(SAMPLE_JOB.read_text())
@@ -200,6 +210,7 @@ def job_raw(bench: Bench, variant: str, out: Path) -> dict[str, Any]:
         },
         "inputs": INPUTS,
         **bench.data,
+        "export": export,
         "quantize": quantize,
         "parity": parity,
         "targets": [{"backend": "cpu"}],
@@ -277,11 +288,7 @@ def build_rows(bench: Bench, work: Path, variants: list[str], policy: Generation
     for variant, stages in jobs.items():
         path = work / f"onnxforge-{variant}" / stages["quantize"]["path"]
         metadata = stages["quantize"]["metadata"]
-        text = (
-            "builder's: " + PEER_SETTINGS[: PEER_SETTINGS.index(", QKV")]
-            if variant == "peer"
-            else sample_settings(metadata)
-        )
+        text = VARIANT_SETTINGS[variant] if variant in VARIANT_SETTINGS else sample_settings(metadata)
         rows.append(Row(f"onnxforge int4 ({variant} settings)", text, path, onnx_decoder(path, signature)))
     length = max(PROMPT_TOKENS + policy.new_tokens + 8, max(len(row) for row in bench.rows) + 1)
     runtime = RuntimeDecoder(genai, length, THREADS)
@@ -313,19 +320,26 @@ def speeds(rows: list[Row], settings: TimingSettings) -> Timed:
 
 def head_to_head(rows: list[Row], timed: Timed, settings: TimingSettings) -> list[str]:
     """The answer lines: onnxforge's int4 (builder's settings) decode against the builder's int4 in the
-    same harness (from `speeds`) and in the genai runtime, and onnxforge's fp32 graph against the
-    builder's fp32 graph (the graphs' share: no quantization in either), each timed head to head."""
+    same harness (from `speeds`) and in the genai runtime, onnxforge's fp32 graph against the
+    builder's fp32 graph (the graphs' share: no quantization in either), and the fused int4 graph
+    against the same int4 weights exported unfused (opset 18), each timed head to head."""
     by_label = {row.label: row for row in rows}
     ours = "onnxforge int4 (peer settings)"
     if ours not in timed:
         return []
     lines = [f"decode time, {ours} / {PEER} (same harness): {_verdict(timed[ours][0])}"]
-    for baseline, candidate in ((RUNTIME, ours), ("genai fp32 (ORT session)", "onnxforge fp32")):
+    pairs = ((RUNTIME, ours), ("genai fp32 (ORT session)", "onnxforge fp32"), (UNFUSED, ours))
+    for baseline, candidate in pairs:
+        if baseline not in by_label:
+            continue
         first, second = by_label[baseline].runs, by_label[candidate].runs
         if first is not None and second is not None:
             found = compare_latency(first[1], second[1], settings)
             lines.append(f"decode time, {candidate} / {baseline}: {_verdict(found)}")
     return lines
+
+
+UNFUSED = "onnxforge int4 (unfused settings)"
 
 
 def _verdict(measured: RatioMeasurement) -> str:
@@ -409,8 +423,8 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--config", help=f"a random-weight model: a preset ({', '.join(PRESETS)}) or a config.json")
     parser.add_argument("--prompts", type=int, default=8, help="held-out prompts (32 tokens each)")
     parser.add_argument("--new-tokens", type=int, default=32, help="greedy tokens per prompt, and decode steps timed")
-    parser.add_argument("--variants", nargs="+", choices=["peer", "sample"],
-                        help="onnxforge int4 variants (default: both for tinylm, peer for --config)")  # fmt: skip
+    parser.add_argument("--variants", nargs="+", choices=["peer", "unfused", "sample"],
+                        help="onnxforge int4 variants (default: all; peer, unfused for --config)")  # fmt: skip
     parser.add_argument("--budget-s", type=float, default=15.0, help="timing budget per comparison, seconds")
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/llm_bench"), help="conversions and builds go here")
     parser.add_argument("--reuse", action="store_true", help="keep conversions and builds already in --work-dir")
@@ -428,7 +442,7 @@ def main() -> None:
     work = args.work_dir / (Path(args.config).stem if args.config else "tinylm")
     work.mkdir(parents=True, exist_ok=True)
     bench = config_bench(args.config, work, args.prompts) if args.config else tinylm_bench(work)
-    variants = args.variants or (["peer"] if args.config else ["peer", "sample"])
+    variants = args.variants or (["peer", "unfused"] if args.config else ["peer", "unfused", "sample"])
     policy = GenerationPolicy(prompts=args.prompts, prompt_tokens=PROMPT_TOKENS, new_tokens=args.new_tokens,
                               min_token_agreement=None, max_perplexity_ratio=None, measure_speed=False)  # fmt: skip
     prompts = cut_prompts(bench.rows, policy)
