@@ -7,9 +7,11 @@ heads included, ``enable_gqa``) and ``aten.rms_norm`` as ``RMSNormalization``. D
 `transformers`' attention interface, and each RMS-norm module whose forward computes what
 ``torch.nn.functional.rms_norm`` does (checked on a probe input, module by module) runs through it;
 both are restored afterwards, so PyTorch's references stay the model's own code and the export
-parity check proves the swap. Attention features SDPA does not take (soft caps, attention sinks,
-position biases, sliding windows) make `_cached_sdpa` refuse, and the model is then exported as it
-is (`kernel_swap_problem`).
+parity check proves the swap. Its mask (`_causal_padding_mask`, registered with the mask interface
+under the same name) is transformers' causal + padding mask built from two position ranges. Attention
+features SDPA does not take (soft caps, attention sinks, position biases, sliding windows) make
+`_cached_sdpa` refuse on a PyTorch probe step, and the model's own attention is then traced
+(`KernelSwap.kept_because` says why).
 
 `pipeline.llm.decoder_fusions` then folds each layer's rotary embedding and cache growth into the
 ``Attention`` node (in the simplify stage).
@@ -27,6 +29,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from pipeline.errors import first_line
+
 logger = logging.getLogger(__name__)
 
 # The attention implementation's name in transformers' registries while a decoder is exported.
@@ -38,7 +42,8 @@ _NORM_TOLERANCE = 1e-5
 
 
 class UnsupportedAttention(RuntimeError):
-    """The model's attention uses a feature the SDPA export does not carry."""
+    """The model's attention uses a feature the SDPA export does not carry (raised on the probe
+    step and caught by `export_kernels`: it never leaves this module)."""
 
 
 def _cached_sdpa(
@@ -181,7 +186,7 @@ def export_kernels(model: torch.nn.Module, opset: int, probe: Callable[[], objec
         model: A `transformers` causal LM.
         opset: The export's opset.
         probe: One PyTorch step of the model, run once swapped: if its attention passes a feature
-            SDPA does not take, the attention is restored before the block runs.
+            SDPA does not take, or fails on SDPA, the attention is restored before the block runs.
 
     Yields:
         What is swapped.
@@ -197,16 +202,20 @@ def export_kernels(model: torch.nn.Module, opset: int, probe: Callable[[], objec
     norms = [module for module in model.modules() if _computes_rms_norm(module)]
     for module in norms:
         module.forward = types.MethodType(_rms_norm_forward, module)  # type: ignore[method-assign]
-    set_attention(ATTENTION_NAME)
     swap = KernelSwap(attention=True, norms=len(norms))
     try:
         try:
+            set_attention(ATTENTION_NAME)
             with torch.inference_mode():
                 probe()
         except UnsupportedAttention as e:
             set_attention(previous)
             swap = KernelSwap(norms=len(norms), kept_because=str(e))
             logger.info("decoder export: the model's own attention kept (%s)", e)
+        except Exception as e:  # noqa: BLE001 - it runs with its own attention (checked before): keep that
+            set_attention(previous)
+            swap = KernelSwap(norms=len(norms), kept_because=f"SDPA failed on it: {first_line(e)}")
+            logger.warning("decoder export: the model's own attention kept (SDPA failed: %s)", e)
         yield swap
     finally:
         for module in norms:

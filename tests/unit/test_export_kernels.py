@@ -7,12 +7,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
 from transformers.masking_utils import causal_mask_function, sdpa_mask, sliding_window_causal_mask_function
 from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from pipeline.llm.export_kernels import ATTENTION_NAME, _causal_padding_mask, _computes_rms_norm, export_kernels
+from pipeline.llm.export_kernels import (
+    ATTENTION_NAME,
+    UnsupportedAttention,
+    _cached_sdpa,
+    _causal_padding_mask,
+    _computes_rms_norm,
+    export_kernels,
+)
 
 
 @pytest.mark.parametrize(("q_length", "kv_length", "q_offset"), [(1, 1, 0), (4, 4, 0), (1, 9, 8), (3, 8, 5)])
@@ -65,3 +72,50 @@ def test_the_swap_is_undone_after_the_block() -> None:
     with export_kernels(model, 18, probe=lambda: model(ids)) as kept:
         assert model.config._attn_implementation == own
     assert not kept.attention and kept.kept_because.startswith("opset 18")
+
+
+def test_a_model_that_will_not_take_sdpa_keeps_its_own_attention() -> None:
+    """Gemma 2 (soft caps, sliding windows) refuses the SDPA implementation: traced as it is, and said why."""
+    config = Gemma2Config(
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        attn_logit_softcapping=50.0,
+        attn_implementation="eager",
+    )
+    model = Gemma2ForCausalLM(config).eval()
+
+    with export_kernels(model, 23, probe=lambda: model(torch.tensor([[1, 2, 3]]))) as swapped:
+        assert model.config._attn_implementation == "eager"
+
+    assert not swapped.attention and swapped.kept_because.startswith("SDPA failed on it: Gemma2ForCausalLM")
+    assert swapped.norms == 0  # Gemma's norms scale by (1 + weight)
+
+
+@pytest.mark.parametrize("feature", ["softcap", "s_aux", "position_bias", "sliding_window"])
+def test_attention_features_sdpa_does_not_carry_are_refused(feature: str) -> None:
+    query, key = torch.randn(1, 2, 3, 8), torch.randn(1, 1, 3, 8)
+
+    with pytest.raises(UnsupportedAttention, match=feature):
+        _cached_sdpa(torch.nn.Identity(), query, key, key, None, **{feature: 1.0})
+
+
+def test_an_attention_that_fails_on_sdpa_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    config = LlamaConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
+    )
+    model = LlamaForCausalLM(config).eval()
+
+    def broken(*args: object, **kwargs: object) -> torch.Tensor:
+        raise RuntimeError("no kernel for this")
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", broken)
+    model.set_attn_implementation("eager")  # the model's own path does not call SDPA
+    with export_kernels(model, 23, probe=lambda: model(torch.tensor([[1, 2, 3]]))) as swapped:
+        assert model.config._attn_implementation == "eager"
+
+    assert not swapped.attention and swapped.kept_because == "SDPA failed on it: no kernel for this"
