@@ -97,6 +97,7 @@ CONVERSION_GENERATION = {"prompts": 1, "new_tokens": 1, "measure_speed": False,
                          "min_token_agreement": None, "max_perplexity_ratio": None}  # fmt: skip
 PEER = "genai int4 (ORT session)"
 RUNTIME = "genai int4 (onnxruntime-genai runtime)"
+UNFUSED = "onnxforge int4 (unfused settings)"
 
 
 @dataclass
@@ -337,9 +338,6 @@ def head_to_head(rows: list[Row], timed: Timed, settings: TimingSettings) -> lis
             found = compare_latency(first[1], second[1], settings)
             lines.append(f"decode time, {candidate} / {baseline}: {_verdict(found)}")
     return lines
-
-
-UNFUSED = "onnxforge int4 (unfused settings)"
 
 
 def _verdict(measured: RatioMeasurement) -> str:

@@ -27,7 +27,9 @@ import onnx_ir as ir
 logger = logging.getLogger(__name__)
 
 MS_DOMAIN = "com.microsoft"
-FUSED_ATTENTION_OPSET = 23
+# The first opset with Attention, RotaryEmbedding and RMSNormalization (what the export swaps in
+# and these fusions write).
+ATTENTION_OPSET = 23
 _HEADS_FIRST = (0, 2, 1, 3)
 # Ops that carry the cos / sin table from its Concat(freqs, freqs) to the rotary's Mul unchanged
 # per half (transformers scales it by attention_scaling, casts it, adds the heads axis).
@@ -91,7 +93,7 @@ def fuse_decoder(model: ir.Model) -> FusionCounts:
 
 def fuse_rotary_attention(model: ir.Model) -> int:
     """Fold each matched layer's rotary, cache Concat and attention; returns how many."""
-    if model.opset_imports.get("", 0) < FUSED_ATTENTION_OPSET:
+    if model.opset_imports.get("", 0) < ATTENTION_OPSET:
         return 0
     halves: dict[int, ir.Value] = {}
     fused = 0

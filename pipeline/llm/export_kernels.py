@@ -30,12 +30,12 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.errors import first_line
+from pipeline.llm.decoder_fusions import ATTENTION_OPSET
 
 logger = logging.getLogger(__name__)
 
 # The attention implementation's name in transformers' registries while a decoder is exported.
 ATTENTION_NAME = "onnxforge_sdpa"
-KERNEL_OPSET = 23
 _UNSUPPORTED = ("softcap", "s_aux", "sinks", "position_bias", "sliding_window")
 # The probe's agreement needed to run a module's norm as F.rms_norm (float32 rounding only).
 _NORM_TOLERANCE = 1e-5
@@ -194,8 +194,10 @@ def export_kernels(model: torch.nn.Module, opset: int, probe: Callable[[], objec
     config = getattr(model, "config", None)
     previous = getattr(config, "_attn_implementation", None)
     set_attention = getattr(model, "set_attn_implementation", None)
-    if opset < KERNEL_OPSET or previous is None or set_attention is None:
-        reason = f"opset {opset} < {KERNEL_OPSET}" if opset < KERNEL_OPSET else "no transformers attention interface"
+    if opset < ATTENTION_OPSET or previous is None or set_attention is None:
+        reason = (
+            f"opset {opset} < {ATTENTION_OPSET}" if opset < ATTENTION_OPSET else "no transformers attention interface"
+        )
         yield KernelSwap(kept_because=reason)
         return
     _register()

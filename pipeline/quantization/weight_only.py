@@ -379,9 +379,8 @@ class WeightOnlyQuantizer:
         groups: dict[tuple[str, int], list[str]] = {}
         for target in self.candidates:
             if target.node in quantized:
-                key = (target.activation, quantized[target.node])
-                if self.settings.format == "qdq":
-                    key = (target.node, 0)
+                alone = self.settings.format == "qdq"
+                key = (target.node, 0) if alone else (target.activation, quantized[target.node])
                 groups.setdefault(key, []).append(target.node)
         return list(groups.values())
 

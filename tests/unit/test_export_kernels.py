@@ -54,11 +54,16 @@ def test_only_norms_that_compute_rms_norm_are_swapped() -> None:
     assert not _computes_rms_norm(gemma)
 
 
-def test_the_swap_is_undone_after_the_block() -> None:
+def tiny_llama() -> LlamaForCausalLM:
+    """A one-layer Llama in transformers' default attention (SDPA)."""
     config = LlamaConfig(
         vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
     )
-    model = LlamaForCausalLM(config).eval()
+    return LlamaForCausalLM(config).eval()
+
+
+def test_the_swap_is_undone_after_the_block() -> None:
+    model = tiny_llama()
     ids = torch.tensor([[1, 2, 3]])
     own = model.config._attn_implementation
 
@@ -105,10 +110,7 @@ def test_attention_features_sdpa_does_not_carry_are_refused(feature: str) -> Non
 
 
 def test_an_attention_that_fails_on_sdpa_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
-    config = LlamaConfig(
-        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
-    )
-    model = LlamaForCausalLM(config).eval()
+    model = tiny_llama()
 
     def broken(*args: object, **kwargs: object) -> torch.Tensor:
         raise RuntimeError("no kernel for this")
