@@ -75,6 +75,8 @@ class ExportRecord(ModelRecord):
             (batch, sequence, past) sizes, the first step and single-token steps included.
         decoder_kernels: How a causal LM's attention and RMS norms were exported (single
             opset-23 ops, or the model's own code and why).
+        decoder_max_positions: A causal LM's ``max_position_embeddings`` (the length of the
+            rotary tables the simplify stage makes; None: not known).
     """
 
     precision: ClassVar[Precision | None] = "fp32"
@@ -90,6 +92,7 @@ class ExportRecord(ModelRecord):
     seconds: dict[str, float]
     decoder_parity: list[SizeParity] = Field(default_factory=list)
     decoder_kernels: str = ""
+    decoder_max_positions: int | None = None
 
 
 class SimplifyRecord(ModelRecord):

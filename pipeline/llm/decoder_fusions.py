@@ -6,7 +6,9 @@ rotary embedding spelled out as ``x * cos + rotate_half(x) * sin`` and the cache
 ``Concat``: some 25 nodes a layer that run at every decode step. `fuse_rotary_attention` folds
 each layer's into three: ``RotaryEmbedding`` on the query and on the key (opset 23, taking the
 projections as they come, ``[batch, sequence, heads * head_dim]``) and an ``Attention`` that takes
-the past key and value and returns the present ones itself. `fuse_skip_rms_norm` folds a residual
+the past key and value and returns the present ones itself; with the model's length known, the
+rotary's cos / sin are constant tables looked up by ``position_ids`` (`pipeline.llm.rotary_tables`).
+`fuse_skip_rms_norm` folds a residual
 ``Add`` and the ``RMSNormalization`` of its sum into ONNX Runtime's
 ``SkipSimplifiedLayerNormalization``, which also returns the sum for the next residual.
 
@@ -20,9 +22,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import onnx_ir as ir
+
+from pipeline.llm.rotary_tables import constant_table
 
 logger = logging.getLogger(__name__)
 
@@ -43,14 +47,20 @@ class FusionCounts:
     Attributes:
         attention: Layers whose rotary, cache Concat and attention became three nodes.
         skip_norm: Residual Add + RMSNormalization pairs fused.
+        rotary_tables: cos / sin pairs made constant tables looked up by position.
     """
 
     attention: int = 0
     skip_norm: int = 0
+    rotary_tables: int = 0
 
     def as_dict(self) -> dict[str, int]:
         """The counts by the names records use."""
-        return {"rotary_attention": self.attention, "skip_rms_norm": self.skip_norm}
+        return {
+            "rotary_attention": self.attention,
+            "skip_rms_norm": self.skip_norm,
+            "constant_rotary_tables": self.rotary_tables,
+        }
 
 
 @dataclass(frozen=True)
@@ -78,24 +88,37 @@ class _AttentionMatch:
     rotary: _Rotary | None  # None: no rotary embedding (learned positions, GPT-2)
 
 
-def fuse_decoder(model: ir.Model) -> FusionCounts:
+def fuse_decoder(model: ir.Model, max_positions: int | None = None) -> FusionCounts:
     """Both fusions, where the graph has what they match; the dead nodes are left for the caller's
-    dead-node pass."""
-    counts = FusionCounts(attention=fuse_rotary_attention(model), skip_norm=fuse_skip_rms_norm(model))
+    dead-node pass.
+
+    Args:
+        model: The decoder's graph, changed in place.
+        max_positions: The model's ``max_position_embeddings``: the rotary's cos / sin become
+            constant tables that long, looked up by ``position_ids`` (None: computed at each step).
+    """
+    caches = _RotaryCaches(max_positions)
+    attention = _fuse_attention(model, caches)
+    counts = FusionCounts(attention, fuse_skip_rms_norm(model), caches.constant_pairs)
     if counts.attention or counts.skip_norm:
         logger.info(
-            "decoder fusions: %d rotary attention layers, %d residual + RMS norm pairs",
+            "decoder fusions: %d rotary attention layers (%d constant rotary tables), %d residual + RMS norm pairs",
             counts.attention,
+            counts.rotary_tables,
             counts.skip_norm,
         )
     return counts
 
 
-def fuse_rotary_attention(model: ir.Model) -> int:
-    """Fold each matched layer's rotary, cache Concat and attention; returns how many."""
+def fuse_rotary_attention(model: ir.Model, max_positions: int | None = None) -> int:
+    """Fold each matched layer's rotary, cache Concat and attention; returns how many (`max_positions`
+    as for `fuse_decoder`)."""
+    return _fuse_attention(model, _RotaryCaches(max_positions))
+
+
+def _fuse_attention(model: ir.Model, caches: _RotaryCaches) -> int:
     if model.opset_imports.get("", 0) < ATTENTION_OPSET:
         return 0
-    halves: dict[int, ir.Value] = {}
     fused = 0
     for node in list(model.graph):
         if node.op_type != "Attention" or node.domain not in ("", "ai.onnx"):
@@ -103,7 +126,7 @@ def fuse_rotary_attention(model: ir.Model) -> int:
         match = _match_attention(node)
         if match is None:
             continue
-        _rewrite_attention(model.graph, match, halves)
+        _rewrite_attention(model.graph, match, caches)
         fused += 1
     return fused
 
@@ -130,10 +153,20 @@ def fuse_skip_rms_norm(model: ir.Model) -> int:
         for before, after in ((node.outputs[0], skip.outputs[0]), (add.outputs[0], skip.outputs[3])):
             after.shape, after.type = before.shape, before.type
             ir.convenience.replace_all_uses_with(before, after, replace_graph_outputs=True)
+        _omit_unused_outputs(skip)
         fused += 1
     if fused:
         model.opset_imports.setdefault(MS_DOMAIN, 1)
     return fused
+
+
+def _omit_unused_outputs(node: ir.Node) -> None:
+    """Leave the node's optional outputs that nothing reads unnamed: ONNX Runtime computes and stores
+    every named output (the norm's mean and inverse deviation, the last layer's unread sum), a cost
+    at each decode step that an empty name (ONNX's "not requested") avoids."""
+    for output in node.outputs[1:]:
+        if not output.uses() and not output.is_graph_output():
+            output.name = ""
 
 
 def _skip_norm_fits(norm: ir.Node, add: ir.Node) -> bool:
@@ -201,17 +234,15 @@ def _match_attention(node: ir.Node) -> _AttentionMatch | None:
     )
 
 
-def _rewrite_attention(graph: ir.Graph, match: _AttentionMatch, halves: dict[int, ir.Value]) -> None:
+def _rewrite_attention(graph: ir.Graph, match: _AttentionMatch, caches: _RotaryCaches) -> None:
     """Insert (RotaryEmbedding x 2 +) Attention before the old Attention and move the layer's uses to them."""
     node = match.node
     query, key, added = match.query, match.key, list[ir.Node]()
     if match.rotary is not None:
-        cos, sin = (_half_table(graph, node, table, halves) for table in (match.rotary.cos, match.rotary.sin))
+        tables = caches.tables(graph, node, match.rotary)
         added = [
-            ir.node(
-                "RotaryEmbedding", [query, cos, sin], {"num_heads": match.query_heads}, name=f"{node.name}_rotary_q"
-            ),
-            ir.node("RotaryEmbedding", [key, cos, sin], {"num_heads": match.kv_heads}, name=f"{node.name}_rotary_k"),
+            ir.node("RotaryEmbedding", [source, *tables], {"num_heads": heads}, name=f"{node.name}_rotary_{kind}")
+            for source, heads, kind in ((query, match.query_heads, "q"), (key, match.kv_heads, "k"))
         ]
         query, key = added[0].outputs[0], added[1].outputs[0]
     mask = node.inputs[3] if len(node.inputs) > 3 else None
@@ -244,23 +275,65 @@ def _rewrite_attention(graph: ir.Graph, match: _AttentionMatch, halves: dict[int
     ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
 
 
-def _half_table(graph: ir.Graph, before: ir.Node, table: ir.Value, halves: dict[int, ir.Value]) -> ir.Value:
+@dataclass
+class _RotaryCaches:
+    """The cos / sin inputs of the layers' RotaryEmbedding nodes, made once for the layers that share a table.
+
+    Attributes:
+        max_positions: The constant tables' length (None: the caches are computed at each step).
+        made: Per (cos, sin) pair of the export's tables: the RotaryEmbedding inputs after ``x``.
+    """
+
+    max_positions: int | None
+    made: dict[tuple[int, int], list[ir.Value]] = field(default_factory=dict)
+
+    @property
+    def constant_pairs(self) -> int:
+        """The (cos, sin) pairs made constant tables (three RotaryEmbedding inputs after ``x``)."""
+        return sum(1 for inputs in self.made.values() if len(inputs) == 3)
+
+    def tables(self, graph: ir.Graph, before: ir.Node, rotary: _Rotary) -> list[ir.Value]:
+        """``[cos_table, sin_table, position_ids]`` (constant [max_positions, head_dim / 2] tables,
+        when both are computed per position from one input) or ``[cos, sin]`` of [batch, sequence,
+        head_dim / 2] (`_half_table`)."""
+        pair = (id(rotary.cos), id(rotary.sin))
+        if pair not in self.made:
+            halves = [_half_table(graph, before, table) for table in (rotary.cos, rotary.sin)]
+            self.made[pair] = self._constant(graph, halves) or halves
+        return self.made[pair]
+
+    def _constant(self, graph: ir.Graph, halves: list[ir.Value]) -> list[ir.Value] | None:
+        if self.max_positions is None:
+            return None
+        found = [constant_table(half, self.max_positions) for half in halves]
+        if any(table is None for table in found) or len({id(table[0]) for table in found if table}) != 1:
+            return None
+        constants = []
+        for name, table in zip(("cos", "sin"), found, strict=True):
+            assert table is not None
+            value = ir.Value(name=f"rotary_{name}_table_{len(self.made)}", const_value=ir.tensor(table[1]))
+            value.shape, value.type = ir.Shape(table[1].shape), ir.TensorType(ir.DataType.FLOAT)
+            graph.register_initializer(value)
+            constants.append(value)
+        assert found[0] is not None
+        return [*constants, found[0][0]]
+
+
+def _half_table(graph: ir.Graph, before: ir.Node, table: ir.Value) -> ir.Value:
     """The [batch, sequence, head_dim / 2] cache RotaryEmbedding takes: the table's ops replayed on
     the `freqs` of its ``Concat(freqs, freqs)`` without the heads axis' Unsqueeze (``Cos(freqs)``
-    for ``Unsqueeze(Cos(Concat(freqs, freqs)), 1)``), made once per table."""
-    if id(table) not in halves:
-        chain = _table_chain(table)
-        assert chain is not None  # matched by _match_rotary
-        value, replayed = chain[0], []
-        for node in chain[1]:
-            if node.op_type == "Unsqueeze":
-                continue
-            copy = ir.Node(node.domain, node.op_type, [value, *node.inputs[1:]], list(node.attributes.values()))
-            replayed.append(copy)
-            value = copy.outputs[0]
-        graph.insert_before(before, replayed)
-        halves[id(table)] = value
-    return halves[id(table)]
+    for ``Unsqueeze(Cos(Concat(freqs, freqs)), 1)``)."""
+    chain = _table_chain(table)
+    assert chain is not None  # matched by _match_rotary
+    value, replayed = chain[0], []
+    for node in chain[1]:
+        if node.op_type == "Unsqueeze":
+            continue
+        copy = ir.Node(node.domain, node.op_type, [value, *node.inputs[1:]], list(node.attributes.values()))
+        replayed.append(copy)
+        value = copy.outputs[0]
+    graph.insert_before(before, replayed)
+    return value
 
 
 def _match_rotary(value: ir.Value | None) -> _Rotary | None:

@@ -92,5 +92,6 @@ def check_exported_decoder(job: ConversionJob, exported: ExportedDecoder) -> Art
         seconds={k: round(v, 4) for k, v in seconds.items()},
         decoder_parity=parity,
         decoder_kernels=result.kernels.describe(),
+        decoder_max_positions=exported.signature.max_positions,
     )
     return model_artifact(StageName.EXPORT, result.path, None, record)

@@ -28,6 +28,7 @@ class DecoderSignature:
         head_dim: Size of one head.
         vocab: Vocabulary size (the logits' last dimension).
         position_ids: The family takes ``position_ids`` as an input (Llama, Qwen2, GPT-2).
+        max_positions: The config's ``max_position_embeddings`` (GPT-2's ``n_positions``), if it has one.
     """
 
     layers: int
@@ -35,6 +36,7 @@ class DecoderSignature:
     head_dim: int
     vocab: int
     position_ids: bool = True
+    max_positions: int | None = None
 
     @classmethod
     def from_config(cls, config: Any) -> DecoderSignature:
@@ -44,7 +46,14 @@ class DecoderSignature:
         hidden = getattr(config, "hidden_size", None) or config.n_embd
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
         head_dim = getattr(config, "head_dim", None) or hidden // heads
-        return cls(layers=int(layers), kv_heads=int(kv_heads), head_dim=int(head_dim), vocab=int(config.vocab_size))
+        positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        return cls(
+            layers=int(layers),
+            kv_heads=int(kv_heads),
+            head_dim=int(head_dim),
+            vocab=int(config.vocab_size),
+            max_positions=positions if isinstance(positions, int) else None,
+        )
 
     def past_names(self) -> list[str]:
         """``past_key_values.{i}.key``, ``past_key_values.{i}.value`` for every layer, in order."""

@@ -23,7 +23,7 @@ from pipeline.job import ConversionJob
 from pipeline.llm.decoder_fusions import FusionCounts, fuse_decoder
 from pipeline.llm.job import is_causal_lm
 from pipeline.onnx_io import check_model, discard_weights, model_artifact, parameter_count, save_model
-from pipeline.records import GraphCounts, SimplifyRecord, StageName
+from pipeline.records import ExportRecord, GraphCounts, SimplifyRecord, StageName
 from pipeline.stage_cache import content_key
 from pipeline.stages.base import NoPreconditions, StageContext
 
@@ -42,13 +42,14 @@ class SimplifyStage(NoPreconditions):
         return job.simplify.enabled
 
     def key(self, ctx: StageContext) -> str | None:
-        """The parent model, the saving threshold and the folding size rule."""
+        """The parent model, the saving threshold, the folding size rule and a decoder's rotary table length."""
         return content_key(
             self.name,
             {
                 "parent": ctx.current_model().sha256,
                 "threshold_mb": ctx.job.export.external_data_threshold_mb,
                 "fold_growth_cap_bytes": FOLD_GROWTH_CAP_BYTES,
+                "rotary_positions": _rotary_positions(ctx),
             },
         )
 
@@ -74,7 +75,7 @@ class SimplifyStage(NoPreconditions):
             model = ir.load(source)  # it may have changed the graph half-way
         try:
             # Only a decoder's graph: the norm fusion writes a contrib op a plain ONNX target may lack.
-            fused = fuse_decoder(model) if is_causal_lm(ctx.job) else FusionCounts()
+            fused = fuse_decoder(model, _rotary_positions(ctx)) if is_causal_lm(ctx.job) else FusionCounts()
             RemoveUnusedNodesPass()(model)
             after = graph_counts(model)
             removed = ops_before - Counter(node.op_type for node in model.graph)
@@ -98,6 +99,12 @@ class SimplifyStage(NoPreconditions):
         # parent's memory maps) must not stay resident through the later stages.
         discard_weights(model)
         return model_artifact(self.name, target, parent, record)
+
+
+def _rotary_positions(ctx: StageContext) -> int | None:
+    """The exported decoder's ``max_position_embeddings`` (its rotary tables' length), if known."""
+    export = ctx.record(ExportRecord)
+    return export.decoder_max_positions if export is not None else None
 
 
 def graph_counts(model: ir.Model) -> GraphCounts:

@@ -55,6 +55,8 @@ def test_a_decoder_converts_with_its_cache_and_generation_parity(
     ops = [node.op_type for node in graph.node]
     assert simplify.fusions["rotary_attention"] == ops.count("Attention") >= 2 and "Softmax" not in ops
     assert ops.count("RotaryEmbedding") == 2 * ops.count("Attention")
+    # the cos / sin caches: one pair of constant tables by position (max_position_embeddings rows)
+    assert simplify.fusions["constant_rotary_tables"] == 1 and "Cos" not in ops
     generation = result.report.generation
     assert generation is not None and generation.prompts == 4
     onnx_models = [m for m in generation.models if m.model != "pytorch"]

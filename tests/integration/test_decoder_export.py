@@ -246,7 +246,7 @@ def test_fused_layers_match_pytorch(exported: Exported, tmp_path: Path) -> None:
     assert exported.result.kernels.attention, exported.result.kernels
     model = ir.load(exported.result.path)
     onnxscript.optimizer.optimize(model)
-    counts = fuse_decoder(model)
+    counts = fuse_decoder(model, signature.max_positions)
     RemoveUnusedNodesPass()(model)
     path = tmp_path / "model.fused.onnx"
     save_model(model, path, 0)
@@ -254,6 +254,7 @@ def test_fused_layers_match_pytorch(exported: Exported, tmp_path: Path) -> None:
     rotary = exported.model.config.model_type != "gpt2"
     assert counts.attention == layers and ops["Attention"] == layers
     assert ops["RotaryEmbedding"] == (2 * layers if rotary else 0)
+    assert ops["Cos"] == ops["Sin"] == 0  # constant tables of max_position_embeddings rows, by position_ids
     heads_first = [
         n for n in model.graph if n.op_type == "Transpose" and tuple(n.attributes.get_ints("perm")) == (0, 2, 1, 3)
     ]

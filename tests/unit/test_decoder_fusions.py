@@ -45,10 +45,12 @@ def _rotary(nodes: list[onnx.NodeProto], heads: str) -> str:
     return f"{heads}_rotated"
 
 
-def attention_layer(second_half: str = "freqs") -> onnx.ModelProto:
+def attention_layer(second_half: str = "freqs", from_positions: bool = False) -> onnx.ModelProto:
     """One layer as the decoder export writes it: heads-first projections, the rotary spelled out,
-    the cache grown by Concat, opset 23's Attention, the heads merged again."""
-    nodes = [
+    the cache grown by Concat, opset 23's Attention, the heads merged again; the frequencies an input,
+    or (`from_positions`) computed from ``position_ids`` as transformers' rotary does."""
+    nodes = _frequencies() if from_positions else []
+    nodes += [
         _constant("zero", [0]),
         _constant("half", [HEAD // 2]),
         _constant("end", [INT64_MAX]),
@@ -76,12 +78,15 @@ def attention_layer(second_half: str = "freqs") -> onnx.ModelProto:
         helper.make_tensor_value_info("q", TensorProto.FLOAT, ["batch", "sequence", HEADS * HEAD]),
         helper.make_tensor_value_info("k", TensorProto.FLOAT, ["batch", "sequence", KV_HEADS * HEAD]),
         helper.make_tensor_value_info("v", TensorProto.FLOAT, ["batch", "sequence", KV_HEADS * HEAD]),
-        helper.make_tensor_value_info("freqs", TensorProto.FLOAT, ["batch", "sequence", HEAD // 2]),
         helper.make_tensor_value_info("other", TensorProto.FLOAT, ["batch", "sequence", HEAD // 2]),
         helper.make_tensor_value_info("past_key", TensorProto.FLOAT, cache),
         helper.make_tensor_value_info("past_value", TensorProto.FLOAT, cache),
         helper.make_tensor_value_info("mask", TensorProto.BOOL, ["batch", 1, "sequence", "total"]),
     ]
+    if from_positions:
+        inputs.insert(0, helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "sequence"]))
+    else:
+        inputs.insert(3, helper.make_tensor_value_info("freqs", TensorProto.FLOAT, ["batch", "sequence", HEAD // 2]))
     outputs = [
         helper.make_tensor_value_info(name, TensorProto.FLOAT, None)
         for name in ("output", "present_key", "present_value")
@@ -89,6 +94,18 @@ def attention_layer(second_half: str = "freqs") -> onnx.ModelProto:
     graph = helper.make_graph(nodes, "layer", inputs, outputs)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)], ir_version=10)
     return onnx.shape_inference.infer_shapes(model)
+
+
+def _frequencies() -> list[onnx.NodeProto]:
+    """``freqs = float(position_ids[..., None]) * inv_freq`` (transformers' default rotary)."""
+    inverse = 1.0 / 10000 ** (np.arange(0, HEAD, 2, dtype=np.float32) / HEAD)
+    return [
+        _constant("minus_one", [-1]),
+        helper.make_node("Constant", [], ["inv_freq"], value=numpy_helper.from_array(inverse, "inv_freq")),
+        helper.make_node("Unsqueeze", ["position_ids", "minus_one"], ["positions"]),
+        helper.make_node("Cast", ["positions"], ["positions_float"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["positions_float", "inv_freq"], ["freqs"]),
+    ]
 
 
 def layer_feeds() -> dict[str, np.ndarray]:
@@ -104,7 +121,9 @@ def layer_feeds() -> dict[str, np.ndarray]:
         "past_key": rng.standard_normal((BATCH, KV_HEADS, PAST, HEAD)),
         "past_value": rng.standard_normal((BATCH, KV_HEADS, PAST, HEAD)),
     }
-    return {**{name: value.astype(np.float32) for name, value in feeds.items()}, "mask": mask}
+    positions = np.stack([np.arange(PAST, PAST + SEQUENCE), np.arange(PAST - 2, PAST - 2 + SEQUENCE)])
+    floats = {name: value.astype(np.float32) for name, value in feeds.items()}
+    return {**floats, "mask": mask, "position_ids": positions}
 
 
 def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -113,9 +132,9 @@ def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray
     return session.run(None, {name: value for name, value in feeds.items() if name in names})
 
 
-def fused(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int, int]:
+def fused(model: onnx.ModelProto, max_positions: int | None = None) -> tuple[onnx.ModelProto, int, int]:
     graph = ir.from_proto(model)
-    counts = fuse_decoder(graph)
+    counts = fuse_decoder(graph, max_positions)
     RemoveUnusedNodesPass()(graph)
     return ir.to_proto(graph), counts.attention, counts.skip_norm
 
@@ -132,6 +151,27 @@ def test_a_rotary_attention_layer_folds_into_three_ops_with_the_same_outputs() -
     onnx.checker.check_model(after, full_check=True)
     for before, now in zip(run(model, layer_feeds()), run(after, layer_feeds()), strict=True):
         np.testing.assert_allclose(now, before, rtol=1e-5, atol=1e-5)
+
+
+def test_rotary_caches_from_positions_become_constant_tables_looked_up_by_position_ids() -> None:
+    model = attention_layer(from_positions=True)
+    after, attention, _ = fused(model, max_positions=16)
+
+    ops = Counter(node.op_type for node in after.graph.node)
+    assert attention == 1 and ops == Counter({"RotaryEmbedding": 2, "Attention": 1}), ops
+    rotary = next(node for node in after.graph.node if node.op_type == "RotaryEmbedding")
+    tables = {initializer.name: initializer.dims for initializer in after.graph.initializer}
+    assert rotary.input[3] == "position_ids" and tables[rotary.input[1]] == [16, HEAD // 2]
+    onnx.checker.check_model(after, full_check=True)
+    for before, now in zip(run(model, layer_feeds()), run(after, layer_feeds()), strict=True):
+        np.testing.assert_allclose(now, before, rtol=1e-5, atol=1e-5)
+
+
+def test_without_a_table_length_the_caches_from_positions_are_computed_each_step() -> None:
+    after, attention, _ = fused(attention_layer(from_positions=True))
+
+    ops = Counter(node.op_type for node in after.graph.node)
+    assert attention == 1 and ops["Cos"] == 1 and ops["Sin"] == 1 and not after.graph.initializer
 
 
 def test_a_rotary_whose_halves_may_differ_is_not_folded() -> None:
@@ -174,6 +214,8 @@ def test_residual_add_and_rms_norm_fold_into_skip_simplified_layer_normalization
     after, _, skip = fused(model)
 
     assert skip == 1 and [node.op_type for node in after.graph.node] == ["SkipSimplifiedLayerNormalization", "Mul"]
+    # The sum is read (the next residual); the mean and inverse deviation are not, so not requested.
+    assert [bool(name) for name in after.graph.node[0].output] == [True, False, False, True]
     np.testing.assert_allclose(run(after, feeds)[0], run(model, feeds)[0], rtol=1e-5, atol=1e-5)
 
 
