@@ -22,6 +22,8 @@ with `pipeline.timing.compare_latency` (interleaved rounds; ratio = median, 95% 
 Run from the repository root (``pip install -e .[samples,llm-peer]``; outputs in /tmp/llm_bench):
   python benchmarks/llm.py                      # tinylm, 8 prompts x 32 new tokens (7 min on 2 shared cores)
   python benchmarks/llm.py --config llama-150m --prompts 4 --budget-s 40   # random weights, for speed (14 min)
+  python benchmarks/llm.py --config tinyllama-1.1b --prompts 2 --new-tokens 16 --budget-s 30 --variants peer
+                                                # 1.1 B, random weights: 18 min, 18 GB peak
 """
 
 from __future__ import annotations
@@ -69,25 +71,13 @@ from llm_peer import (  # noqa: E402 - beside this script
     runtime_runs,
     save_hf_folder,
 )
+from llm_scale import PRESETS, llama_config  # noqa: E402 - beside this script
 from ort_timing import THREADS, session  # noqa: E402 - beside this script
 
 logger = logging.getLogger("benchmarks.llm")
 
 SAMPLE_JOB = REPO / "samples" / "tinylm" / "job.toml"
 PROMPT_TOKENS = 32
-PRESETS: dict[str, dict[str, Any]] = {
-    "llama-150m": {
-        "model_type": "llama",
-        "hidden_size": 768,
-        "num_hidden_layers": 12,
-        "num_attention_heads": 12,
-        "num_key_value_heads": 4,
-        "intermediate_size": 2048,
-        "vocab_size": 32000,
-        "tie_word_embeddings": False,
-        "max_position_embeddings": 2048,
-    },
-}
 INPUTS = [
     {"name": "input_ids", "shape": ["batch", "sequence"], "dtype": "int64"},
     {"name": "attention_mask", "shape": ["batch", "sequence"], "dtype": "int64"},
@@ -164,7 +154,7 @@ def config_bench(spec: str, work: Path, rows: int, seed: int = 0) -> Bench:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if spec in PRESETS:
-        config = AutoConfig.for_model(**PRESETS[spec])
+        config = llama_config(spec)
     else:
         path = Path(spec)
         config = AutoConfig.for_model(**json.loads((path / "config.json" if path.is_dir() else path).read_text()))

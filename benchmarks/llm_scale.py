@@ -17,6 +17,7 @@ reset as each stage starts; file-backed pages, memory-mapped weights, count).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import subprocess
@@ -24,6 +25,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tomli_w
@@ -57,25 +59,21 @@ SEQUENCE = 64
 MEMORY_BOUND = 2.0  # the issue's bar: peak RSS at most 2x the fp32 weights in every stage
 
 
+def llama_config(preset: str) -> Any:
+    """`preset`'s ``LlamaConfig``: its shape, 2,048 positions, untied embeddings (also `benchmarks/llm.py`'s)."""
+    from transformers import LlamaConfig
+
+    shape = dataclasses.asdict(PRESETS[preset])
+    return LlamaConfig(**shape, max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=False)
+
+
 def build_model(folder: Path, preset: str) -> None:
     """Write a seeded random-init ``LlamaForCausalLM`` of `preset` to `folder` (run in a child)."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
-    shape = PRESETS[preset]
-    config = LlamaConfig(
-        vocab_size=shape.vocab_size,
-        hidden_size=shape.hidden_size,
-        intermediate_size=shape.intermediate_size,
-        num_hidden_layers=shape.num_hidden_layers,
-        num_attention_heads=shape.num_attention_heads,
-        num_key_value_heads=shape.num_key_value_heads,
-        max_position_embeddings=2048,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
-    )
-    LlamaForCausalLM(config).save_pretrained(folder)
+    LlamaForCausalLM(llama_config(preset)).save_pretrained(folder)
 
 
 def weight_bytes(folder: Path) -> int:

@@ -311,8 +311,9 @@ class _RotaryCaches:
         constants = []
         for name, table in zip(("cos", "sin"), found, strict=True):
             assert table is not None
-            value = ir.Value(name=f"rotary_{name}_table_{len(self.made)}", const_value=ir.tensor(table[1]))
-            value.shape, value.type = ir.Shape(table[1].shape), ir.TensorType(ir.DataType.FLOAT)
+            tensor = ir.tensor(table[1])
+            value = ir.Value(name=f"rotary_{name}_table_{len(self.made)}", const_value=tensor)
+            value.shape, value.type = ir.Shape(table[1].shape), ir.TensorType(tensor.dtype)
             graph.register_initializer(value)
             constants.append(value)
         assert found[0] is not None

@@ -41,7 +41,11 @@ def constant_table(table: ir.Value, positions: int) -> tuple[ir.Value, np.ndarra
     if found is None:
         return None
     nodes, source = found
-    values = _evaluate(nodes, source, table, np.arange(positions, dtype=np.int64)[None, :])
+    try:
+        values = _evaluate(nodes, source, table, np.arange(positions, dtype=np.int64)[None, :])
+    except Exception as e:  # noqa: BLE001 - a constant that does not broadcast over every position: no table
+        logger.info("rotary table not made (%s: %s); the caches stay computed each step", type(e).__name__, e)
+        return None
     if values.ndim != 3 or values.shape[:2] != (1, positions):
         return None
     return source, np.ascontiguousarray(values[0])

@@ -13,13 +13,17 @@ WIDTH = 4
 INVERSE = 1.0 / 10000 ** (np.arange(WIDTH, dtype=np.float32) / WIDTH)
 
 
-def table_graph(middle: list[str] | None = None, extra_input: bool = False) -> ir.Model:
-    """``cos(float(position_ids[..., None]) * inv_freq) * 0.5`` (a scaled rotary), with optional ops
+def table_graph(
+    middle: list[str] | None = None, extra_input: bool = False, scale_shape: tuple[int, ...] = ()
+) -> ir.Model:
+    """``cos(float(position_ids[..., None]) * inv_freq) * scale`` (a scaled rotary), with optional ops
     between the positions and the Cast, or an input added to the frequencies."""
     nodes = [
         helper.make_node("Constant", [], ["axis"], value=numpy_helper.from_array(np.array([-1], np.int64))),
         helper.make_node("Constant", [], ["inv_freq"], value=numpy_helper.from_array(INVERSE)),
-        helper.make_node("Constant", [], ["scale"], value=numpy_helper.from_array(np.array(0.5, np.float32))),
+        helper.make_node(
+            "Constant", [], ["scale"], value=numpy_helper.from_array(np.full(scale_shape, 0.5, np.float32))
+        ),
     ]
     current = "position_ids"
     for index, op in enumerate(middle or []):
@@ -64,3 +68,10 @@ def test_an_op_that_mixes_positions_makes_no_table() -> None:
 
 def test_a_table_that_reads_another_input_makes_no_table() -> None:
     assert constant_table(table_graph(extra_input=True).graph.outputs[0], positions=10) is None
+
+
+def test_a_constant_sized_by_the_export_sequence_makes_no_table() -> None:
+    """A constant of the traced sequence's length does not broadcast over every position."""
+    model = table_graph(scale_shape=(1, 3, WIDTH))
+
+    assert constant_table(model.graph.outputs[0], positions=10) is None
