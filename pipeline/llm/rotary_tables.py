@@ -71,7 +71,7 @@ def _position_cone(table: ir.Value) -> tuple[list[ir.Node], ir.Value] | None:
         nodes.append(node)
         pending.extend(input_ for input_ in node.inputs if input_ is not None)
     source = next(iter(sources)) if len(sources) == 1 else None
-    if source is None or not source.is_graph_input() or not _int64_matrix(source):
+    if not nodes or source is None or not source.is_graph_input() or not _int64_matrix(source):
         return None
     return _in_graph_order(nodes), source
 

@@ -36,17 +36,18 @@ def _findings(outcomes: list[Outcome]) -> list[str]:
     ]
 
 
+# 100 of each in the default run (the slow tier runs thousands): the default tier is near its 5 minutes.
 def test_model_mutants_are_bad_input_never_internal_errors(tmp_path: Path) -> None:
-    outcomes = run_model_mutants(tmp_path, range(200))
+    outcomes = run_model_mutants(tmp_path, range(100))
     assert not _findings(outcomes), "\n".join(_findings(outcomes))
     # The mutator is no no-op: most mutants are refused, and refused as bad input.
-    assert Counter(o.exit_code for o in outcomes)[2] >= 100
+    assert Counter(o.exit_code for o in outcomes)[2] >= 50
 
 
 def test_job_mutants_are_bad_input_never_internal_errors(tmp_path: Path) -> None:
-    outcomes = run_job_mutants(tmp_path, range(200))
+    outcomes = run_job_mutants(tmp_path, range(100))
     assert not _findings(outcomes), "\n".join(_findings(outcomes))
-    assert Counter(o.exit_code for o in outcomes)[2] >= 100
+    assert Counter(o.exit_code for o in outcomes)[2] >= 50
 
 
 @pytest.mark.slow
