@@ -23,6 +23,9 @@ logger = logging.getLogger(__name__)
 
 # Ops that map each position's values to that position's values (Unsqueeze only adds axes).
 _PER_POSITION = frozenset({"Unsqueeze", "Cast", "Mul", "Div", "Add", "Sub", "Neg", "Cos", "Sin", "Identity"})
+# A table larger than this stays computed each step: a 131,072-position context at head size 128
+# takes 32 MiB a table in float32; a million positions would add 512 MiB to the model.
+MAX_TABLE_BYTES = 64 << 20
 
 
 def constant_table(table: ir.Value, positions: int) -> tuple[ir.Value, np.ndarray] | None:
@@ -35,13 +38,17 @@ def constant_table(table: ir.Value, positions: int) -> tuple[ir.Value, np.ndarra
 
     Returns:
         (the ``position_ids`` input, the [positions, width] table), or None when `table` is not
-        computed that way.
+        computed that way or the table would exceed `MAX_TABLE_BYTES`.
     """
     found = _position_cone(table)
     if found is None:
         return None
     nodes, source = found
     try:
+        first = _evaluate(nodes, source, table, np.zeros((1, 1), dtype=np.int64))  # the row's size, cheaply
+        if first.nbytes * positions > MAX_TABLE_BYTES:
+            logger.info("rotary table of %d positions over %d bytes: computed each step", positions, MAX_TABLE_BYTES)
+            return None
         values = _evaluate(nodes, source, table, np.arange(positions, dtype=np.int64)[None, :])
     except Exception as e:  # noqa: BLE001 - a constant that does not broadcast over every position: no table
         logger.info("rotary table not made (%s: %s); the caches stay computed each step", type(e).__name__, e)

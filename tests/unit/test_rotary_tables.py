@@ -7,7 +7,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx import TensorProto, helper, numpy_helper
 
-from pipeline.llm.rotary_tables import constant_table
+from pipeline.llm.rotary_tables import MAX_TABLE_BYTES, constant_table
 
 WIDTH = 4
 INVERSE = 1.0 / 10000 ** (np.arange(WIDTH, dtype=np.float32) / WIDTH)
@@ -75,3 +75,10 @@ def test_a_constant_sized_by_the_export_sequence_makes_no_table() -> None:
     model = table_graph(scale_shape=(1, 3, WIDTH))
 
     assert constant_table(model.graph.outputs[0], positions=10) is None
+
+
+def test_a_table_over_the_size_cap_stays_computed_each_step() -> None:
+    """A context of millions of positions would add its table to the model: no table."""
+    too_long = MAX_TABLE_BYTES // (4 * WIDTH) + 1
+
+    assert constant_table(table_graph().graph.outputs[0], positions=too_long) is None
