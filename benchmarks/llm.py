@@ -87,7 +87,14 @@ CONVERSION_GENERATION = {"prompts": 1, "new_tokens": 1, "measure_speed": False,
                          "min_token_agreement": None, "max_perplexity_ratio": None}  # fmt: skip
 PEER = "genai int4 (ORT session)"
 RUNTIME = "genai int4 (onnxruntime-genai runtime)"
-UNFUSED = "onnxforge int4 (unfused settings)"
+
+
+def variant_label(variant: str) -> str:
+    """The table's name for onnxforge's int4 model made with `variant`'s settings."""
+    return f"onnxforge int4 ({variant} settings)"
+
+
+UNFUSED = variant_label("unfused")
 
 
 @dataclass
@@ -280,7 +287,7 @@ def build_rows(bench: Bench, work: Path, variants: list[str], policy: Generation
         path = work / f"onnxforge-{variant}" / stages["quantize"]["path"]
         metadata = stages["quantize"]["metadata"]
         text = VARIANT_SETTINGS[variant] if variant in VARIANT_SETTINGS else sample_settings(metadata)
-        rows.append(Row(f"onnxforge int4 ({variant} settings)", text, path, onnx_decoder(path, signature)))
+        rows.append(Row(variant_label(variant), text, path, onnx_decoder(path, signature)))
     length = max(PROMPT_TOKENS + policy.new_tokens + 8, max(len(row) for row in bench.rows) + 1)
     runtime = RuntimeDecoder(genai, length, THREADS)
     rows.append(Row(RUNTIME, "the genai int4 file, og.Generator greedy", peer, runtime))
@@ -315,7 +322,7 @@ def head_to_head(rows: list[Row], timed: Timed, settings: TimingSettings) -> lis
     builder's fp32 graph (the graphs' share: no quantization in either), and the fused int4 graph
     against the same int4 weights exported unfused (opset 18), each timed head to head."""
     by_label = {row.label: row for row in rows}
-    ours = "onnxforge int4 (peer settings)"
+    ours = variant_label("peer")
     if ours not in timed:
         return []
     lines = [f"decode time, {ours} / {PEER} (same harness): {_verdict(timed[ours][0])}"]

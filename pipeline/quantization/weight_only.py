@@ -377,9 +377,9 @@ class WeightOnlyQuantizer:
         """The quantized MatMuls in graph order, those of one activation at one precision together
         (``MatMulNBits`` runs them as one: `graph.to_joined_matmul_nbits`); QDQ keeps each alone."""
         groups: dict[tuple[str, int], list[str]] = {}
+        alone = self.settings.format == "qdq"
         for target in self.candidates:
             if target.node in quantized:
-                alone = self.settings.format == "qdq"
                 key = (target.node, 0) if alone else (target.activation, quantized[target.node])
                 groups.setdefault(key, []).append(target.node)
         return list(groups.values())
